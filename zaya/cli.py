@@ -1,0 +1,59 @@
+"""The `zaya` command line.
+
+Each subcommand lives next to the code it drives and exposes ``register(subparsers)``,
+which adds its parser and sets ``func`` (called with the parsed args, returns an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# Modules that contribute subcommands, in the order they appear in --help.
+COMMAND_MODULES = [
+    "zaya.commands",
+    "zaya.rsa.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="zaya",
+        description="Run, serve, test-time-scale and train ZAYA1 models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # the module is not part of this install
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Errors we raise on purpose carry a message meant for people; no traceback.
+        from zaya.errors import ZayaError
+
+        if isinstance(exc, ZayaError) or isinstance(exc, FileNotFoundError):
+            print(f"zaya: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Generation: the `LLM` front object and the token-level `Engine` under it.
+
+The engine knows token ids only. A request (one prompt, n samples) is prefilled once, in chunks,
+into its own cache, forked n ways and merged into the running batch; every `step()` samples one
+token for each active row, retires finished rows (freeing their cache rows) and runs one batched
+decode forward for the rest. New requests can join between steps, which is continuous batching:
+the server drives `step()` from its scheduler, `generate()` and `stream()` drive it to completion.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+
+from zaya.cache import Cache
+from zaya.errors import ContextLengthError, ZayaError
+from zaya.sampling import SamplingParams, apply_penalties, filter_logits
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_index: int = 0
+    index: int = 0
+    prompt_tokens: int = 0
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class TokenEvent:
+    prompt_index: int
+    index: int
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+class Request:
+    """One prompt and its sampling parameters; its n samples share one prefill and one generator."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, prompt_index: int = 0, tag=None):
+        self.prompt_ids, self.params, self.prompt_index, self.tag = list(prompt_ids), params, prompt_index, tag
+        self.generator = torch.Generator()
+        self.generator.manual_seed(params.seed if params.seed is not None else int(torch.randint(2**62, ()).item()))
+        self.sequences: list[Sequence] = []
+        self.created = time.monotonic()
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason for s in self.sequences)
+
+
+@dataclass
+class Sequence:
+    request: Request
+    index: int
+    decoder: object | None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    counts: torch.Tensor | None = None
+    seen: torch.Tensor | None = None
+
+    def completion(self) -> Completion:
+        return Completion(self.text, list(self.token_ids), self.finish_reason or "length",
+                          self.request.prompt_index, self.index, len(self.request.prompt_ids),
+                          self.logprobs, self.top_logprobs)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of text that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, *, max_context: int | None = None, prefill_chunk: int = 512):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        self.max_context = max_context or self.config.max_position_embeddings
+        self.prefill_chunk = prefill_chunk
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype if param.is_floating_point() else torch.bfloat16, param.device
+        self.eos_ids = set(self.config.eos_ids) | set(getattr(tokenizer, "eos_ids", ()) or ())
+        self.rows: list[Sequence] = []
+        self.cache: Cache | None = None
+        self.logits: torch.Tensor | None = None  # (rows, V) float: the next-token logits of every row
+
+    # -- admission ------------------------------------------------------------------------------
+    def check(self, prompt_len: int, params: SamplingParams) -> None:
+        if prompt_len < 1:
+            raise ZayaError("the prompt is empty")
+        if prompt_len + params.max_new_tokens > self.max_context:
+            raise ContextLengthError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
+                f"limit of {self.max_context} tokens")
+
+    @torch.inference_mode()
+    def add(self, request: Request) -> list[Sequence]:
+        ids, p = request.prompt_ids, request.params
+        self.check(len(ids), p)
+        vocab = self.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ZayaError(f"prompt token ids must be in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        cache = Cache(self.config, 1, len(ids) + p.max_new_tokens, dtype=self.dtype, device=self.device,
+                      max_context=self.max_context)
+        tokens = torch.tensor([ids], device=self.device)
+        for start in range(0, len(ids), self.prefill_chunk):
+            logits = self.model(tokens[:, start:start + self.prefill_chunk], cache=cache, last_only=True)
+        logits = logits[:, -1].float()
+        cache = cache.fork(p.n)
+        seqs = [Sequence(request, i, self._decoder()) for i in range(p.n)]
+        if p.uses_penalties:
+            seen = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            seen[tokens[0]] = True
+            for s in seqs:
+                s.counts, s.seen = torch.zeros(vocab, device=self.device), seen.clone()
+        if p.logprobs:
+            for s in seqs:
+                s.logprobs, s.top_logprobs = [], []
+        request.sequences = seqs
+        self.rows += seqs
+        self.cache = cache if self.cache is None else Cache.merge([self.cache, cache])
+        expanded = logits.expand(p.n, -1)
+        self.logits = expanded.clone() if self.logits is None else torch.cat([self.logits, expanded])
+        return seqs
+
+    def _decoder(self):
+        if self.tokenizer is None:
+            return None
+        from zaya.tokenizer import IncrementalDecoder
+
+        return IncrementalDecoder(self.tokenizer)
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    def cancel(self, request: Request) -> None:
+        """Drop a request's rows (a client went away); its cache rows are freed."""
+        for s in request.sequences:
+            if not s.finish_reason:
+                s.finish_reason = "cancelled"
+        self._retire()
+
+    # -- decoding -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Sample one token for every active row, then advance the rows that go on."""
+        if not self.rows:
+            return []
+        events, next_tokens = [], []
+        for row, seq in enumerate(self.rows):
+            token, event = self._sample(seq, self.logits[row])
+            events.append(event)
+            next_tokens.append(token)
+        keep = [i for i, s in enumerate(self.rows) if not s.finish_reason]
+        if keep:
+            tokens = torch.tensor([[next_tokens[i]] for i in keep], device=self.device)
+            if len(keep) < len(self.rows):
+                self.cache = self.cache.select(keep)
+            self.rows = [self.rows[i] for i in keep]
+            self.logits = self.model(tokens, cache=self.cache, last_only=True)[:, -1].float()
+        else:
+            self.rows, self.cache, self.logits = [], None, None
+        return events
+
+    def _retire(self) -> None:
+        keep = [i for i, s in enumerate(self.rows) if not s.finish_reason]
+        if len(keep) == len(self.rows):
+            return
+        if keep:
+            self.cache, self.logits = self.cache.select(keep), self.logits[keep]
+            self.rows = [self.rows[i] for i in keep]
+        else:
+            self.rows, self.cache, self.logits = [], None, None
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, TokenEvent]:
+        p = seq.request.params
+        raw = logits
+        if seq.counts is not None:
+            logits = apply_penalties(logits, seq.counts, seq.seen, p)
+        if p.greedy:
+            token = int(torch.argmax(logits))
+        else:
+            probs = filter_logits(logits, p).softmax(-1)
+            token = int(torch.multinomial(probs, 1, generator=seq.request.generator))
+        logprob = top = None
+        if seq.logprobs is not None:
+            lp = torch.log_softmax(raw, -1)
+            logprob = float(lp[token])
+            if p.top_logprobs:
+                values, ids = torch.topk(lp, p.top_logprobs)
+                top = {int(i): float(v) for i, v in zip(ids, values)}
+            seq.logprobs.append(logprob)
+            seq.top_logprobs.append(top or {})
+        if seq.counts is not None:
+            seq.counts[token] += 1
+            seq.seen[token] = True
+        return token, self._advance(seq, token, logprob, top)
+
+    def _advance(self, seq: Sequence, token: int, logprob, top) -> TokenEvent:
+        p = seq.request.params
+        stop_token = token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos)
+        delta_text = ""
+        if stop_token:
+            seq.finish_reason = "stop"
+            if seq.decoder is not None:
+                seq.text += seq.decoder.flush()
+        else:
+            seq.token_ids.append(token)
+            if seq.decoder is not None:
+                seq.text += seq.decoder.push(token)
+            if len(seq.token_ids) >= p.max_new_tokens:
+                seq.finish_reason = "length"
+                if seq.decoder is not None:
+                    seq.text += seq.decoder.flush()
+        if p.stop:
+            window = max(0, seq.emitted - max(len(s) for s in p.stop))
+            hits = [i for i in (seq.text.find(s, window) for s in p.stop) if i >= 0]
+            if hits:
+                seq.text = seq.text[:min(hits)]
+                seq.finish_reason = "stop"
+        end = len(seq.text) if seq.finish_reason else len(seq.text) - _held_back(seq.text, p.stop)
+        if end > seq.emitted:
+            delta_text = seq.text[seq.emitted:end]
+            seq.emitted = end
+        return TokenEvent(seq.request.prompt_index, seq.index, None if stop_token else token, delta_text,
+                          seq.finish_reason, logprob, top)
+
+    def run(self, requests: Iterable[Request]) -> Iterator[TokenEvent]:
+        for r in requests:
+            self.add(r)
+        while self.rows:
+            yield from self.step()
+
+
+class LLM:
+    """A loaded model with its tokenizer: `generate`, `stream`, `chat`, `logits`, `solve`."""
+
+    def __init__(self, model, tokenizer=None, *, path=None, layout: str = "native", max_context: int | None = None):
+        self.model, self.tokenizer, self.path, self.layout = model, tokenizer, path, layout
+        self.config = model.config
+        self.max_context = max_context or self.config.max_position_embeddings
+
+    def __repr__(self) -> str:
+        return f"LLM({self.path or 'in-memory'}, layers={self.config.num_hidden_layers}, layout={self.layout})"
+
+    # -- raw logits -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.long)
+        device = next(self.model.parameters()).device
+        return self.model(ids.to(device), attention_mask=None if mask is None else mask.to(device)).float()
+
+    # -- generation -----------------------------------------------------------------------------
+    def _requests(self, prompts, kwargs) -> list[Request]:
+        params = SamplingParams.from_kwargs(**kwargs)
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise ZayaError("no prompts given")
+        out = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ZayaError("this model has no tokenizer: pass token-id lists instead of strings")
+                ids = self.tokenizer.encode_prompt(prompt)
+            else:
+                ids = [int(t) for t in prompt]
+            out.append(Request(ids, params, i))
+        return out
+
+    def engine(self, **kwargs) -> Engine:
+        return Engine(self.model, self.tokenizer, max_context=kwargs.pop("max_context", self.max_context), **kwargs)
+
+    def generate(self, prompts, **sampling) -> list[Completion]:
+        """One Completion per prompt and sample, prompt-major (see docs/architecture.md)."""
+        requests = self._requests(prompts, sampling)
+        for _ in self.engine().run(requests):
+            pass
+        return [s.completion() for r in requests for s in r.sequences]
+
+    def stream(self, prompts, **sampling) -> Iterator[TokenEvent]:
+        yield from self.engine().run(self._requests(prompts, sampling))
+
+    # -- chat -----------------------------------------------------------------------------------
+    def chat_template(self) -> str:
+        from zaya.chat import DEFAULT_CHAT_TEMPLATE
+
+        return getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+
+    def render_chat(self, messages, *, tools=None, add_generation_prompt=True, enable_thinking=None, **kwargs) -> str:
+        from zaya.chat import render_chat
+
+        tok = self.tokenizer
+        return render_chat(self.chat_template(), messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                           enable_thinking=enable_thinking,
+                           bos_token=tok.id_to_token(tok.bos_id) if tok.bos_id is not None else "",
+                           eos_token=next((tok.id_to_token(i) for i in sorted(tok.eos_ids)), ""), **kwargs)
+
+    def apply_chat_template(self, messages, *, tools=None, add_generation_prompt=True, enable_thinking=None,
+                            **kwargs) -> list[int]:
+        text = self.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                enable_thinking=enable_thinking, **kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, messages, *, enable_thinking=None, tools=None, **sampling):
+        from zaya.chat import generation_starts_in_reasoning, parse_assistant
+
+        if self.tokenizer is None:
+            raise ZayaError("chat needs a tokenizer")
+        text = self.render_chat(messages, tools=tools, enable_thinking=enable_thinking)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        completion = self.generate([ids], **sampling)[0]
+        result = parse_assistant(completion.text, generation_starts_in_reasoning(text), tools=tools)
+        result.completion = completion
+        return result
+
+    # -- test-time compute ----------------------------------------------------------------------
+    def solve(self, problem: str, profile: str = "cpu-small", **overrides):
+        """Markovian RSA on this model (see zaya.rsa)."""
+        from zaya.rsa import LocalBackend, solve
+
+        return solve(LocalBackend(self), problem, profile=profile, **overrides)

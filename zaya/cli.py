@@ -41,18 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from zaya.errors import ZayaError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Errors we raise on purpose carry a message meant for people; no traceback.
-        from zaya.errors import ZayaError
-
-        if isinstance(exc, ZayaError) or isinstance(exc, FileNotFoundError):
-            print(f"zaya: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except (ZayaError, FileNotFoundError) as exc:
+        # errors raised on purpose carry a message meant for people: no traceback
+        print(f"zaya: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -182,8 +182,16 @@ class Tokenizer:
     # -- encoding -------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids exactly as `AutoTokenizer.from_pretrained(dir)(text)["input_ids"]` gives them."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids exactly as `AutoTokenizer.from_pretrained(dir)(text)["input_ids"]` gives them.
+
+        Lone surrogates (valid in JSON escapes, invalid in UTF-8) become U+FFFD instead of an error."""
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if not isinstance(text, str):
+                raise
+            text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_prompt(self, text: str) -> list[int]:
         """Ids for a raw-text generation prompt: the post-processor's leading tokens (BOS when the

@@ -21,7 +21,7 @@ run: venv
 	$(BIN)/zaya solve "What is 12 + 30?" --profile cpu-tiny
 
 test: venv
-	$(BIN)/python -m pytest -x -q
+	$(BIN)/python -m pytest
 
 bench: venv
 	$(BIN)/python benchmarks/compare_transformers.py --shape mini

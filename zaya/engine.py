@@ -337,8 +337,8 @@ class LLM:
         return result
 
     # -- test-time compute ----------------------------------------------------------------------
-    def solve(self, problem: str, profile: str = "cpu-small", **overrides):
-        """Markovian RSA on this model (see zaya.rsa)."""
+    def solve(self, problem, profile: str | None = None, **overrides):
+        """Markovian RSA on this model (see zaya.rsa for the profiles and parameters)."""
         from zaya.rsa import LocalBackend, solve
 
         return solve(LocalBackend(self), problem, profile=profile, **overrides)

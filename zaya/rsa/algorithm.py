@@ -1,0 +1,309 @@
+"""Markovian Recursive Self-Aggregation (ZAYA1-8B report, arXiv 2605.05365 §VI-A).
+
+    round 0      N candidates sampled from the question (one prompt, n=N: one shared prefill)
+    round t>=1   for i in 1..N: draw K distinct candidates of round t-1 (seeded ``random.sample``),
+                 carry the last tau tokens of each one's reasoning (the text before </think>, or the
+                 whole text when there is none), render the aggregation prompt, generate with
+                 budget beta; the N prompts decode as one batch
+    selection    majority  - vote over extracted, normalised answers of round T; ties go to an
+                             answer held by a candidate that finished with "stop"
+                 final_agg - one more aggregation of K candidates of round T at the final sampling
+                             settings (Zyphra's proxy); its extracted answer is the answer
+                 population - no selection: the caller reads ``result.population``
+
+Only round t-1 feeds round t, and only through tails, so every aggregation prompt holds at most
+|question| + K*tau + template tokens and every sequence at most that plus the chat wrapper plus beta,
+whatever T is: the context, and with it the KV cache, does not grow with the number of rounds. The
+bound is checked for every prompt before anything is generated (``RSAError`` if a tail or template
+breaks it) and the measured maxima are reported in ``RSAResult.context``.
+
+``audit_path`` writes one JSON line per event: ``start`` (config), ``prompt`` (messages, parents,
+counted tokens and bound), ``candidate`` (text, tail, answer, token counts, finish reason, seconds),
+``round`` (answer distribution, tokens, time) and ``final`` (the vote and the summary).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from zaya.rsa.answers import Vote, boxed_answer, majority_vote
+from zaya.rsa.backends import Candidate, LocalBackend, derive_seed
+from zaya.rsa.config import RSAConfig, RSAError, make_config
+from zaya.rsa.prompts import resolve_template
+
+
+@dataclass
+class Member:
+    """One candidate of the population, with its place in the run."""
+
+    id: str                 # "r{round}.c{index}", or "final" for the final aggregation
+    round: int
+    parents: list[str]      # ids of the candidates whose tails its prompt carried
+    candidate: Candidate
+    answer: str | None
+    tail: str | None = None  # what it passes on, when a later aggregation needs it
+
+    def to_dict(self, include_text: bool = False) -> dict:
+        c = self.candidate
+        d = {"id": self.id, "round": self.round, "parents": self.parents, "answer": self.answer,
+             "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+             "completion_tokens": c.completion_tokens, "seconds": round(c.seconds, 3)}
+        if include_text:
+            d.update(text=c.text, reasoning=c.reasoning, content=c.content, tail=self.tail)
+        return d
+
+
+@dataclass
+class RSAResult:
+    answer: str | None           # the selected answer (None: nothing extractable, or "population")
+    text: str | None             # the content of the selected candidate / final aggregation
+    selection: str
+    vote: Vote                   # majority vote over the last round (always computed)
+    rounds: list[dict]           # per round: answer distribution, tokens, seconds
+    candidates: list[list[Member]]  # every round's population, round 0 first
+    final: Member | None         # the final aggregation (selection="final_agg")
+    prompt_tokens: int
+    completion_tokens: int       # total decode tokens, all rounds and the final aggregation
+    requests: int                # sequences generated
+    seconds: float
+    context: dict                # measured prompt/sequence maxima next to their bounds
+    config: RSAConfig = field(repr=False)
+
+    @property
+    def population(self) -> list[Member]:
+        return self.candidates[-1]
+
+    def to_dict(self, include_text: bool = False) -> dict:
+        return {
+            "answer": self.answer,
+            "selection": self.selection,
+            "votes": self.vote.counts,
+            "no_answer": self.vote.no_answer,
+            "tie": self.vote.tie,
+            "winner": None if self.vote.winner_index is None
+            else self.population[self.vote.winner_index].id,
+            "rounds": self.rounds,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "requests": self.requests,
+            "seconds": round(self.seconds, 3),
+            "context": self.context,
+            "config": self.config.to_dict(),
+            "text": self.text if include_text else None,
+            "population": [m.to_dict(include_text) for m in self.population],
+            "final": self.final.to_dict(include_text) if self.final else None,
+        }
+
+
+class Audit:
+    """Appends one JSON object per line; a no-op without a path."""
+
+    def __init__(self, path, start: float):
+        self.file = open(path, "w", encoding="utf-8") if path else None
+        self.start = start
+
+    def __call__(self, event: str, **fields):
+        if self.file:
+            record = {"event": event, "t": round(time.perf_counter() - self.start, 4), **fields}
+            self.file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def solve(backend, problem, *, profile=None, template=None, extractor=None, audit_path=None,
+          progress: bool = True, **overrides) -> RSAResult:
+    """Run Markovian RSA on ``problem`` (a string, or a chat-message list ending in the question).
+
+    ``backend`` is a ``Backend`` (``LocalBackend``, ``OpenAIBackend``) or a ``zaya.LLM``.
+    ``profile`` names a profile of ``zaya.rsa.config.PROFILES`` (default ``deployment``);
+    ``overrides`` set any ``RSAConfig`` field (``n``, ``k``, ``rounds``, ``budget``, ``tail``,
+    ``temperature``, ``seed``, ``selection``, ``batch_size``, ...). ``template`` is an aggregation
+    template (name, callable or format string), ``extractor`` maps a text to an answer string.
+    """
+    if not hasattr(backend, "count_tokens") and hasattr(backend, "apply_chat_template"):
+        backend = LocalBackend(backend)
+    run = _Run(backend, make_config(profile, **overrides), resolve_template(template),
+               extractor or boxed_answer, progress)
+    run.audit = Audit(audit_path, run.start)
+    try:
+        return run.solve(problem)
+    finally:
+        run.audit.close()
+
+
+class _Run:
+    def __init__(self, backend, cfg: RSAConfig, template, extractor, progress: bool):
+        self.backend, self.cfg, self.template = backend, cfg, template
+        self.extract, self.show_progress = extractor, progress
+        self.start = time.perf_counter()
+        self.rng = random.Random(derive_seed(cfg.seed, -1))
+        self.rounds: list[dict] = []
+        self.candidates: list[list[Member]] = []
+        self.tokens = Counter()
+        self.context = {"max_prompt_tokens": 0, "max_completion_tokens": 0,
+                        "max_sequence_tokens": 0, "aggregation_prompts": 0}
+        self._overheads: dict[int, int] = {}
+
+    def solve(self, problem) -> RSAResult:
+        cfg = self.cfg
+        messages, self.question, self.system = _split_problem(problem)
+        self.audit("start", problem=problem, config=cfg.to_dict(), backend=self.backend.name,
+                   template=getattr(self.template, "__name__", type(self.template).__name__))
+        self.q_tokens = q_tokens = self.backend.count_tokens(self.question)
+        k = min(cfg.k, cfg.n)
+        self.context.update(question_tokens=q_tokens, tail_tokens=cfg.tail_limit,
+                            template_overhead=self._overhead(k),
+                            prompt_bound=q_tokens + k * cfg.tail_limit + self._overhead(k))
+        population = self._round(0, [messages], [[]], [{}], n=cfg.n)
+        self.candidates.append(population)
+        for t in range(1, cfg.rounds + 1):
+            prompts, parents, stats = [], [], []
+            for _ in range(cfg.n):
+                chosen = self.rng.sample(population, k)
+                prompt, stat = self._aggregation_prompt(t, chosen)
+                prompts.append(prompt)
+                parents.append([m.id for m in chosen])
+                stats.append(stat)
+            population = self._round(t, prompts, parents, stats, n=1)
+            self.candidates.append(population)
+
+        vote = majority_vote([m.answer for m in population],
+                             [m.candidate.finish_reason for m in population])
+        answer = text = final = None
+        if cfg.selection == "majority" and vote.winner is not None:
+            answer = vote.winner
+            winner = population[vote.winner_index].candidate
+            text = winner.content or winner.text
+        elif cfg.selection == "final_agg":
+            final = self._final_aggregation(population, k)
+            answer, text = final.answer, final.candidate.content or final.candidate.text
+        result = RSAResult(
+            answer=answer, text=text, selection=cfg.selection, vote=vote, rounds=self.rounds,
+            candidates=self.candidates, final=final, prompt_tokens=self.tokens["prompt"],
+            completion_tokens=self.tokens["completion"], requests=self.tokens["requests"],
+            seconds=time.perf_counter() - self.start, context=self.context, config=cfg)
+        self.audit("final", answer=answer, votes=vote.counts, no_answer=vote.no_answer,
+                   tie=vote.tie, summary=result.to_dict())
+        return result
+
+    def _round(self, t: int, prompts, parents, stats, *, n: int, final: bool = False):
+        cfg = self.cfg
+        sampling = dict(max_tokens=cfg.budget, temperature=cfg.temperature, top_p=cfg.top_p,
+                        top_k=cfg.top_k)
+        if final:
+            sampling = dict(max_tokens=cfg.final_budget or cfg.budget,
+                            temperature=cfg.final_temperature, top_p=cfg.final_top_p,
+                            top_k=cfg.final_top_k)
+        for i, (messages, ps, stat) in enumerate(zip(prompts, parents, stats, strict=True)):
+            self.audit("prompt", round=t, index=i, n=n, parents=ps, messages=messages, **stat)
+        started = time.perf_counter()
+        bar = self._bar(t, len(prompts) * n, final)
+        try:
+            outputs = self.backend.generate(
+                prompts, n=n, seed=derive_seed(cfg.seed, t), enable_thinking=cfg.enable_thinking,
+                batch_size=cfg.batch_size, progress=bar.update_tokens if bar else None, **sampling)
+        finally:
+            if bar:
+                bar.close()
+        seconds = time.perf_counter() - started
+        pass_on = not final and (t < cfg.rounds or cfg.selection == "final_agg")
+        members = []
+        for i, cands in enumerate(outputs):
+            for c in cands:
+                index = len(members)
+                member = Member("final" if final else f"r{t}.c{index}", t, parents[i], c,
+                                self.extract(c.content) or self.extract(c.text))
+                if pass_on:
+                    member.tail = self.backend.tail(c.reasoning or c.text, cfg.tail_limit)
+                members.append(member)
+                self._account(c)
+                self.audit("candidate", **member.to_dict(include_text=True),
+                           tail_tokens=None if member.tail is None
+                           else self.backend.count_tokens(member.tail))
+        if not final:
+            answers = Counter(m.answer for m in members if m.answer)
+            summary = {"round": t, "answers": dict(answers.most_common()),
+                       "no_answer": sum(1 for m in members if not m.answer),
+                       "finish_reasons": dict(Counter(m.candidate.finish_reason for m in members)),
+                       "prompt_tokens": sum(m.candidate.prompt_tokens for m in members),
+                       "completion_tokens": sum(m.candidate.completion_tokens for m in members),
+                       "seconds": round(seconds, 3)}
+            self.rounds.append(summary)
+            self.audit("round", **summary)
+        return members
+
+    def _aggregation_prompt(self, t: int, chosen: list[Member]) -> tuple[list[dict], dict]:
+        """Render one aggregation prompt and check it against |q| + K*tau + template."""
+        content = self.template(self.question, [m.tail or "" for m in chosen])
+        k = len(chosen)
+        tokens = self.backend.count_tokens(content)
+        bound = self.q_tokens + k * self.cfg.tail_limit + self._overhead(k)
+        if tokens > bound:
+            raise RSAError(f"round {t}: aggregation prompt has {tokens} tokens, over the bound "
+                           f"|q| + K*tau + template = {bound}; the template or tails are too long")
+        self.context["max_prompt_tokens"] = max(self.context["max_prompt_tokens"], tokens)
+        self.context["aggregation_prompts"] += 1
+        messages = [*self.system, {"role": "user", "content": content}]
+        return messages, {"prompt_tokens_counted": tokens, "prompt_bound": bound}
+
+    def _overhead(self, k: int) -> int:
+        """Template tokens beyond the question for k tails, plus one per tail for the token that
+        may merge across each tail's boundary with the template text around it."""
+        if k not in self._overheads:
+            empty = self.backend.count_tokens(self.template(self.question, [""] * k))
+            self._overheads[k] = empty - self.backend.count_tokens(self.question) + k
+        return self._overheads[k]
+
+    def _final_aggregation(self, population: list[Member], k: int) -> Member:
+        t = self.cfg.rounds + 1
+        chosen = self.rng.sample(population, k)
+        prompt, stat = self._aggregation_prompt(t, chosen)
+        return self._round(t, [prompt], [[m.id for m in chosen]], [stat], n=1, final=True)[0]
+
+    def _account(self, c: Candidate):
+        self.tokens.update(prompt=c.prompt_tokens, completion=c.completion_tokens, requests=1)
+        ctx = self.context
+        ctx["max_completion_tokens"] = max(ctx["max_completion_tokens"], c.completion_tokens)
+        ctx["max_sequence_tokens"] = max(ctx["max_sequence_tokens"],
+                                         c.prompt_tokens + c.completion_tokens)
+
+    def _bar(self, t: int, total: int, final: bool):
+        if not self.show_progress:
+            return None
+        return _RoundBar("final" if final else f"round {t}", total)
+
+
+class _RoundBar:
+    """A tqdm bar counting finished candidates, with decoded tokens as a postfix."""
+
+    def __init__(self, desc: str, total: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="cand", leave=True, dynamic_ncols=True)
+        self.tokens = 0
+
+    def update_tokens(self, tokens: int, finished: int):
+        self.tokens += tokens
+        self.bar.set_postfix_str(f"{self.tokens} tok", refresh=False)
+        self.bar.update(finished)
+
+    def close(self):
+        self.bar.close()
+
+
+def _split_problem(problem) -> tuple[list[dict], str, list[dict]]:
+    """(round-0 messages, question text, system messages kept for aggregation prompts)."""
+    if isinstance(problem, str):
+        return [{"role": "user", "content": problem}], problem, []
+    messages = [dict(m) for m in problem]
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users or not isinstance(users[-1].get("content"), str):
+        raise RSAError("problem must be a string or a message list with a text user message")
+    return messages, users[-1]["content"], [m for m in messages if m.get("role") == "system"]

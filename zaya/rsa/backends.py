@@ -1,0 +1,353 @@
+"""Generator backends for RSA: the in-process engine, or any OpenAI-compatible endpoint.
+
+A backend turns chat-message lists into candidates and measures text in tokens:
+
+    generate(messages_list, *, n, max_tokens, temperature, top_p, top_k, seed,
+             enable_thinking=None, batch_size=None, progress=None) -> list[list[Candidate]]
+    count_tokens(text) -> int
+    tail(text, tau) -> str        # the last tau tokens of text, token-exact
+
+``generate`` returns one list of ``n`` candidates per message list, in order. ``progress``, when
+given, is called as ``progress(new_tokens, finished_candidates)`` while decoding runs.
+
+Token counting and tails use a tokenizer with ``encode(text, add_special_tokens=False)`` and
+``decode(ids)`` (``zaya.tokenizer.Tokenizer``, or ``tokenizer_from_file`` for a bare
+``tokenizer.json``). A tail is ``decode(ids[-tau:])``; when that text re-encodes to more than tau
+tokens (a merge at the new left edge, or a UTF-8 sequence cut in half) tokens are shaved from its
+front until it fits, so ``count_tokens(tail(x, tau)) <= tau`` always holds: that is what keeps every
+aggregation prompt within |question| + K*tau + template.
+
+``LocalBackend`` renders messages with the model's chat template and decodes through the engine:
+N samples of one prompt share one prefill (the engine forks the cache), N aggregation prompts decode
+as one batch, in chunks of ``batch_size`` sequences when set. ``OpenAIBackend`` sends one ``n=1``
+request per candidate (not every server honours ``n``), at most ``max_concurrency`` at a time; it
+reads ``reasoning_content`` / ``reasoning`` and ``content``, and counts tokens with the given
+tokenizer or, without one, with the server's vLLM-style ``/tokenize`` and ``/detokenize`` routes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+from zaya.rsa.config import RSAError
+
+Messages = list[dict]
+Progress = Callable[[int, int], None]
+THINK_END = "</think>"
+
+
+class BackendError(RSAError):
+    """A generation request failed (HTTP status and body excerpt in the message)."""
+
+
+@dataclass
+class Candidate:
+    text: str                  # the whole generated text
+    reasoning: str             # the part before </think> ("" when the model did not think)
+    content: str               # the part after </think> (the whole text when there was no think)
+    finish_reason: str | None  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float = 0.0       # from the start of its generate() call to its last token
+
+
+class Backend(Protocol):
+    name: str
+
+    def generate(self, messages_list: Sequence[Messages], *, n: int, max_tokens: int,
+                 temperature: float, top_p: float, top_k: int, seed: int | None,
+                 enable_thinking: bool | None = None, batch_size: int | None = None,
+                 progress: Progress | None = None) -> list[list[Candidate]]: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def tail(self, text: str, tau: int) -> str: ...
+
+
+def derive_seed(seed: int | None, *keys: int) -> int | None:
+    """A well-mixed 31-bit seed for sub-request ``keys`` of a seeded run (None stays None)."""
+    if seed is None:
+        return None
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def split_think(text: str, started_in_reasoning: bool) -> tuple[str, str]:
+    """(reasoning, content) of a completion; used when ``zaya.chat`` is not available."""
+    if not started_in_reasoning:
+        if "<think>" not in text:
+            return "", text
+        text = text.split("<think>", 1)[1]
+    if THINK_END not in text:
+        return text, ""
+    reasoning, content = text.split(THINK_END, 1)
+    return reasoning, content.lstrip()
+
+
+class TokenTools:
+    """``count_tokens`` and token-exact ``tail`` on top of ``self.tokenizer``."""
+
+    tokenizer = None
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text)) if text else 0
+
+    def tail(self, text: str, tau: int) -> str:
+        ids = self._encode(text)
+        if len(ids) <= tau:
+            return text
+        piece = self.tokenizer.decode(ids[-tau:]).lstrip("\ufffd")
+        while len(ids := self._encode(piece)) > tau:
+            piece = self.tokenizer.decode(ids[1:]).lstrip("\ufffd")
+        return piece
+
+
+class LocalBackend(TokenTools):
+    """The in-process engine: ``zaya.LLM`` (``apply_chat_template`` + ``generate``/``stream``)."""
+
+    def __init__(self, llm, batch_size: int | None = None):
+        self.llm = llm
+        self.tokenizer = llm.tokenizer
+        self.batch_size = batch_size
+        self.name = f"local:{getattr(llm, 'name', None) or type(llm).__name__}"
+
+    def generate(self, messages_list, *, n, max_tokens, temperature, top_p, top_k, seed,
+                 enable_thinking=None, batch_size=None, progress=None):
+        prompts = [
+            list(self.llm.apply_chat_template(m, add_generation_prompt=True,
+                                              enable_thinking=enable_thinking))
+            for m in messages_list
+        ]
+        thinking = [self._starts_in_reasoning(p) for p in prompts]
+        out: list[list[Candidate]] = [[] for _ in prompts]
+        sampling = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                        top_k=top_k)
+        start = time.perf_counter()
+        for j, (rows, n_each) in enumerate(_chunks(len(prompts), n, batch_size or self.batch_size)):
+            chunk = [prompts[p] for p in rows]
+            job_seed = derive_seed(seed, j)
+            decode = self._stream if progress else self._generate
+            for (i, text, reason, prompt_len, new_tokens, t) in decode(
+                    chunk, n_each, job_seed, sampling, progress, start):
+                p = rows[i]
+                reasoning, content = _split(text, thinking[p])
+                out[p].append(Candidate(text, reasoning, content, reason, prompt_len,
+                                        new_tokens, t))
+        return out
+
+    def _generate(self, chunk, n, seed, sampling, progress, start):
+        for c in self.llm.generate(chunk, n=n, seed=seed, **sampling):
+            yield (c.prompt_index, c.text, c.finish_reason, c.prompt_tokens, len(c.token_ids),
+                   time.perf_counter() - start)
+
+    def _stream(self, chunk, n, seed, sampling, progress, start):
+        texts: dict[tuple[int, int], list[str]] = {}
+        counts: dict[tuple[int, int], int] = {}
+        done = []
+        for ev in self.llm.stream(chunk, n=n, seed=seed, **sampling):
+            key = (ev.prompt_index, ev.index)
+            texts.setdefault(key, []).append(ev.text)
+            if ev.token_id is not None:
+                counts[key] = counts.get(key, 0) + 1
+            if ev.finish_reason is not None:
+                done.append((key, ev.finish_reason, time.perf_counter() - start))
+            progress(int(ev.token_id is not None), int(ev.finish_reason is not None))
+        for (p, s), reason, t in sorted(done):
+            yield p, "".join(texts[(p, s)]), reason, len(chunk[p]), counts.get((p, s), 0), t
+
+    def _starts_in_reasoning(self, prompt_ids: list[int]) -> bool:
+        try:
+            text = self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
+        except TypeError:
+            text = self.tokenizer.decode(prompt_ids[-16:])
+        try:
+            from zaya.chat import generation_starts_in_reasoning
+        except ImportError:
+            return text.rstrip().endswith("<think>")
+        return bool(generation_starts_in_reasoning(text))
+
+
+def _split(text: str, started_in_reasoning: bool) -> tuple[str, str]:
+    try:
+        from zaya.chat import split_reasoning
+    except ImportError:
+        return split_think(text, started_in_reasoning)
+    parts = split_reasoning(text, started_in_reasoning)
+    if isinstance(parts, tuple):
+        reasoning, content = parts[0], parts[1]
+    else:
+        reasoning, content = parts.reasoning, parts.content
+    return reasoning or "", content if content is not None else ""
+
+
+def _chunks(n_prompts: int, n: int, batch_size: int | None):
+    """Split a generate call into engine calls of at most ``batch_size`` sequences.
+
+    Yields (prompt indices, samples per prompt). Samples of one prompt stay together when they
+    fit, so they keep sharing one prefill.
+    """
+    if not batch_size or batch_size >= n_prompts * n:
+        yield list(range(n_prompts)), n
+    elif n == 1:
+        for s in range(0, n_prompts, batch_size):
+            yield list(range(s, min(n_prompts, s + batch_size))), 1
+    else:
+        for p in range(n_prompts):
+            for s in range(0, n, batch_size):
+                yield [p], min(batch_size, n - s)
+
+
+class OpenAIBackend(TokenTools):
+    """Any OpenAI-compatible chat endpoint (vLLM, SGLang, ``zaya serve``, a hosted API)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None,
+                 tokenizer=None, max_concurrency: int = 16, timeout: float = 3600.0,
+                 transport=None):
+        import httpx  # only this backend needs it
+
+        self.root = base_url.rstrip("/").removesuffix("/v1")
+        self.name = f"openai:{self.root}"
+        self.model = model
+        self.max_concurrency = max_concurrency
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(
+            base_url=self.root, headers=headers, timeout=timeout, transport=transport,
+            limits=httpx.Limits(max_connections=max_concurrency),
+        )
+        self.tokenizer = tokenizer if tokenizer is not None else RemoteTokenizer(self)
+
+    def close(self):
+        self.http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def request(self, method: str, path: str, body: dict | None = None) -> dict:
+        import httpx
+
+        try:
+            r = self.http.request(method, path, json=body)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{method} {self.root}{path} failed: {exc!r}") from exc
+        if r.status_code >= 400:
+            raise BackendError(
+                f"{method} {self.root}{path} -> HTTP {r.status_code}: {r.text[:500].strip()}")
+        try:
+            return r.json()
+        except ValueError as exc:
+            raise BackendError(f"{method} {self.root}{path}: response is not JSON: "
+                               f"{r.text[:200]!r}") from exc
+
+    def model_name(self) -> str:
+        if self.model is None:
+            data = self.request("GET", "/v1/models").get("data") or []
+            if not data:
+                raise BackendError(f"{self.root}/v1/models lists no model; pass model=")
+            self.model = data[0]["id"]
+        return self.model
+
+    def generate(self, messages_list, *, n, max_tokens, temperature, top_p, top_k, seed,
+                 enable_thinking=None, batch_size=None, progress=None):
+        model = self.model_name()
+        jobs = [(p, s) for p in range(len(messages_list)) for s in range(n)]
+        out: list[list[Candidate | None]] = [[None] * n for _ in messages_list]
+        start = time.perf_counter()
+
+        def one(p: int, s: int) -> Candidate:
+            body = {"model": model, "messages": messages_list[p], "n": 1,
+                    "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+            if top_k:
+                body["top_k"] = top_k
+            if seed is not None:
+                body["seed"] = derive_seed(seed, p, s)
+            if enable_thinking is not None:
+                body["chat_template_kwargs"] = {"enable_thinking": enable_thinking}
+            return self._candidate(self.request("POST", "/v1/chat/completions", body), start)
+
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            futures = {pool.submit(one, p, s): (p, s) for p, s in jobs}
+            try:
+                for fut in as_completed(futures):
+                    p, s = futures[fut]
+                    out[p][s] = cand = fut.result()
+                    if progress:
+                        progress(cand.completion_tokens, 1)
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+        return out
+
+    def _candidate(self, response: dict, start: float) -> Candidate:
+        try:
+            choice = response["choices"][0]
+            message = choice["message"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise BackendError(f"malformed chat completion: {str(response)[:300]}") from exc
+        reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+        content = message.get("content") or ""
+        if not reasoning and THINK_END in content:  # server without a reasoning parser
+            reasoning, content = split_think(content, started_in_reasoning=True)
+            reasoning = reasoning.replace("<think>", "", 1)
+        text = f"{reasoning}{THINK_END}{content}" if reasoning and content else reasoning or content
+        usage = response.get("usage") or {}
+        return Candidate(text, reasoning, content, choice.get("finish_reason"),
+                         int(usage.get("prompt_tokens") or 0),
+                         int(usage.get("completion_tokens") or 0),
+                         time.perf_counter() - start)
+
+
+class RemoteTokenizer:
+    """Tokenizes through a server's vLLM-style ``/tokenize`` and ``/detokenize`` routes."""
+
+    def __init__(self, backend: OpenAIBackend):
+        self.backend = backend
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        body = {"model": self.backend.model_name(), "prompt": text,
+                "add_special_tokens": add_special_tokens}
+        try:
+            return list(self.backend.request("POST", "/tokenize", body)["tokens"])
+        except (BackendError, KeyError) as exc:
+            raise BackendError(
+                f"token-exact tails need a tokenizer: {self.backend.root}/tokenize is not usable "
+                f"({exc}); pass the model's tokenizer (zaya solve --tokenizer PATH)") from exc
+
+    def decode(self, ids: Sequence[int]) -> str:
+        body = {"model": self.backend.model_name(), "tokens": list(ids)}
+        return self.backend.request("POST", "/detokenize", body)["prompt"]
+
+
+class _FileTokenizer:
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+def tokenizer_from_file(path: str):
+    """A tokenizer from ``tokenizer.json`` (or a directory holding one), via ``tokenizers``."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    return _FileTokenizer(Tokenizer.from_file(str(p)))

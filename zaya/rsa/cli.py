@@ -1,0 +1,106 @@
+"""``zaya solve``: Markovian RSA from the command line.
+
+    zaya solve "What is 12 + 30? Put the answer in \\boxed{}." --profile cpu-tiny
+    zaya solve "$(cat problem.txt)" --profile deployment --n 8 --audit run.jsonl
+    zaya solve "..." --backend-url http://gpu:8000 --api-key KEY --concurrency 32 --tokenizer DIR
+
+Model flags (``--model``, ``--dtype``, ``--quantize``, ``--max-context``) are those of
+``zaya generate``; with ``--backend-url`` only ``--model`` is read, to find a local tokenizer.
+
+Prints the answer, the vote and the cost (tokens, requests, time); the last line is the JSON
+summary (``RSAResult.to_dict()`` without texts). Exit code 0 when an answer was selected, 3 when
+no candidate produced an extractable answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from zaya.commands import add_model_args
+from zaya.rsa.config import PROFILES, SELECTIONS
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "solve", help="solve a problem with Markovian RSA (test-time compute)",
+        description="Markovian RSA: N candidates, T rounds of K-tail aggregation, majority vote.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("problem", help="the problem text ('-' reads it from stdin)")
+    add_model_args(p)
+    p.add_argument("--profile", default="deployment", choices=list(PROFILES))
+    g = p.add_argument_group("RSA parameters (override the profile)")
+    g.add_argument("--n", type=int, help="population size N")
+    g.add_argument("--k", type=int, help="candidates per aggregation prompt K")
+    g.add_argument("--rounds", type=int, help="aggregation rounds T after round 0")
+    g.add_argument("--budget", type=int, help="new tokens per candidate (beta)")
+    g.add_argument("--tail", type=int, help="reasoning tokens carried per candidate (tau)")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--selection", choices=SELECTIONS)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--batch-size", type=int, help="local: max sequences decoded together")
+    g.add_argument("--template", help="aggregation template name, or a string with "
+                   "{question} and {candidates}")
+    b = p.add_argument_group("remote backend (OpenAI-compatible)")
+    b.add_argument("--backend-url", help="e.g. http://host:8000 (vLLM, SGLang, zaya serve)")
+    b.add_argument("--api-key")
+    b.add_argument("--served-model", help="model name on the server (default: its first)")
+    b.add_argument("--concurrency", type=int, default=16, help="max requests in flight")
+    b.add_argument("--tokenizer", help="tokenizer.json or model dir for token-exact tails "
+                   "(default: --model's, else the server's /tokenize)")
+    p.add_argument("--audit", metavar="PATH", help="write a JSONL audit trail")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=run)
+
+
+def _backend(args):
+    from zaya.rsa.backends import LocalBackend, OpenAIBackend, tokenizer_from_file
+
+    if args.backend_url:
+        from zaya.commands import resolve_model_name
+
+        model = resolve_model_name(args.model)
+        local = model if model and os.path.exists(model) else None
+        path = args.tokenizer or local
+        tokenizer = tokenizer_from_file(path) if path else None
+        return OpenAIBackend(args.backend_url, api_key=args.api_key, model=args.served_model,
+                             tokenizer=tokenizer, max_concurrency=args.concurrency)
+    from zaya.commands import load_from_args
+
+    return LocalBackend(load_from_args(args))
+
+
+def run(args) -> int:
+    from zaya.rsa.algorithm import solve
+
+    problem = sys.stdin.read() if args.problem == "-" else args.problem
+    backend = _backend(args)
+    try:
+        result = solve(
+            backend, problem, profile=args.profile, template=args.template,
+            audit_path=args.audit, progress=not args.no_progress,
+            n=args.n, k=args.k, rounds=args.rounds, budget=args.budget, tail=args.tail,
+            temperature=args.temperature, top_p=args.top_p, selection=args.selection,
+            seed=args.seed, batch_size=args.batch_size)
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
+    cfg = result.config
+    print(f"answer: {result.answer if result.answer is not None else '(none)'}")
+    votes = ", ".join(f"{a!r}: {c}" for a, c in result.vote.counts.items()) or "no answers"
+    print(f"vote ({len(result.population)} candidates, {result.vote.no_answer} without answer): "
+          f"{votes}")
+    for r in result.rounds:
+        print(f"  round {r['round']}: {r['answers'] or '{}'} "
+              f"({r['completion_tokens']} tok, {r['seconds']:.1f}s)")
+    rate = result.completion_tokens / result.seconds if result.seconds > 0 else 0.0
+    print(f"cost: {result.completion_tokens} decode + {result.prompt_tokens} prompt tokens, "
+          f"{result.requests} sequences, {result.seconds:.1f}s ({rate:.1f} tok/s); "
+          f"N={cfg.n} K={cfg.k} T={cfg.rounds} beta={cfg.budget} tau={cfg.tail}")
+    if args.audit:
+        print(f"audit: {args.audit}")
+    print(json.dumps(result.to_dict(), ensure_ascii=False))
+    return 0 if result.answer is not None or cfg.selection == "population" else 3

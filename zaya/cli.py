@@ -13,6 +13,11 @@ import sys
 COMMAND_MODULES = [
     "zaya.commands",
     "zaya.rsa.cli",
+    "zaya.quant",
+    "zaya.bench",
+    "zaya.server.cli",
+    "zaya.models_store",
+    "zaya.evaluate",
 ]
 
 

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "zaya.rsa.cli",
     "zaya.quant",
     "zaya.bench",
+    "zaya.train.cli",
     "zaya.server.cli",
     "zaya.models_store",
     "zaya.evaluate",

@@ -57,13 +57,19 @@ class Cache:
         self.v = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in self.v]
 
     # -- writes ---------------------------------------------------------------------------------
-    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, Hkv, S, D) at each row's next S slots; return the filled KV prefix."""
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, start: int | None = None,
+                 kv_len: int | None = None):
+        """Store k, v (B, Hkv, S, D) at each row's next S slots; return the filled KV prefix.
+
+        ``start`` (the common length when every row has the same) and ``kv_len`` let a caller that
+        already knows them skip reading ``lengths`` back (the model does so once per forward)."""
         B, _, S, _ = k.shape
-        kv_len = int(self.lengths.max()) + S
+        if kv_len is None:
+            kv_len = int(self.lengths.max()) + S
+            if bool((self.lengths == self.lengths[0]).all()):
+                start = int(self.lengths[0])
         K, V = self.k[layer], self.v[layer]
-        if bool((self.lengths == self.lengths[0]).all()):
-            start = int(self.lengths[0])
+        if start is not None:
             K[:, :, start:start + S] = k
             V[:, :, start:start + S] = v
         else:

@@ -14,6 +14,7 @@ unexpected is an error that names the tensor and the file it came from.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -349,19 +350,32 @@ def native_tensors(source: TensorSource, config: ZayaConfig) -> dict[str, Callab
 
 def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None
                ) -> tuple[ZayaForCausalLM, ZayaConfig, str]:
-    """Build the model on the meta device and assign the checkpoint's tensors to it, strictly."""
+    """Build the model on the meta device and assign the checkpoint's tensors to it, strictly.
+
+    A checkpoint written by ``zaya quantize`` (a ``quantization`` section in config.json) loads
+    its quantized tensors directly; ``quantize`` quantizes a float checkpoint while loading."""
+    from zaya import quant
+
     config, config_layout = read_config(path)
     source = TensorSource(path)
     layout = detect_layout(source.where)
     if layout != config_layout:
         raise CheckpointError(f"{path}: config.json describes a {config_layout} checkpoint but the tensors are in "
                               f"the {layout} layout")
+    stored = quant.QuantSpec.parse(config.quantization)
+    wanted = quant.QuantSpec.parse(quantize)
+    if stored and wanted and stored.bits != wanted.bits:
+        raise CheckpointError(f"{path} is already quantized to int{stored.bits}; it cannot be loaded as "
+                              f"int{wanted.bits} (quantize the float checkpoint instead)")
+    spec = stored or wanted
     dtype = dtype or getattr(torch, config.dtype)
     with torch.device("meta"):
         model = ZayaForCausalLM(config)
+        if stored:
+            quant.swap_modules(model, stored)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+        expected.pop("lm_head.weight", None)
     loaders = native_tensors(source, config)
     origin = {n: source.where.get(n) for n in loaders}
     unexpected = sorted(set(loaders) - set(expected))
@@ -377,24 +391,45 @@ def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, qua
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"tensor {missing[0]} is missing from the checkpoint in {path}{more}")
     state = {}
+    reader = quant.PreadReader(source) if wanted and not stored else None
     for name, load in loaders.items():
         shape = source.shape(name) if name in source.where else None
         if shape is not None and shape != expected[name]:
             raise CheckpointError(f"tensor {name} in {origin[name].name} has shape {list(shape)}, expected "
                                   f"{list(expected[name])} from config.json")
+        if reader is not None and quant.is_target(name):
+            parts = reader.quantize(name, load, wanted, dtype)
+            for qname, t in zip(quant.quantized_names(name, wanted), parts):
+                state[qname] = t.to(device=device or "cpu")
+            continue
         t = load()
         if tuple(t.shape) != expected[name]:
             raise CheckpointError(f"tensor {name} has shape {list(t.shape)}, expected {list(expected[name])}")
+        if name.endswith(".qweight"):
+            want_q = torch.int8 if stored.bits == 8 else torch.uint8
+            if t.dtype != want_q:
+                raise CheckpointError(f"tensor {name} has dtype {t.dtype}, expected {want_q} (int{stored.bits})")
+            if stored.bits == 8 and (device is None or torch.device(device).type == "cpu"):
+                t = quant.read_aligned(source.where[name], name)  # used as-is by the kernel: aligned, not mmap'd
+            state[name] = t.to(device=device or "cpu")
+            continue
         if not t.is_floating_point():
             raise CheckpointError(f"tensor {name} in {origin.get(name) or path} has dtype {t.dtype}, expected floats")
         want = torch.float32 if name.endswith(FLOAT32_TENSORS) else dtype
         state[name] = t.to(device=device or "cpu", dtype=want)
+    if wanted and not stored:
+        with torch.device("meta"):
+            quant.swap_modules(model, wanted)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.eval()
-    if quantize:
-        raise CheckpointError(f"quantize={quantize!r} is not available in this build")
-    return model, config, layout
+    if spec:
+        cpu = device is None or torch.device(device).type == "cpu"
+        fetch = (lambda n: quant.read_aligned(source.where[n], n)) if stored and stored.bits == 4 and cpu else None
+        quant.prepare(model, dtype, fetch)
+        model.config = dataclasses.replace(config, quantization=spec.to_config())
+        model.model.config = model.config
+    return model, model.config, layout
 
 
 # ------------------------------------------------------------------------------------- writing

@@ -89,9 +89,39 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+def decode_threads() -> int:
+    """Intra-op threads for decode steps: ``ZAYA_DECODE_THREADS`` (default 0 = torch's setting).
+
+    A decode step is made of many small ops and every parallel region costs a thread wake-up.
+    When the cores are shared with other busy processes that wake-up waits for a scheduler slice,
+    which measured 10-30x slower decode with 2 threads than with 1 (docs/performance.md); set
+    ``ZAYA_DECODE_THREADS=1`` on such machines. On an idle machine torch's default reads weights
+    faster."""
+    import os
+
+    return int(os.environ.get("ZAYA_DECODE_THREADS", "0") or 0)
+
+
+class _threads:
+    def __init__(self, n: int, device: torch.device):
+        self.n, self.old, self.cpu = n, None, device.type == "cpu"
+
+    def __enter__(self):
+        if self.n and self.cpu:
+            self.old = torch.get_num_threads()
+            if self.old != self.n:
+                torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.old is not None and self.old != self.n:
+            torch.set_num_threads(self.old)
+
+
 class Engine:
-    def __init__(self, model, tokenizer=None, *, max_context: int | None = None, prefill_chunk: int = 512):
+    def __init__(self, model, tokenizer=None, *, max_context: int | None = None, prefill_chunk: int = 512,
+                 threads: int | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.threads = decode_threads() if threads is None else threads
         self.config = model.config
         self.max_context = max_context or self.config.max_position_embeddings
         self.prefill_chunk = prefill_chunk
@@ -176,7 +206,8 @@ class Engine:
             if len(keep) < len(self.rows):
                 self.cache = self.cache.select(keep)
             self.rows = [self.rows[i] for i in keep]
-            self.logits = self.model(tokens, cache=self.cache, last_only=True)[:, -1].float()
+            with _threads(self.threads, self.device):
+                self.logits = self.model(tokens, cache=self.cache, last_only=True)[:, -1].float()
         else:
             self.rows, self.cache, self.logits = [], None, None
         return events

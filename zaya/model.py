@@ -266,7 +266,10 @@ class ZayaCCAProjection(nn.Module):
         else:
             qk = torch.cat([conv_state.to(qk.dtype), qk], dim=-1)
         new_conv_state = qk[..., qk.shape[-1] - self.conv_state_len:]
-        mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk)).transpose(1, 2)  # (B, S, C)
+        if S == 1 and qk.device.type == "cpu":
+            mixed = self._conv_one_column(qk)  # (B, 1, C)
+        else:
+            mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk)).transpose(1, 2)  # (B, S, C)
         q_size = self.num_heads * self.head_dim
         query = mixed[..., :q_size].reshape(B, S, self.num_heads, self.head_dim) + q_res
         key = mixed[..., q_size:].reshape(B, S, self.num_kv_heads, self.head_dim) + k_res
@@ -280,6 +283,22 @@ class ZayaCCAProjection(nn.Module):
         v_shifted = torch.cat([prev, v_del[:, :-1]], dim=1)
         value = torch.cat([v_cur, v_shifted], dim=-1).view(B, S, self.num_kv_heads, self.head_dim)
         return query, key, value, new_conv_state, v_del[:, -1]
+
+
+    def _conv_one_column(self, qk: torch.Tensor) -> torch.Tensor:
+        """Both convs for the newest column only, as two small contractions in fp32.
+
+        A decode step needs one output column; the generic conv kernels cost ~0.2 ms a call on
+        CPU for it, this costs a few microseconds. qk (B, C, conv_state_len + 1) -> (B, 1, C)."""
+        w0, w1 = self.conv_qk_depthwise, self.conv_qk_grouped
+        t0, t1 = w0.kernel_size[0], w1.kernel_size[0]
+        x = qk.float().unfold(-1, t0, 1)                                   # (B, C, t1, t0)
+        dw = (x * w0.weight.float()[:, 0, None, :]).sum(-1) + w0.bias.float()[:, None]  # (B, C, t1)
+        G = w1.groups
+        B, C, _ = dw.shape
+        w = w1.weight.float().view(G, C // G, C // G * t1)               # (G, out, in * t1)
+        out = torch.einsum("bgk,gok->bgo", dw.view(B, G, C // G * t1), w).reshape(B, C) + w1.bias.float()
+        return out.to(qk.dtype)[:, None]
 
 
 class ZayaQKNorm(nn.Module):
@@ -324,10 +343,11 @@ class ZayaAttention(nn.Module):
         if cache is not None:
             cache.conv[self.layer_idx].copy_(new_conv)
             cache.vdelay[self.layer_idx].copy_(new_v)
-            k, v = cache.write_kv(self.layer_idx, k, v)
+            k, v = cache.write_kv(self.layer_idx, k, v, start=ctx.write_start, kv_len=ctx.kv_len)
         mask = ctx.mask(self.sliding_window)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5,
-                                           enable_gqa=q.shape[1] != k.shape[1])
+        causal = isinstance(mask, str)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                           scale=self.head_dim ** -0.5, enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
 
@@ -457,10 +477,13 @@ class ZayaDecoderLayer(nn.Module):
 
 
 class ForwardContext:
-    """Per-call values every layer shares: rope tables, masks, the cache and its write positions."""
+    """Per-call values every layer shares: rope tables, masks, the cache and its write positions.
+
+    Host-side facts (kv length, whether rows are aligned or padded) are read from the device once
+    here, not once per layer."""
 
     def __init__(self, config: ZayaConfig, B: int, S: int, device, dtype, attention_mask, cache):
-        self.cache, self.fresh = cache, False
+        self.cache, self.fresh, self.write_start = cache, False, None
         if cache is None:
             kv_len, q_index = S, torch.arange(S, device=device).expand(B, S)
             starts = torch.zeros(B, dtype=torch.long, device=device)
@@ -469,7 +492,8 @@ class ForwardContext:
                 if starts is None:
                     raise ValueError("attention_mask must be left-padded (zeros only before the first 1)")
         else:
-            self.fresh = bool((cache.lengths == 0).all())
+            lo, hi = (int(v) for v in torch.stack([cache.lengths.min(), cache.lengths.max()]).tolist())
+            self.fresh = hi == 0
             if attention_mask is not None:
                 if not self.fresh:
                     raise ValueError("attention_mask is only accepted for the first chunk of a sequence")
@@ -478,8 +502,11 @@ class ForwardContext:
                 cache.starts.copy_((attention_mask == 0).sum(-1))
             starts = cache.starts
             q_index = cache.lengths[:, None] + torch.arange(S, device=device)
-            kv_len = int(cache.lengths.max()) + S
+            kv_len = hi + S
             cache.reserve(kv_len)
+            self.write_start = lo if lo == hi else None  # rows aligned: one slice write per layer
+        self.kv_len = kv_len
+        self.padded = bool(starts.any()) if attention_mask is not None or cache is not None else False
         self.q_index = q_index                            # (B, S) absolute slot of each query
         self.kv_index = torch.arange(kv_len, device=device)
         self.starts = starts
@@ -491,10 +518,19 @@ class ForwardContext:
             self.conv_mask = attention_mask[:, -S:]
         self._masks: dict = {}
 
-    def mask(self, window: int | None) -> torch.Tensor:
+    def mask(self, window: int | None):
         """Boolean (B, 1, S, kv_len): causal, after the row's padding, inside the sliding window.
 
-        A pad query row attends to itself only, which keeps it finite (it is never read)."""
+        A pad query row attends to itself only, which keeps it finite (it is never read). Returns
+        None when nothing is masked (one unpadded query row that sees the whole cache) and
+        "causal" when plain causal masking over an unpadded fresh sequence is all there is."""
+        S = self.q_index.shape[1]
+        aligned = self.cache is None or self.write_start is not None  # every row has the same length
+        if aligned and not self.padded and (window is None or self.kv_len <= window):
+            if S == 1:
+                return None
+            if S == self.kv_len:
+                return "causal"
         if window not in self._masks:
             q = self.q_index[:, :, None]
             kv = self.kv_index[None, None, :]
@@ -549,7 +585,8 @@ class ZayaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        # a quantized model ties through its TiedQuantHead instead (zaya.quant)
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache=None,

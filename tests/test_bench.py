@@ -1,0 +1,39 @@
+"""`zaya bench` on a tiny model: it runs, reports every figure and ends with one JSON line."""
+
+from __future__ import annotations
+
+import json
+
+from tiny_model import make_tiny_model_dir
+from zaya.cli import main
+
+
+def test_bench_smoke(tmp_path, capsys):
+    path = make_tiny_model_dir(tmp_path / "m")
+    assert main(["bench", "-m", str(path), "--prefill-tokens", "16", "--new-tokens", "4", "--rounds", "1",
+                 "--batches", "1,2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b2_tok_s", "weight_bytes_per_token", "achieved_gb_s",
+                "bandwidth_gb_s", "mbu", "peak_rss_bytes"):
+        assert out[key] > 0, key
+
+
+def test_bench_quality_smoke(tmp_path, capsys):
+    path = make_tiny_model_dir(tmp_path / "m", hidden_size=64, moe_intermediate_size=64)
+    assert main(["bench", "-m", str(path), "--quality", "--quality-modes", "int8,int4:32",
+                 "--greedy-tokens", "8"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["quantize"] for r in out["quality"]] == ["int8", "int4:32"]
+    for r in out["quality"]:
+        assert 0 <= r["greedy_agreement"] <= 1 and 0 <= r["top1_agreement"] <= 1 and r["mean_kl"] >= 0
+
+
+def test_weight_bytes_count_one_expert(tmp_path):
+    import zaya
+    from zaya.bench import weight_bytes_per_token
+
+    m = zaya.load(make_tiny_model_dir(tmp_path / "m", tokenizer=False)).model
+    total = sum(t.numel() * t.element_size() for t in m.state_dict().values() if True) - \
+        m.lm_head.weight.numel() * 4  # tied: counted once
+    experts = sum(p.numel() * 4 for n, p in m.named_parameters() if ".mlp.experts." in n)
+    assert weight_bytes_per_token(m) == total - experts + experts // m.config.num_experts

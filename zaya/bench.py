@@ -1,0 +1,200 @@
+"""`zaya bench`: decode and prefill speed against the machine's own memory bandwidth.
+
+Decode at batch 1 streams every active weight once per token (attention, router, the chosen
+expert, the LM head), so ``tok/s * bytes_per_token`` is the bandwidth the run achieved and its
+ratio to a bandwidth measured in the same run is the model-bandwidth utilisation (MBU). The
+last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+TEXT = ("The river rose through the night and by morning the low fields were water. People carried what they "
+        "could to the church on the hill, and the miller counted boats. Rain is measured in millimetres, but "
+        "a flood is measured in the things it takes: fences, stores of grain, the road to the market town. "
+        "When the water went down, the silt it left was rich, and the next harvest was the best in years.")
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process, in bytes.
+
+    Linux's VmHWM first: ``ru_maxrss`` survives exec, so a child started by a big parent would
+    report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """Best-of read bandwidth (bytes/s) of a reduction over a buffer much larger than the caches."""
+    import torch
+
+    x = torch.ones(mbytes * (1 << 20) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one batch-1 decode step reads: everything but the unchosen experts and the
+    embedding table (a lookup reads one row; a tied head is counted once, as the head)."""
+    seen, total = set(), 0
+    E = model.config.num_experts
+    untied = not model.config.tie_word_embeddings
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        nbytes = t.numel() * t.element_size()
+        if ".mlp.experts." in name:
+            nbytes //= E
+        elif untied and name.startswith("model.embed_tokens."):
+            nbytes = 0
+        total += nbytes
+    return total
+
+
+def _engine(model):
+    from zaya.engine import Engine
+
+    return Engine(model, None)
+
+
+def decode_rate(model, batch: int, prompt_len: int = 32, new_tokens: int = 64, seed: int = 0) -> float:
+    """Summed decode tok/s over ``batch`` rows (prefill excluded), greedy, EOS ignored."""
+    import torch
+
+    from zaya.engine import Request
+    from zaya.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    V = model.config.vocab_size
+    engine = _engine(model)
+    params = SamplingParams.from_kwargs(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.add(Request(torch.randint(3, V, (prompt_len,), generator=g).tolist(), params, i))
+    engine.step()  # the first step only samples from the prefill's logits and runs one forward
+    t, steps = time.perf_counter(), 0
+    while engine.active:
+        engine.step()
+        steps += 1
+    return batch * max(1, steps - 1) / (time.perf_counter() - t)
+
+
+def prefill_rate(model, tokens: int = 512, seed: int = 0) -> float:
+    import torch
+
+    from zaya.cache import Cache
+
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    engine = _engine(model)
+    cache = Cache(model.config, 1, tokens, dtype=engine.dtype, device=engine.device)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        model(ids.to(engine.device), cache=cache, last_only=True)
+    return tokens / (time.perf_counter() - t)
+
+
+def speed(model, *, prefill_tokens=512, new_tokens=64, batches=(1, 8), bandwidth=None, rounds=3) -> dict:
+    import statistics
+
+    bandwidth = bandwidth or measure_bandwidth()
+    decode_rate(model, 1, new_tokens=4)  # warm-up (allocator, lazy kernels, compiled graphs)
+    out = {"prefill_tokens": prefill_tokens,
+           "prefill_tok_s": statistics.median(prefill_rate(model, prefill_tokens, s) for s in range(rounds))}
+    for b in batches:
+        out[f"decode_b{b}_tok_s"] = statistics.median(decode_rate(model, b, new_tokens=new_tokens, seed=s)
+                                                      for s in range(rounds))
+    per_token = weight_bytes_per_token(model)
+    achieved = out.get("decode_b1_tok_s", 0) * per_token
+    out.update(weight_bytes_per_token=per_token, achieved_gb_s=achieved / 1e9, bandwidth_gb_s=bandwidth / 1e9,
+               mbu=achieved / bandwidth, peak_rss_bytes=peak_rss())
+    return out
+
+
+# --------------------------------------------------------------------------------------- quality
+def quality(model_path, quantize: str, reference=None, text: str = TEXT, greedy_tokens: int = 256) -> dict:
+    """A quantized model against the bf16 one: greedy agreement, teacher-forced top-1 and mean KL."""
+    import torch
+
+    import zaya
+
+    ref = reference or zaya.load(model_path, dtype="bf16")
+    q = zaya.load(model_path, dtype="bf16", quantize=quantize)
+    if ref.tokenizer is not None:
+        ids = ref.tokenizer.encode(text)
+    else:
+        ids = torch.randint(3, ref.config.vocab_size, (96,), generator=torch.Generator().manual_seed(0)).tolist()
+    a = ref.logits([ids]).float().log_softmax(-1)[0]
+    b = q.logits([ids]).float().log_softmax(-1)[0]
+    kl = (a.exp() * (a - b)).sum(-1).mean().item()
+    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    prompt = ids[:16]
+    ga = ref.generate([prompt], max_new_tokens=greedy_tokens, temperature=0, ignore_eos=True)[0].token_ids
+    gb = q.generate([prompt], max_new_tokens=greedy_tokens, temperature=0, ignore_eos=True)[0].token_ids
+    same = sum(x == y for x, y in zip(ga, gb))
+    first = next((i for i, (x, y) in enumerate(zip(ga, gb)) if x != y), min(len(ga), len(gb)))
+    return {"quantize": quantize, "text_tokens": len(ids), "top1_agreement": top1, "mean_kl": kl,
+            "greedy_agreement": same / max(1, len(ga)), "greedy_first_divergence": first}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def cmd_bench(args) -> int:
+    import zaya
+    from zaya.commands import resolve_model_name
+
+    path = resolve_model_name(args.model)
+    if args.quality:
+        ref = zaya.load(path, dtype="bf16")
+        results = {"model": str(ref.path), "quality": [quality(path, q, ref, greedy_tokens=args.greedy_tokens)
+                                                      for q in args.quality_modes.split(",")]}
+        for r in results["quality"]:
+            print(f"{r['quantize']:>8}: greedy agreement {r['greedy_agreement']:.1%} (first divergence at "
+                  f"{r['greedy_first_divergence']}), top-1 {r['top1_agreement']:.1%}, mean KL {r['mean_kl']:.4f}")
+        print(json.dumps(results))
+        return 0
+    start = time.perf_counter()
+    llm = zaya.load(path, dtype=args.dtype, quantize=args.quantize)
+    load_s = time.perf_counter() - start
+    rss_after_load = peak_rss()
+    r = speed(llm.model, prefill_tokens=args.prefill_tokens, new_tokens=args.new_tokens,
+              batches=tuple(int(b) for b in args.batches.split(",")), rounds=args.rounds)
+    r.update(model=str(llm.path), dtype=str(next(llm.model.parameters()).dtype).replace("torch.", ""),
+             quantize=args.quantize or (llm.config.quantization or {}).get("bits"), load_s=load_s,
+             peak_rss_after_load_bytes=rss_after_load)
+    print(f"prefill {r['prefill_tokens']} tokens: {r['prefill_tok_s']:.1f} tok/s")
+    for b in args.batches.split(","):
+        print(f"decode batch {b}: {r[f'decode_b{b}_tok_s']:.1f} tok/s")
+    print(f"weights read per token {r['weight_bytes_per_token'] / 1e6:.1f} MB, achieved {r['achieved_gb_s']:.1f} GB/s "
+          f"of {r['bandwidth_gb_s']:.1f} GB/s measured (MBU {r['mbu']:.0%}), peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB")
+    print(json.dumps(r))
+    return 0
+
+
+def register(sub) -> None:
+    from zaya.commands import add_model_args
+
+    p = sub.add_parser("bench", help="prefill/decode tok/s, GB/s and MBU; --quality compares int8/int4 to bf16",
+                       description="Benchmark a model on this machine. The last line is one JSON object.")
+    add_model_args(p)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64, help="decode steps per measurement")
+    p.add_argument("--batches", default="1,8", help="decode batch sizes, comma-separated")
+    p.add_argument("--rounds", type=int, default=3, help="repeats per figure (the median is reported)")
+    p.add_argument("--quality", action="store_true", help="report int8/int4 agreement with bf16 instead of speed")
+    p.add_argument("--quality-modes", default="int8,int4")
+    p.add_argument("--greedy-tokens", type=int, default=256)
+    p.set_defaults(func=cmd_bench)

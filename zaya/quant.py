@@ -1,0 +1,410 @@
+"""Weight-only int8 / int4 quantization of ZAYA1 models.
+
+What is quantized: the attention projections (q, k, both value halves, o), the experts and the
+embedding / LM head. What is not: the router (its argmax picks the expert; small errors there
+change which weights a token sees), the CCA convs, ``temp``, norms, residual scales and the
+balancing biases. They are a fraction of a percent of the bytes.
+
+* **int8**: one scale per output channel, symmetric, ``w ~= q * scale`` with q in [-127, 127].
+* **int4**: groups of ``group_size`` input columns, asymmetric, ``w ~= (q - 8) * scale + zero``
+  with q in [0, 15] (the convention of PyTorch's int4 CPU kernel and gpt-fast).
+
+On disk (``zaya quantize``) every quantized tensor ``X`` becomes ``X.qweight`` (int8, or uint8
+holding two int4 values per byte, the even column in the low nibble), ``X.scales`` and for int4
+``X.zeros`` (both ``(..., N, K / group_size)``). That layout is portable; at load time int4
+weights are repacked in row blocks into the CPU kernel's own layout (which depends on the CPU's
+vector width, so it is never written to disk). On CPU the matmuls run on
+``torch.ops.aten._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``; elsewhere the weight
+is dequantized on the fly (correct everywhere, fast only where a fused kernel exists).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zaya.errors import ConfigError
+
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the CPU kernel accepts
+_TARGETS = re.compile(r"(model\.layers\.\d+\.self_attn\.(qkv_proj\.(q_proj|k_proj|v_proj_current|v_proj_delayed)"
+                      r"|o_proj)\.weight|model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)"
+                      r"|model\.embed_tokens\.weight|lm_head\.weight)")
+_HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+_HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
+    hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    group_size: int = 64
+
+    @classmethod
+    def parse(cls, value) -> "QuantSpec | None":
+        """``None``, ``"int8"``, ``"int4"``, ``"int4:128"``, a dict (config.json) or a QuantSpec."""
+        if value is None or isinstance(value, QuantSpec):
+            return value
+        if isinstance(value, dict):
+            spec = cls(int(value.get("bits", 0)), int(value.get("group_size", 64)))
+        else:
+            m = re.fullmatch(r"int(\d+)(?::(\d+))?", str(value))
+            if not m:
+                raise ConfigError(f"quantize must be 'int8' or 'int4' (optionally 'int4:GROUP'), got {value!r}")
+            spec = cls(int(m.group(1)), int(m.group(2) or 64))
+        if spec.bits not in (4, 8):
+            raise ConfigError(f"quantization bits must be 8 or 4, got {spec.bits}")
+        if spec.bits == 4 and spec.group_size < 2:
+            raise ConfigError(f"int4 group_size must be >= 2, got {spec.group_size}")
+        return spec
+
+    def to_config(self) -> dict:
+        out = {"method": "zaya-weight-only", "bits": self.bits}
+        if self.bits == 4:
+            out["group_size"] = self.group_size
+        return out
+
+    def group_for(self, in_features: int) -> int:
+        """The group actually used for a matrix with ``in_features`` columns (whole rows when smaller)."""
+        g = min(self.group_size, in_features)
+        if in_features % g:
+            raise ConfigError(f"int4 group_size {self.group_size} does not divide a weight's {in_features} columns")
+        return g
+
+
+def is_target(name: str) -> bool:
+    return _TARGETS.fullmatch(name) is not None
+
+
+def quantized_names(name: str, spec: QuantSpec) -> list[str]:
+    base = name[: -len(".weight")] if name.endswith(".weight") else name
+    return [f"{base}.qweight", f"{base}.scales"] + ([f"{base}.zeros"] if spec.bits == 4 else [])
+
+
+# ------------------------------------------------------------------------------- the arithmetic
+@torch.no_grad()
+def quantize_tensor(w: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype) -> list[torch.Tensor]:
+    """(..., N, K) float -> [qweight, scales(, zeros)] in the portable on-disk layout."""
+    w = w.float()
+    if spec.bits == 8:
+        scales = (w.abs().amax(-1) / 127).clamp_min(1e-8)
+        q = torch.round(w / scales[..., None]).clamp_(-127, 127).to(torch.int8)
+        return [q, scales.to(scale_dtype)]
+    *lead, N, K = w.shape
+    G = spec.group_for(K)
+    g = w.reshape(*lead, N, K // G, G)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scales = ((hi - lo) / 15).clamp_min(1e-8).to(scale_dtype)
+    zeros = (lo + 8 * scales.float()).to(scale_dtype)
+    q = torch.round((g - lo[..., None]) / scales.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+    q = q.reshape(*lead, N, K)
+    return [q[..., 0::2] | (q[..., 1::2] << 4), scales, zeros]
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(..., N, K/2) uint8 -> (..., N, K) uint8 in [0, 15]."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+
+
+def dequantize(qweight, scales, zeros=None, dtype=torch.float32) -> torch.Tensor:
+    if zeros is None:
+        return qweight.to(dtype) * scales.to(dtype)[..., None]
+    q = unpack_int4(qweight)
+    G = q.shape[-1] // scales.shape[-1]
+    s = scales.to(dtype).repeat_interleave(G, -1)
+    z = zeros.to(dtype).repeat_interleave(G, -1)
+    return (q.to(dtype) - 8) * s + z
+
+
+def _pack_int4_cpu(qweight: torch.Tensor) -> torch.Tensor:
+    """Portable (N, K/2) -> the CPU kernel's layout, in row blocks so the int32 temporary stays small."""
+    N = qweight.shape[0]
+    rows = max(64, (1 << 22) // max(1, qweight.shape[1]) // 64 * 64)  # ~16 MB of int32 at a time
+    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        unpack_int4(qweight[i:i + rows]).to(torch.int32).contiguous(), 1) for i in range(0, N, rows)])
+
+
+class QuantWeight:
+    """One quantized matrix (N, K) and the fastest way to multiply by it on its device."""
+
+    def __init__(self, qweight, scales, zeros, dtype, source=None):
+        """``source``: the same bytes as ``qweight`` in fresh memory (to pack without paging in an mmap)."""
+        if qweight.device.type == "cpu" and qweight.data_ptr() % 64 and zeros is None:
+            qweight = qweight.clone()  # the packed kernels use aligned vector loads; safetensors aligns to 8
+        self.qweight, self.zeros, self.dtype = qweight, zeros, dtype
+        self.scales = scales
+        self.N = qweight.shape[0]
+        self.K = qweight.shape[1] * (2 if zeros is not None else 1)
+        self.packed = self.scale_zeros = None
+        cpu = qweight.device.type == "cpu"
+        if zeros is None:
+            self.fast = cpu and _HAS_INT8_KERNEL
+            self.scales = scales.to(dtype).contiguous()
+            if self.fast and self.scales.data_ptr() % 64:
+                self.scales = self.scales.clone()
+        else:
+            G = self.K // scales.shape[-1]
+            self.group = G
+            self.fast = cpu and _HAS_INT4_KERNEL and G in INT4_GROUPS and self.N % 16 == 0 and self.K % 2 == 0
+            if self.fast:
+                self.packed = _pack_int4_cpu(qweight if source is None else source)
+                self.scale_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).to(dtype).contiguous()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) in x's dtype."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.K)
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
+        if not self.fast:
+            w = dequantize(self.qweight, self.scales, self.zeros, self.dtype)
+            y = F.linear(x2, w)
+        elif self.zeros is None:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, self.scale_zeros)
+        return y.reshape(*lead, self.N).to(x.dtype)
+
+
+class _QuantBuffers(nn.Module):
+    """Holds qweight / scales (/ zeros) buffers whose names match the on-disk tensors."""
+
+    def _init_buffers(self, shape_q, shape_s, spec: QuantSpec):
+        self.spec = spec
+        qdtype = torch.int8 if spec.bits == 8 else torch.uint8
+        self.register_buffer("qweight", torch.empty(shape_q, dtype=qdtype))
+        self.register_buffer("scales", torch.empty(shape_s))
+        if spec.bits == 4:
+            self.register_buffer("zeros", torch.empty(shape_s))
+        else:
+            self.zeros = None
+
+
+def _shapes(N: int, K: int, spec: QuantSpec, lead=()):
+    if spec.bits == 8:
+        return (*lead, N, K), (*lead, N)
+    return (*lead, N, K // 2), (*lead, N, K // spec.group_for(K))
+
+
+class QuantLinear(_QuantBuffers):
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_buffers(*_shapes(out_features, in_features, spec), spec)
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.w: QuantWeight | None = None
+
+    def prepare(self, dtype: torch.dtype, source=None) -> None:
+        self.w = QuantWeight(self.qweight, self.scales, self.zeros, dtype, source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.w.matmul(x)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantEmbedding(_QuantBuffers):
+    """Row lookup dequantizes only the rows asked for (an mmap'd table is paged in row by row)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, spec: QuantSpec):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self._init_buffers(*_shapes(num_embeddings, embedding_dim, spec), spec)
+        self.dtype = torch.float32
+
+    def prepare(self, dtype: torch.dtype, source=None) -> None:
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        z = None if self.zeros is None else self.zeros[flat]
+        rows = dequantize(self.qweight[flat], self.scales[flat], z, torch.float32).to(self.dtype)
+        return rows.view(*ids.shape, self.embedding_dim)
+
+
+class TiedQuantHead(nn.Module):
+    """The LM head of a tied model: multiplies by the quantized embedding table (no second copy on disk)."""
+
+    def __init__(self, embedding: QuantEmbedding):
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple, so the table is not registered (and saved) twice
+        self.bias = None
+        self.w: QuantWeight | None = None
+
+    def prepare(self, dtype: torch.dtype, source=None) -> None:
+        e = self._embedding[0]
+        self.w = QuantWeight(e.qweight, e.scales, e.zeros, dtype, source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w.matmul(x)
+
+
+def quantized_experts_class():
+    from zaya.model import ZayaExperts
+
+    class QuantExperts(ZayaExperts):
+        """Stacked SwiGLU experts with quantized gate_up (E, 2I, H) and down (E, H, I)."""
+
+        def __init__(self, config, spec: QuantSpec):
+            nn.Module.__init__(self)
+            E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
+            self.num_experts = E
+            self.gate_up_proj = _ExpertStack(E, 2 * I, H, spec)
+            self.down_proj = _ExpertStack(E, H, I, spec)
+
+        def prepare(self, dtype):
+            self.gate_up_proj.prepare(dtype)
+            self.down_proj.prepare(dtype)
+
+        def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+            gate, up = self.gate_up_proj.w[e].matmul(x).chunk(2, dim=-1)
+            return self.down_proj.w[e].matmul(F.silu(gate) * up)
+
+    return QuantExperts
+
+
+class _ExpertStack(_QuantBuffers):
+    def __init__(self, E: int, N: int, K: int, spec: QuantSpec):
+        super().__init__()
+        self._init_buffers(*_shapes(N, K, spec, (E,)), spec)
+        self.w: list[QuantWeight] = []
+
+    def prepare(self, dtype, source=None):
+        E = self.qweight.shape[0]
+        z = self.zeros if self.zeros is not None else [None] * E
+        src = source if source is not None else [None] * E
+        self.w = [QuantWeight(q, s, zz, dtype, sq) for q, s, zz, sq in zip(self.qweight, self.scales, z, src)]
+
+
+# ------------------------------------------------------------------------------ model surgery
+def swap_modules(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """Replace the quantizable modules of a (meta-device) ZayaForCausalLM with quantized ones."""
+    config = model.config
+    QuantExperts = quantized_experts_class()
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for owner, names in ((attn.qkv_proj, ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed")),
+                             (attn, ("o_proj",))):
+            for n in names:
+                lin = getattr(owner, n)
+                setattr(owner, n, QuantLinear(lin.in_features, lin.out_features, spec, lin.bias is not None))
+        layer.mlp.experts = QuantExperts(config, spec)
+    emb = QuantEmbedding(config.vocab_size, config.hidden_size, spec)
+    model.model.embed_tokens = emb
+    if config.tie_word_embeddings:
+        model.lm_head = TiedQuantHead(emb)
+    else:
+        model.lm_head = QuantLinear(config.hidden_size, config.vocab_size, spec, config.lm_head_bias)
+    model.quantization = spec
+    return model
+
+
+def prepare(model: nn.Module, dtype: torch.dtype, fetch=None) -> nn.Module:
+    """Build kernel layouts once the quantized buffers hold real data.
+
+    ``fetch(name)``, when given, returns a buffer's bytes read into fresh memory: int4 weights are
+    repacked from it, so their mmap'd portable copy is never paged in (only the embedding rows a
+    lookup touches are)."""
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding, _ExpertStack)):
+            own = fetch is not None and m.zeros is not None and not isinstance(m, QuantEmbedding)
+            m.prepare(dtype, fetch(f"{name}.qweight") if own else None)
+    for name, m in model.named_modules():
+        if isinstance(m, TiedQuantHead):  # after the embedding, whose dtype it follows
+            e = m._embedding[0]
+            src = fetch("model.embed_tokens.qweight") if fetch is not None and e.zeros is not None else None
+            m.prepare(dtype, src)
+    return model
+
+
+def read_aligned(file, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file read with plain file I/O into fresh, 64-byte aligned memory."""
+    import json
+    import struct
+
+    dtypes = {"I8": torch.int8, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16,
+              "F32": torch.float32}
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n))[name]
+        begin, end = meta["data_offsets"]
+        out = torch.empty(meta["shape"], dtype=dtypes[meta["dtype"]])
+        f.seek(8 + n + begin)
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        if f.readinto(view) != end - begin:
+            raise OSError(f"{file} is truncated in tensor {name}")
+    return out
+
+
+class PreadReader:
+    """Reads tensors to be quantized with pread(2) instead of through the mmap, so the float pages
+    never become resident: peak memory while quantizing at load is the quantized model plus one
+    float tensor (large 2-D tensors go in row blocks)."""
+
+    def __init__(self, source):
+        self.source, self.handles = source, {}
+
+    def _handle(self, file):
+        if file not in self.handles:
+            from safetensors import safe_open
+
+            try:
+                self.handles[file] = safe_open(str(file), framework="pt", device="cpu", backend="pread")
+            except TypeError:  # safetensors without the pread backend
+                self.handles[file] = None
+        return self.handles[file]
+
+    def quantize(self, name: str, load, spec: QuantSpec, scale_dtype) -> list[torch.Tensor]:
+        file = self.source.where.get(name)
+        handle = self._handle(file) if file is not None else None
+        if handle is None:
+            return quantize_tensor(load(), spec, scale_dtype)
+        shape = handle.get_slice(name).get_shape()
+        if len(shape) != 2 or shape[0] * shape[1] < (1 << 24):
+            return quantize_tensor(handle.get_tensor(name), spec, scale_dtype)
+        step = max(1, (1 << 24) // shape[1])
+        parts = [quantize_tensor(handle.get_slice(name)[i:i + step], spec, scale_dtype)
+                 for i in range(0, shape[0], step)]
+        return [torch.cat(p) for p in zip(*parts)]
+
+
+# ---------------------------------------------------------------------------- saving / the CLI
+def save_quantized(src, dst, spec: QuantSpec, dtype=None) -> dict:
+    """Quantize a float checkpoint into ``dst`` (safetensors + config.json with a quantization section)."""
+    from pathlib import Path
+
+    from zaya.checkpoint import load_model, resolve, save, tokenizer_files
+
+    src = resolve(src)
+    model, config, _ = load_model(src, dtype=dtype, quantize=spec)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save(state, config, Path(dst), extra_files=tokenizer_files(src))
+    return {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+
+
+def cmd_quantize(args) -> int:
+    from zaya import parse_dtype
+
+    spec = QuantSpec(args.bits, args.group_size)
+    QuantSpec.parse(spec.to_config() | {"group_size": args.group_size})  # validate
+    info = save_quantized(args.src, args.dst, spec, parse_dtype(args.dtype))
+    label = f"int{spec.bits}" + (f", group size {spec.group_size}" if spec.bits == 4 else "")
+    print(f"wrote {args.dst}: {label}, {info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint",
+                       description="Quantize attention projections, experts and the embedding/LM head; the "
+                                   "router, convs, norms and scales stay in floating point. The output loads "
+                                   "directly with `zaya.load` / --model.")
+    p.add_argument("src", help="float checkpoint directory or hub repo id")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8)
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128 or 256 for the "
+                                                              "CPU kernel; others use the portable path)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the float tensors and scales (default: the checkpoint's)")
+    p.set_defaults(func=cmd_quantize)

@@ -1,0 +1,160 @@
+"""``python -m zaya.tasks``: build the default model's tokenizer and data, write test sets, install.
+
+    python -m zaya.tasks build-data --out build/default-model      # tokenizer/ + train.jsonl
+    python -m zaya.tasks test-set --count 200 --out test.jsonl      # held-out problems for zaya eval
+    python -m zaya.tasks train recipes/default-model.toml --stop-after 240   # a run cut short
+    python -m zaya.tasks install build/default-model/run            # latest checkpoint -> zaya/assets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+
+from zaya.tasks import BUILTIN_LEVELS, builtin_test_set, problem_records
+from zaya.tasks.aggregation import Tails, aggregation_example, plain_example
+from zaya.tasks.arithmetic import LEVELS, reasoning, sample_problems
+from zaya.tasks.vocab import save_tokenizer, train_tokenizer
+
+SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "generation_config.json")
+
+
+def build_data(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = [float(w) for w in args.level_weights.split(",")]
+    levels = sorted(LEVELS)[:len(weights)]
+    n_agg = round(args.count * args.aggregation)
+    problems = sample_problems(args.count + n_agg, "train", levels, args.seed, weights)
+    plain, agg_problems = problems[:args.count], problems[args.count:]
+    rng = random.Random(args.seed)
+
+    # The tokenizer sees every kind of text the model will: problems, chains and the
+    # aggregation template (rendered with a few correct chains as candidates).
+    from zaya.rsa.prompts import ZYPHRA
+
+    corpus = [f"user\n{p.text}\nmodel\n{reasoning(p)}\n\n\\boxed{{{p.answer}}}" for p in problems[:20000]]
+    corpus += [ZYPHRA(p.text, [reasoning(p)] * 4) for p in agg_problems[:2000]]
+    corpus += [ZYPHRA(p.text, [reasoning(p)]) for p in agg_problems[:200]]
+    tok = train_tokenizer(corpus, args.vocab_size)
+    tok_dir = save_tokenizer(tok, out / "tokenizer")
+    tails = Tails(_bare(tok))
+
+    records = [plain_example(p) for p in plain]
+    for p in agg_problems:
+        k = args.k if rng.random() < 0.8 else rng.randint(2, args.k)
+        records.append(aggregation_example(p, rng, tails, k=k, tail=args.tail))
+    rng.shuffle(records)
+    with open(out / "train.jsonl", "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    _write_jsonl(out / "test.jsonl", problem_records(builtin_test_set(args.test)))
+    print(f"tokenizer: {tok_dir} ({tok.get_vocab_size()} tokens); "
+          f"train.jsonl: {len(plain)} solve + {len(agg_problems)} aggregation examples; "
+          f"test.jsonl: {args.test} held-out problems (levels {list(BUILTIN_LEVELS)})")
+    return 0
+
+
+def _bare(tok):
+    """A `tokenizers.Tokenizer` with the ``encode(text, add_special_tokens=False) -> ids`` and
+    ``decode(ids)`` interface RSA's tail rule expects."""
+
+    class Bare:
+        def encode(self, text, add_special_tokens=False):
+            return tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+        def decode(self, ids):
+            return tok.decode(list(ids), skip_special_tokens=False)
+
+    return Bare()
+
+
+def _write_jsonl(path: Path, records) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def write_test_set(args) -> int:
+    levels = [int(x) for x in args.levels.split(",")]
+    records = problem_records(sample_problems(args.count, "test", levels, args.seed))
+    _write_jsonl(Path(args.out), records)
+    print(f"wrote {len(records)} held-out problems to {args.out}")
+    return 0
+
+
+def install(args) -> int:
+    src, dst = Path(args.checkpoint), Path(args.to)
+    if (src / "checkpoints").is_dir():  # a training run: take its latest complete checkpoint
+        from zaya.train.checkpoints import latest_checkpoint
+
+        src = latest_checkpoint(src)
+        if src is None:
+            print(f"error: {args.checkpoint} has no complete checkpoint", file=sys.stderr)
+            return 1
+    missing = [f for f in SHIPPED_FILES if not (src / f).is_file()]
+    if missing:
+        print(f"error: {src} lacks {missing}", file=sys.stderr)
+        return 1
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in SHIPPED_FILES:
+        shutil.copy2(src / f, dst / f)
+    size = sum((dst / f).stat().st_size for f in SHIPPED_FILES)
+    print(f"installed {src} -> {dst} ({size / 1e6:.1f} MB)")
+    return 0
+
+
+def train(args) -> int:
+    """``zaya train CONFIG``, ending after step ``--stop-after`` of the config's schedule (the
+    LR schedule still spans ``train.steps``), as the shipped run was stopped."""
+    from zaya.train.config import load_config
+    from zaya.train.loop import train as run_training
+
+    result = run_training(load_config(args.config, args.overrides), stop_after=args.stop_after)
+    print(f"stopped at step {result.step}; checkpoint {result.checkpoint}")
+    return 0
+
+
+def main(argv=None) -> int:
+    import zaya
+
+    p = argparse.ArgumentParser(prog="python -m zaya.tasks", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build-data", help="train the tokenizer and write the training data")
+    b.add_argument("--out", required=True)
+    b.add_argument("--count", type=int, default=40000, help="solve examples")
+    b.add_argument("--aggregation", type=float, default=0.5,
+                   help="aggregation examples per solve example")
+    b.add_argument("--level-weights", default="1,2,3,3,3,2", help="weights of levels 1..6")
+    b.add_argument("--k", type=int, default=4, help="candidates per aggregation prompt")
+    b.add_argument("--tail", type=int, default=64, help="tokens carried per candidate (tau)")
+    b.add_argument("--vocab-size", type=int, default=1024)
+    b.add_argument("--test", type=int, default=500, help="held-out problems in test.jsonl")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=build_data)
+    t = sub.add_parser("test-set", help="write held-out problems as JSONL (problem, answer)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--count", type=int, default=200)
+    t.add_argument("--levels", default=",".join(map(str, BUILTIN_LEVELS)))
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=write_test_set)
+    r = sub.add_parser("train", help="zaya train CONFIG, optionally stopping after a given step")
+    r.add_argument("config")
+    r.add_argument("--stop-after", type=int, help="end after this step (checkpoint written)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    r.set_defaults(func=train)
+    i = sub.add_parser("install", help="copy a checkpoint's shipped files into the package")
+    i.add_argument("checkpoint", help="a checkpoint directory, or a training run's out_dir")
+    i.add_argument("--to", default=str(zaya.DEFAULT_MODEL))
+    i.set_defaults(func=install)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -41,8 +41,14 @@ def build_data(args) -> int:
     corpus = [f"user\n{p.text}\nmodel\n{reasoning(p)}\n\n\\boxed{{{p.answer}}}" for p in problems[:20000]]
     corpus += [ZYPHRA(p.text, [reasoning(p)] * 4) for p in agg_problems[:2000]]
     corpus += [ZYPHRA(p.text, [reasoning(p)]) for p in agg_problems[:200]]
-    tok = train_tokenizer(corpus, args.vocab_size)
-    tok_dir = save_tokenizer(tok, out / "tokenizer")
+    if args.tokenizer:  # more data for a model that already has its tokenizer
+        from tokenizers import Tokenizer as RawTokenizer
+
+        tok = RawTokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
+        tok_dir = Path(args.tokenizer)
+    else:
+        tok = train_tokenizer(corpus, args.vocab_size)
+        tok_dir = save_tokenizer(tok, out / "tokenizer")
     tails = Tails(_bare(tok))
 
     records = [plain_example(p) for p in plain]
@@ -134,6 +140,7 @@ def main(argv=None) -> int:
     b.add_argument("--k", type=int, default=4, help="candidates per aggregation prompt")
     b.add_argument("--tail", type=int, default=64, help="tokens carried per candidate (tau)")
     b.add_argument("--vocab-size", type=int, default=1024)
+    b.add_argument("--tokenizer", help="reuse this tokenizer directory instead of training one")
     b.add_argument("--test", type=int, default=500, help="held-out problems in test.jsonl")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=build_data)

@@ -17,8 +17,9 @@ $(BIN)/zaya: pyproject.toml
 venv: $(BIN)/zaya
 
 run: venv
-	$(BIN)/zaya generate "What is 12 + 30?" --max-new-tokens 64
-	$(BIN)/zaya solve "What is 12 + 30?" --profile cpu-tiny
+	$(BIN)/zaya generate "Start with 17, then apply +25, -8, *2 in order. What is the result?" --max-new-tokens 96
+	$(BIN)/zaya solve "Start with 22, then apply *2, -2, +6, *2, +2, -3 in order. What is the result?" \
+		--profile cpu-small --seed 0
 
 test: venv
 	$(BIN)/python -m pytest

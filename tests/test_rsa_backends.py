@@ -5,36 +5,27 @@ errors."""
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+import test_rsa
+
 from zaya.rsa import BackendError, OpenAIBackend, solve
 
 
-class WordTokenizer:
-    """Tokens are words with their leading whitespace (exact round trip); ids are shared."""
+class WordTokenizer(test_rsa.WordTokenizer):
+    """The word tokenizer of test_rsa, safe to share between the backend's worker threads."""
 
     def __init__(self):
-        self.vocab: dict[str, int] = {}
-        self.words: list[str] = []
+        super().__init__()
         self.lock = threading.Lock()
 
     def encode(self, text, add_special_tokens=False):
         with self.lock:
-            ids = []
-            for piece in re.findall(r"\s*\S+|\s+", text):
-                if piece not in self.vocab:
-                    self.vocab[piece] = len(self.words)
-                    self.words.append(piece)
-                ids.append(self.vocab[piece])
-            return ids
-
-    def decode(self, ids):
-        return "".join(self.words[i] for i in ids)
+            return super().encode(text, add_special_tokens)
 
 
 class Stub:

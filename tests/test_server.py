@@ -418,7 +418,25 @@ def _cancelled(server) -> float:
     return float(line[0].split()[-1])
 
 
-def test_disconnect_frees_the_slot(server):
+def _slow_engine(llm, delay=0.01):
+    """A real engine whose steps take at least `delay` seconds, so that a test can observe a
+    request while it is still running on any machine."""
+    engine = llm.engine()
+    step = engine.step
+    engine.step = lambda: (time.sleep(delay), step())[1]
+    return engine
+
+
+@pytest.fixture
+def slow_server(llm):
+    live = LiveServer(create_app(llm, ServerConfig(model_name=MODEL, max_batch=8, max_queue=8),
+                                 engine_factory=lambda: _slow_engine(llm)))
+    yield live
+    live.stop()
+
+
+def test_disconnect_frees_the_slot(slow_server):
+    server = slow_server
     before = _cancelled(server)
     body = {"model": MODEL, "messages": HI, "max_tokens": 450, "ignore_eos": True, "stream": True, "n": 2}
     with server.http() as http:

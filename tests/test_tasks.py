@@ -120,3 +120,60 @@ def test_build_data_cli(tmp_path):
     ids = tok.encode("37+8=45\n<think>", add_special_tokens=False)
     assert tok.decode(ids) == "37+8=45\n<think>"
     assert [tok.decode([i]) for i in tok.encode("4512", add_special_tokens=False)] == list("4512")
+
+
+class _ScriptedBackend:
+    """Samples for self-aggregation: problem i's j-th sample is right when j is even."""
+
+    def __init__(self, problems):
+        self.answers = {p.text: p for p in problems}
+
+    def generate(self, messages_list, *, n, **sampling):
+        from zaya.rsa.backends import Candidate
+
+        out = []
+        for msgs in messages_list:
+            p = self.answers[msgs[-1]["content"]]
+            cands = []
+            for j in range(n):
+                chain = reasoning(p) if j % 2 == 0 else corrupted_reasoning(p, random.Random(j))[0]
+                answer = p.answer if j % 2 == 0 else "wrong"
+                cands.append(Candidate(f"{chain}\n</think>\n\n\\boxed{{{answer}}}", f"{chain}#{j}",
+                                       f"\\boxed{{{answer}}}", "stop", 10, 20, 0.0))
+            out.append(cands)
+        return out
+
+    def tail(self, text, tau):
+        return text[-tau:]
+
+
+def test_self_aggregation_uses_the_models_own_samples():
+    from zaya.tasks.aggregation import self_aggregation_examples
+
+    problems = sample_problems(5, "train", [3, 4], seed=7)
+    recs, stats = self_aggregation_examples(_ScriptedBackend(problems), problems, random.Random(0), k=3,
+                                            tail=1000, samples=6, per_problem=2)
+    assert len(recs) == 10 and stats == {"samples": 30, "sample_accuracy": 0.5}
+    for i, rec in enumerate(recs):
+        p = problems[i // 2]
+        user, target = rec["messages"]
+        assert target == solution_message(p) and rec["kind"] == "self-aggregation"
+        blocks = [b.split(" ----\n", 1)[1].rsplit("\n", 1)[0].strip() for b in user["content"].split("---- Solution ")[1:]]
+        ids = [int(b.rsplit("#", 1)[1]) for b in blocks]
+        assert len(set(ids)) == 3, "candidates are distinct samples"
+        assert user["content"] == ZYPHRA(p.text, [f"{b}" for b in blocks])
+        assert rec["correct_candidates"] == sum(j % 2 == 0 for j in ids)
+    with pytest.raises(ValueError, match="at least k=3"):
+        self_aggregation_examples(_ScriptedBackend(problems), problems, random.Random(0), k=3, tail=10, samples=2)
+
+
+def test_build_data_candidate_accuracy(tmp_path, capsys):
+    out = tmp_path / "data"
+    assert tasks_main(["build-data", "--out", str(out), "--count", "40", "--aggregation", "1.0", "--vocab-size", "400",
+                       "--test", "2", "--candidate-accuracy", "1,1"]) == 0
+    agg = [r for r in map(json.loads, (out / "train.jsonl").read_text().splitlines()) if r["kind"] == "aggregation"]
+    assert len(agg) == 40 and all(r["correct_candidates"] == r["k"] for r in agg)
+    for bad in ("0.9,0.1", "1.5,2", "x"):
+        with pytest.raises(SystemExit):
+            tasks_main(["build-data", "--out", str(out), "--candidate-accuracy", bad])
+        assert "--candidate-accuracy" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     python -m zaya.tasks build-data --out build/default-model      # tokenizer/ + train.jsonl
     python -m zaya.tasks test-set --count 200 --out test.jsonl      # held-out problems for zaya eval
+    python -m zaya.tasks self-data --model build/default-model/run3 --out build/default-model/data4
     python -m zaya.tasks train recipes/default-model.toml --stop-after 240   # a run cut short
     python -m zaya.tasks install build/default-model/run            # latest checkpoint -> zaya/assets
 """
@@ -54,7 +55,7 @@ def build_data(args) -> int:
     records = [plain_example(p) for p in plain]
     for p in agg_problems:
         k = args.k if rng.random() < 0.8 else rng.randint(2, args.k)
-        records.append(aggregation_example(p, rng, tails, k=k, tail=args.tail))
+        records.append(aggregation_example(p, rng, tails, k=k, tail=args.tail, q_range=args.candidate_accuracy))
     rng.shuffle(records)
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for r in records:
@@ -64,6 +65,16 @@ def build_data(args) -> int:
           f"train.jsonl: {len(plain)} solve + {len(agg_problems)} aggregation examples; "
           f"test.jsonl: {args.test} held-out problems (levels {list(BUILTIN_LEVELS)})")
     return 0
+
+
+def _unit_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"need 0 <= LO <= HI <= 1, got {text!r}")
+    return lo, hi
 
 
 def _bare(tok):
@@ -84,6 +95,38 @@ def _write_jsonl(path: Path, records) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def self_data(args) -> int:
+    """Solve examples plus self-aggregation examples sampled from a checkpoint (report §IV-B)."""
+    import torch
+
+    import zaya
+    from zaya.rsa import LocalBackend
+    from zaya.tasks.aggregation import self_aggregation_examples
+    from zaya.train.checkpoints import latest_checkpoint
+
+    src = Path(args.model)
+    if (src / "checkpoints").is_dir():
+        src = latest_checkpoint(src) or src
+    torch.manual_seed(args.seed)
+    backend = LocalBackend(zaya.load(src))
+    weights = [float(w) for w in args.level_weights.split(",")]
+    levels = sorted(LEVELS)[:len(weights)]
+    problems = sample_problems(args.count + args.solve, "train", levels, f"self:{args.seed}", weights)
+    rng = random.Random(args.seed)
+    records, stats = self_aggregation_examples(backend, problems[:args.count], rng, k=args.k, tail=args.tail,
+                                               samples=args.samples, per_problem=args.per_problem,
+                                               max_tokens=args.max_tokens, seed=args.seed)
+    records += [plain_example(p) for p in problems[args.count:]]
+    rng.shuffle(records)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "train.jsonl", records)
+    n_agg = args.count * args.per_problem
+    print(f"{src}: {stats['samples']} own samples, {stats['sample_accuracy']:.1%} right; "
+          f"train.jsonl: {n_agg} self-aggregation + {args.solve} solve examples")
+    return 0
 
 
 def write_test_set(args) -> int:
@@ -139,11 +182,26 @@ def main(argv=None) -> int:
     b.add_argument("--level-weights", default="1,2,3,3,3,2", help="weights of levels 1..6")
     b.add_argument("--k", type=int, default=4, help="candidates per aggregation prompt")
     b.add_argument("--tail", type=int, default=64, help="tokens carried per candidate (tau)")
+    b.add_argument("--candidate-accuracy", type=_unit_range, default=(0.15, 0.9), metavar="LO,HI",
+                   help="each aggregation example draws q ~ U(LO, HI); each candidate is right with probability q")
     b.add_argument("--vocab-size", type=int, default=1024)
     b.add_argument("--tokenizer", help="reuse this tokenizer directory instead of training one")
     b.add_argument("--test", type=int, default=500, help="held-out problems in test.jsonl")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=build_data)
+    s = sub.add_parser("self-data", help="self-aggregation data: candidates are a checkpoint's own samples")
+    s.add_argument("--model", required=True, help="a checkpoint directory or a training run's out_dir")
+    s.add_argument("--out", required=True)
+    s.add_argument("--count", type=int, default=3000, help="problems sampled for aggregation examples")
+    s.add_argument("--per-problem", type=int, default=2, help="aggregation prompts per problem")
+    s.add_argument("--samples", type=int, default=8, help="own samples per problem (at temperature 1)")
+    s.add_argument("--solve", type=int, default=3000, help="plain solve examples mixed in")
+    s.add_argument("--level-weights", default="1,1,3,3,3,2", help="weights of levels 1..6")
+    s.add_argument("--k", type=int, default=4, help="candidates per aggregation prompt")
+    s.add_argument("--tail", type=int, default=64, help="tokens carried per candidate (tau)")
+    s.add_argument("--max-tokens", type=int, default=96, help="token budget of each sample")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=self_data)
     t = sub.add_parser("test-set", help="write held-out problems as JSONL (problem, answer)")
     t.add_argument("--out", required=True)
     t.add_argument("--count", type=int, default=200)

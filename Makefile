@@ -40,9 +40,9 @@ DM_STAGE1_STEPS := 240
 DM_STAGE2_STEPS := 2050
 DM_STAGE3_DATA_ARGS := --count 6000 --aggregation 2.0 --seed 1 --test 10 --tokenizer $(DM_DIR)/data/tokenizer
 DM_STAGE3_STEPS := 800
-DM_STAGE4_DATA_ARGS := --count 2000 --aggregation 3.0 --candidate-accuracy 0.6,1.0 --level-weights 1,1,3,3,3,2 \
+DM_STAGE4_DATA_ARGS := --count 2000 --aggregation 4.0 --candidate-accuracy 0.6,1.0 --extra-step --level-weights 1,1,3,3,3,2 \
 	--seed 6 --test 10 --tokenizer $(DM_DIR)/data/tokenizer
-DM_STAGE4_STEPS := 300
+DM_STAGE4_STEPS := 500
 
 .PHONY: default-model eval-default-model
 default-model: venv

@@ -54,12 +54,17 @@ def test_builtin_test_set_is_fixed():
     assert recs[0]["answer"] == str(a[0].answer) and recs[0]["problem"] == a[0].text
 
 
-def test_corruptions_are_wrong_and_carried_forward():
+@pytest.mark.parametrize("extra_step", [False, True])
+def test_corruptions_are_wrong_and_carried_forward(extra_step):
     rng = random.Random(0)
+    extra = 0
     for _ in range(300):
         p = random_problem(rng, rng.choice(sorted(LEVELS)))
-        text, final = corrupted_reasoning(p, rng)
+        text, final = corrupted_reasoning(p, rng, extra_step)
         assert text != reasoning(p)
+        if text.startswith(reasoning(p) + "\n"):  # the whole right chain, then one step too many
+            extra += 1
+            assert len(text.splitlines()) == len(p.ops) + 1
         if final is None:  # a cut-off candidate
             assert text.endswith("...")
             continue
@@ -75,6 +80,7 @@ def test_corruptions_are_wrong_and_carried_forward():
             prev = int(rhs)
         assert slips <= 2  # the mistake, plus a forced one when it cancelled out
         assert prev == final
+    assert (extra > 40) if extra_step else (extra == 0)
 
 
 class _CharTokenizer:

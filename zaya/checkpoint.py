@@ -348,13 +348,30 @@ def native_tensors(source: TensorSource, config: ZayaConfig) -> dict[str, Callab
     return out
 
 
+def _plain_reader(source: TensorSource, config: ZayaConfig):
+    """name -> that tensor read with plain file I/O (not through the mmap), or None when the
+    checkpoint does not hold it under that name (legacy layout)."""
+    from zaya.quant import read_aligned
+
+    def fetch(name: str):
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            name = "model.embed_tokens.weight"
+        file = source.where.get(name)
+        try:
+            return read_aligned(file, name) if file is not None else None
+        except KeyError:  # a dtype plain reads do not handle: use the parameter itself
+            return None
+
+    return fetch
+
+
 def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None
                ) -> tuple[ZayaForCausalLM, ZayaConfig, str]:
     """Build the model on the meta device and assign the checkpoint's tensors to it, strictly.
 
     A checkpoint written by ``zaya quantize`` (a ``quantization`` section in config.json) loads
     its quantized tensors directly; ``quantize`` quantizes a float checkpoint while loading."""
-    from zaya import quant
+    from zaya import packed, quant
 
     config, config_layout = read_config(path)
     source = TensorSource(path)
@@ -423,6 +440,8 @@ def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, qua
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.eval()
+    if not spec and packed.available(dtype, device):
+        packed.pack_model(model, _plain_reader(source, config))
     if spec:
         cpu = device is None or torch.device(device).type == "cpu"
         fetch = (lambda n: quant.read_aligned(source.where[n], n)) if stored and stored.bits == 4 and cpu else None

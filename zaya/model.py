@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zaya import packed as cpu_packed
 from zaya.errors import ConfigError
 
 LAYER_TYPES = ("hybrid", "hybrid_sliding")
@@ -292,13 +293,30 @@ class ZayaCCAProjection(nn.Module):
         CPU for it, this costs a few microseconds. qk (B, C, conv_state_len + 1) -> (B, 1, C)."""
         w0, w1 = self.conv_qk_depthwise, self.conv_qk_grouped
         t0, t1 = w0.kernel_size[0], w1.kernel_size[0]
-        x = qk.float().unfold(-1, t0, 1)                                   # (B, C, t1, t0)
-        dw = (x * w0.weight.float()[:, 0, None, :]).sum(-1) + w0.bias.float()[:, None]  # (B, C, t1)
         G = w1.groups
-        B, C, _ = dw.shape
-        w = w1.weight.float().view(G, C // G, C // G * t1)               # (G, out, in * t1)
-        out = torch.einsum("bgk,gok->bgo", dw.view(B, G, C // G * t1), w).reshape(B, C) + w1.bias.float()
+        C = qk.shape[1]
+        k0, b0, k1, b1 = self._conv_weights_f32()
+        x = qk.float().unfold(-1, t0, 1)                                   # (B, C, t1, t0)
+        dw = (x * k0).sum(-1) + b0                                         # (B, C, t1)
+        B = dw.shape[0]
+        out = torch.einsum("bgk,gok->bgo", dw.view(B, G, C // G * t1), k1).reshape(B, C) + b1
         return out.to(qk.dtype)[:, None]
+
+    def _conv_weights_f32(self):
+        """The conv weights as the one-column path uses them, in fp32: converted once per weight
+        version at inference (a decode step would otherwise convert them for every token)."""
+        w0, w1 = self.conv_qk_depthwise, self.conv_qk_grouped
+        params = (w0.weight, w0.bias, w1.weight, w1.bias)
+        key = tuple((id(p), p._version) for p in params)
+        cached = getattr(self, "_conv_f32", None)
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
+        G, C, t1 = w1.groups, w1.weight.shape[0], w1.kernel_size[0]
+        out = (w0.weight.float()[:, 0, None, :], w0.bias.float()[:, None],
+               w1.weight.float().view(G, C // G, C // G * t1), w1.bias.float())
+        if not torch.is_grad_enabled():
+            self._conv_f32 = (key, tuple(t.detach() for t in out))
+        return out
 
 
 class ZayaQKNorm(nn.Module):
@@ -401,7 +419,13 @@ class ZayaExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, H, I))
 
+    packed: list | None = None  # per-expert prepacked CPU weights (zaya.packed), inference only
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and cpu_packed.usable(x, self.gate_up_proj):
+            gate_up, down = self.packed[e]
+            gate, up = cpu_packed.matmul(x, gate_up).chunk(2, dim=-1)
+            return cpu_packed.matmul(F.silu(gate) * up, down)
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 

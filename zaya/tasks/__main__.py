@@ -55,7 +55,8 @@ def build_data(args) -> int:
     records = [plain_example(p) for p in plain]
     for p in agg_problems:
         k = args.k if rng.random() < 0.8 else rng.randint(2, args.k)
-        records.append(aggregation_example(p, rng, tails, k=k, tail=args.tail, q_range=args.candidate_accuracy))
+        records.append(aggregation_example(p, rng, tails, k=k, tail=args.tail, q_range=args.candidate_accuracy,
+                                           extra_step=args.extra_step))
     rng.shuffle(records)
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for r in records:
@@ -184,6 +185,8 @@ def main(argv=None) -> int:
     b.add_argument("--tail", type=int, default=64, help="tokens carried per candidate (tau)")
     b.add_argument("--candidate-accuracy", type=_unit_range, default=(0.15, 0.9), metavar="LO,HI",
                    help="each aggregation example draws q ~ U(LO, HI); each candidate is right with probability q")
+    b.add_argument("--extra-step", action="store_true",
+                   help="a quarter of the wrong candidates add one step after the last operation")
     b.add_argument("--vocab-size", type=int, default=1024)
     b.add_argument("--tokenizer", help="reuse this tokenizer directory instead of training one")
     b.add_argument("--test", type=int, default=500, help="held-out problems in test.jsonl")

@@ -33,7 +33,8 @@ class Tails(TokenTools):
 
 
 def aggregation_example(problem: Problem, rng: random.Random, tails: Tails, *, k: int, tail: int,
-                        own_samples: list[str] | None = None, q_range=(0.15, 0.9)) -> dict:
+                        own_samples: list[str] | None = None, q_range=(0.15, 0.9),
+                        extra_step: bool = False) -> dict:
     """A chat record: aggregation prompt of ``k`` candidates -> the correct solution. Each
     candidate is right with probability q ~ U(q_range)."""
     q = rng.uniform(*q_range)
@@ -45,7 +46,7 @@ def aggregation_example(problem: Problem, rng: random.Random, tails: Tails, *, k
         if wrong_pool and rng.random() < 0.5:
             cands.append(rng.choice(wrong_pool))
         else:
-            cands.append(corrupted_reasoning(problem, rng)[0])
+            cands.append(corrupted_reasoning(problem, rng, extra_step)[0])
     rng.shuffle(cands)
     prompt = ZYPHRA(problem.text, [tails.tail(c, tail) for c in cands])
     return {"messages": [{"role": "user", "content": prompt}, solution_message(problem)],

@@ -163,16 +163,24 @@ def solution_message(problem: Problem) -> dict:
 
 
 # ------------------------------------------------------------------------------ corruptions
-def corrupted_reasoning(problem: Problem, rng: random.Random) -> tuple[str, int | None]:
+def corrupted_reasoning(problem: Problem, rng: random.Random, extra_step: bool = False) -> tuple[str, int | None]:
     """A plausible wrong chain: one systematic mistake, then correct arithmetic from it.
 
     Mistakes are the ones a small model makes: an off-by-a-digit result (carry slips), a
-    misread operand, a wrong operation, or a dropped step. Later steps carry the error forward,
+    misread operand, a wrong operation, a dropped step, or (with ``extra_step``) one step too
+    many after the last operation (a model that copies chains can forget where they end). Later steps carry the error forward,
     so the chain is self-consistent and wrong (it may leave 0..99, as a model's wrong chain can).
     Returns (reasoning, its final answer); rarely the chain stops early with no answer, like a
     candidate cut off by its budget.
     """
     true = problem.steps()
+    if extra_step and rng.random() < 0.25:
+        a, op, b, r = true[-1]
+        op, b = rng.choice([(op, b), ("+", rng.randint(1, 9)), ("-", rng.randint(1, 9))])
+        if apply(r, op, b) == r:  # 0 * b: the extra step must change the answer
+            op, b = "+", rng.randint(1, 9)
+        steps = true + [(r, op, b, apply(r, op, b))]
+        return format_steps(problem.start, steps, steps[-1][3]), steps[-1][3]
     j = rng.randrange(len(true))
     kind = rng.choice(["slip", "slip", "operand", "op", "skip"])
     steps, v = [], problem.start

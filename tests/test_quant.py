@@ -111,3 +111,20 @@ def test_quantized_checkpoint_is_strict(tmp_path):
     save_file(state, dst / "model.safetensors")
     with pytest.raises(CheckpointError, match="dtype"):
         zaya.load(dst)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40, 130])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quant_matmul_paths_agree(rows, bits):
+    """Few rows go through the packed kernel, many through a copy dequantized for the call
+    (DEQUANT_ROWS): every path computes x @ dequantize(w)^T."""
+    from zaya.quant import QuantWeight
+
+    torch.manual_seed(rows)
+    w = torch.randn(48, 64) * 0.05
+    parts = quantize_tensor(w, QuantSpec(bits, 32), torch.bfloat16)
+    x = torch.randn(rows, 64).bfloat16()
+    got = QuantWeight(*parts, *([None] if bits == 8 else []), torch.bfloat16).matmul(x).float()
+    want = x.float() @ dequantize(*parts, *([None] if bits == 8 else []), torch.float32).T
+    assert got.shape == (rows, 48)
+    assert torch.allclose(got, want, atol=0.02, rtol=0.02)

@@ -30,6 +30,10 @@ from torch import nn
 from zaya.errors import ConfigError
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the CPU kernel accepts
+# The packed int8/int4 kernels cost about M times a GEMV for M rows; from this many rows on
+# (prefill), a GEMM on a copy dequantized for the call is faster (benchmarks/kernels.py: int8
+# crosses over near 25 rows, int4, whose unpacking costs more, near 100).
+DEQUANT_ROWS = {8: 32, 4: 128}
 _TARGETS = re.compile(r"(model\.layers\.\d+\.self_attn\.(qkv_proj\.(q_proj|k_proj|v_proj_current|v_proj_delayed)"
                       r"|o_proj)\.weight|model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)"
                       r"|model\.embed_tokens\.weight|lm_head\.weight)")
@@ -110,13 +114,15 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(qweight, scales, zeros=None, dtype=torch.float32) -> torch.Tensor:
+    # in place after the first conversion: a prefill dequantizes per call, and every fresh
+    # multi-megabyte temporary costs page faults
     if zeros is None:
-        return qweight.to(dtype) * scales.to(dtype)[..., None]
+        return qweight.to(dtype).mul_(scales.to(dtype)[..., None])
     q = unpack_int4(qweight)
-    G = q.shape[-1] // scales.shape[-1]
-    s = scales.to(dtype).repeat_interleave(G, -1)
-    z = zeros.to(dtype).repeat_interleave(G, -1)
-    return (q.to(dtype) - 8) * s + z
+    *lead, N, K = q.shape
+    groups = scales.shape[-1]
+    w = q.view(*lead, N, groups, K // groups).to(dtype)
+    return w.sub_(8).mul_(scales.to(dtype)[..., None]).add_(zeros.to(dtype)[..., None]).view(*lead, N, K)
 
 
 def _pack_int4_cpu(qweight: torch.Tensor) -> torch.Tensor:
@@ -162,6 +168,8 @@ class QuantWeight:
         if not self.fast:
             w = dequantize(self.qweight, self.scales, self.zeros, self.dtype)
             y = F.linear(x2, w)
+        elif x2.shape[0] >= DEQUANT_ROWS[4 if self.zeros is not None else 8]:  # a prefill: one GEMM wins
+            y = F.linear(x2, dequantize(self.qweight, self.scales, self.zeros, self.dtype))
         elif self.zeros is None:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
         else:

@@ -1,0 +1,82 @@
+"""The matmul kernels zaya chooses between on CPU, timed side by side on one weight shape.
+
+    python benchmarks/kernels.py                         # N=2048, K=1024 (a mini expert's gate_up)
+    python benchmarks/kernels.py --n 32768 --k 1024      # the mini LM head
+    python benchmarks/kernels.py --threads 1
+
+For each number of rows M (1 = batch-1 decode, 8 = batch-8 decode, 512 = prefill) it prints the
+median time of: bf16 ``F.linear`` (what eager PyTorch and transformers run), bf16 with the weight
+prepacked once (``zaya.packed``), the int8 and int4 kernels, int8 and int4 dequantized to bf16
+for the call, and the achieved GB/s of weight bytes for the bf16 paths. zaya's switch from the
+kernels to a dequantized copy (``zaya.quant.DEQUANT_ROWS``) comes from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn, repeat: int) -> float:
+    for _ in range(3):
+        fn()
+    runs = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t)
+    return statistics.median(runs)
+
+
+def main(argv=None) -> int:
+    from zaya import packed
+    from zaya.quant import QuantSpec, QuantWeight, dequantize, quantize_tensor
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--rows", default="1,2,4,8,16,64,512")
+    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    w = torch.randn(args.n, args.k).mul_(0.02).bfloat16()
+    pw = packed.pack(w) if packed.available(torch.bfloat16, "cpu") else None
+    q8, s8 = quantize_tensor(w, QuantSpec(8), torch.bfloat16)
+    s8 = s8.contiguous()
+    q4 = quantize_tensor(w, QuantSpec(4, 64), torch.bfloat16)
+    i4 = QuantWeight(*q4, torch.bfloat16)
+    mb = args.n * args.k * 2 / 1e6
+    print(f"weight {args.n}x{args.k} ({mb:.1f} MB in bf16), {torch.get_num_threads()} threads; median microseconds")
+    cols = ["bf16 linear", "bf16 packed", "int8 kernel", "int8 dequant", "int4 kernel", "int4 dequant",
+            "GB/s linear", "GB/s packed"]
+    print(f"{'M':>5} " + " ".join(f"{c:>15}" for c in cols))
+    for M in (int(r) for r in args.rows.split(",")):
+        x = torch.randn(M, args.k).bfloat16()
+        t = {
+            "bf16 linear": timed(lambda: F.linear(x, w), args.repeat),
+            "bf16 packed": timed(lambda: packed.matmul(x, pw), args.repeat) if pw is not None else float("nan"),
+            "int8 kernel": timed(lambda: torch.ops.aten._weight_int8pack_mm(x, q8, s8), args.repeat),
+            "int8 dequant": timed(lambda: F.linear(x, dequantize(q8, s8, None, torch.bfloat16)), args.repeat),
+            "int4 kernel": timed(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x, i4.packed, i4.group, i4.scale_zeros), args.repeat),
+            "int4 dequant": timed(lambda: F.linear(x, dequantize(*q4, torch.bfloat16)), args.repeat),
+        }
+        t["GB/s linear"] = mb / 1e3 / t["bf16 linear"]
+        t["GB/s packed"] = mb / 1e3 / t["bf16 packed"]
+        print(f"{M:>5} " + " ".join(f"{(v if c.startswith('GB/s') else v * 1e6):>15.1f}" for c, v in t.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,19 +30,16 @@ bench: venv
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# The built-in model (zaya/assets/zaya-tiny): tokenizer + data, four training stages from
+# The built-in model (zaya/assets/zaya-tiny): tokenizer + data, three training stages from
 # scratch (recipes/default-model*.toml; the shipped run took about 45 minutes on 2 shared CPU
 # cores), then the last checkpoint is installed. Stage 1 was stopped after step 240 of its
-# 400-step cosine schedule; stages 2-4 run at a constant LR, so their lengths fix the result.
+# 400-step cosine schedule; stages 2 and 3 run at a constant LR, so their lengths fix the result.
 DM_DIR := build/default-model
 DM_DATA_ARGS := --count 24000 --aggregation 0.35 --vocab-size 1024 --seed 0
 DM_STAGE1_STEPS := 240
 DM_STAGE2_STEPS := 2050
 DM_STAGE3_DATA_ARGS := --count 6000 --aggregation 2.0 --seed 1 --test 10 --tokenizer $(DM_DIR)/data/tokenizer
 DM_STAGE3_STEPS := 800
-DM_STAGE4_DATA_ARGS := --count 2000 --aggregation 4.0 --candidate-accuracy 0.6,1.0 --extra-step --level-weights 1,1,3,3,3,2 \
-	--seed 6 --test 10 --tokenizer $(DM_DIR)/data/tokenizer
-DM_STAGE4_STEPS := 500
 
 .PHONY: default-model eval-default-model
 default-model: venv
@@ -53,10 +50,7 @@ default-model: venv
 	$(BIN)/python -m zaya.tasks build-data --out $(DM_DIR)/data3 $(DM_STAGE3_DATA_ARGS)
 	rm -rf $(DM_DIR)/run3
 	$(BIN)/python -m zaya.tasks train recipes/default-model-stage3.toml --set train.steps=$(DM_STAGE3_STEPS)
-	$(BIN)/python -m zaya.tasks build-data --out $(DM_DIR)/data4 $(DM_STAGE4_DATA_ARGS)
-	rm -rf $(DM_DIR)/run4
-	$(BIN)/python -m zaya.tasks train recipes/default-model-stage4.toml --set train.steps=$(DM_STAGE4_STEPS)
-	$(BIN)/python -m zaya.tasks install $(DM_DIR)/run4
+	$(BIN)/python -m zaya.tasks install $(DM_DIR)/run3
 
 # The accuracies quoted in the README: 200 held-out problems, temperature 1.0.
 eval-default-model: venv

@@ -353,12 +353,20 @@ def _plain_reader(source: TensorSource, config: ZayaConfig):
     checkpoint does not hold it under that name (legacy layout)."""
     from zaya.quant import read_aligned
 
-    def fetch(name: str):
+    buffers: dict = {}  # one reusable buffer per expert matrix shape: no allocation churn
+
+    def fetch(name: str, index: int | None = None):
         if name == "lm_head.weight" and config.tie_word_embeddings:
             name = "model.embed_tokens.weight"
         file = source.where.get(name)
+        kind = name.rsplit(".", 1)[-1] if index is not None else None
         try:
-            return read_aligned(file, name) if file is not None else None
+            if file is None:
+                return None
+            t = read_aligned(file, name, index, buffers.get(kind))
+            if kind is not None:
+                buffers[kind] = t
+            return t
         except KeyError:  # a dtype plain reads do not handle: use the parameter itself
             return None
 

@@ -66,15 +66,19 @@ class PackedLinear(nn.Linear):
 
 
 @torch.no_grad()
-def pack_model(model: nn.Module, fetch: Callable[[str], torch.Tensor | None] | None = None) -> int:
+def pack_model(model: nn.Module, fetch: Callable[..., torch.Tensor | None] | None = None) -> int:
     """Pack the bf16 linears and experts of ``model`` in place; returns the bytes packed.
 
-    ``fetch(name)`` may return the named parameter's values read into fresh memory (or None)."""
+    ``fetch(name, index=None)`` may return the named parameter's values (``[index]`` of it when
+    given) read into fresh memory, or None. Experts are read one at a time, so loading never holds
+    more than one expert's matrix beyond the packed copies."""
     from zaya.model import ZayaExperts
 
-    def source(name: str, param: torch.Tensor) -> torch.Tensor:
-        t = fetch(name) if fetch is not None else None
-        return param if t is None else t.to(torch.bfloat16)
+    def source(name: str, param: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        t = fetch(name, index) if fetch is not None else None
+        if t is None:
+            return param if index is None else param[index]
+        return t.to(torch.bfloat16)
 
     total = 0
     for name, module in model.named_modules():
@@ -84,8 +88,20 @@ def pack_model(model: nn.Module, fetch: Callable[[str], torch.Tensor | None] | N
             total += module.weight.numel() * 2
         elif isinstance(module, ZayaExperts) and isinstance(module.gate_up_proj, torch.Tensor) \
                 and module.gate_up_proj.dtype == torch.bfloat16 and module.gate_up_proj.device.type == "cpu":
-            gate_up = source(f"{name}.gate_up_proj", module.gate_up_proj)
-            down = source(f"{name}.down_proj", module.down_proj)
-            module.packed = [(pack(gate_up[e]), pack(down[e])) for e in range(module.num_experts)]
+            module.packed = [(pack(source(f"{name}.gate_up_proj", module.gate_up_proj, e)),
+                              pack(source(f"{name}.down_proj", module.down_proj, e)))
+                             for e in range(module.num_experts)]
             total += (module.gate_up_proj.numel() + module.down_proj.numel()) * 2
+    _release_free_heap()
     return total
+
+
+def _release_free_heap() -> None:
+    """Hand the temporaries' freed heap pages back to the OS (glibc keeps them otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

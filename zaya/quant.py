@@ -327,8 +327,10 @@ def prepare(model: nn.Module, dtype: torch.dtype, fetch=None) -> nn.Module:
     return model
 
 
-def read_aligned(file, name: str) -> torch.Tensor:
-    """One tensor of a safetensors file read with plain file I/O into fresh, 64-byte aligned memory."""
+def read_aligned(file, name: str, index: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file (or with ``index``, its slice ``[index]`` along the first
+    dimension) read with plain file I/O into fresh, 64-byte aligned memory (or into ``out`` when
+    it has the right shape and dtype: a buffer reused across reads)."""
     import json
     import struct
 
@@ -338,7 +340,14 @@ def read_aligned(file, name: str) -> torch.Tensor:
         (n,) = struct.unpack("<Q", f.read(8))
         meta = json.loads(f.read(n))[name]
         begin, end = meta["data_offsets"]
-        out = torch.empty(meta["shape"], dtype=dtypes[meta["dtype"]])
+        shape = meta["shape"]
+        if index is not None:
+            if not 0 <= index < shape[0]:
+                raise IndexError(f"{name} has {shape[0]} rows along its first dimension, asked for {index}")
+            step = (end - begin) // shape[0]
+            begin, end, shape = begin + index * step, begin + (index + 1) * step, shape[1:]
+        if out is None or list(out.shape) != list(shape) or out.dtype != dtypes[meta["dtype"]]:
+            out = torch.empty(shape, dtype=dtypes[meta["dtype"]])
         f.seek(8 + n + begin)
         view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
         if f.readinto(view) != end - begin:

@@ -3,12 +3,17 @@
     python benchmarks/kernels.py                         # N=2048, K=1024 (a mini expert's gate_up)
     python benchmarks/kernels.py --n 32768 --k 1024      # the mini LM head
     python benchmarks/kernels.py --threads 1
+    python benchmarks/kernels.py --attention             # decode attention against the cache length
 
 For each number of rows M (1 = batch-1 decode, 8 = batch-8 decode, 512 = prefill) it prints the
 median time of: bf16 ``F.linear`` (what eager PyTorch and transformers run), bf16 with the weight
 prepacked once (``zaya.packed``), the int8 and int4 kernels, int8 and int4 dequantized to bf16
 for the call, and the achieved GB/s of weight bytes for the bf16 paths. zaya's switch from the
 kernels to a dequantized copy (``zaya.quant.DEQUANT_ROWS``) comes from here.
+
+``--attention`` times one decode step's attention (8 query heads, 2 KV heads of 128, bf16 cache)
+through PyTorch's SDPA and through ``zaya.model.decode_attention`` for growing cache lengths
+(``zaya.model.DECODE_ATTENTION_MIN_KEYS`` comes from here).
 """
 
 from __future__ import annotations
@@ -46,9 +51,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="1,2,4,8,16,64,512")
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--attention", action="store_true", help="time decode attention instead")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.attention:
+        return attention(args.repeat)
     torch.manual_seed(0)
     w = torch.randn(args.n, args.k).mul_(0.02).bfloat16()
     pw = packed.pack(w) if packed.available(torch.bfloat16, "cpu") else None
@@ -75,6 +83,19 @@ def main(argv=None) -> int:
         t["GB/s linear"] = mb / 1e3 / t["bf16 linear"]
         t["GB/s packed"] = mb / 1e3 / t["bf16 packed"]
         print(f"{M:>5} " + " ".join(f"{(v if c.startswith('GB/s') else v * 1e6):>15.1f}" for c, v in t.items()))
+    return 0
+
+
+def attention(repeat: int) -> int:
+    from zaya.model import decode_attention
+
+    print(f"decode attention, 8 query / 2 KV heads of 128, bf16, {torch.get_num_threads()} threads; median us")
+    print(f"{'keys':>6} {'sdpa':>10} {'zaya':>10}")
+    for L in (32, 64, 128, 256, 1024, 4096):
+        q, k, v = (torch.randn(1, h, n, 128).bfloat16() for h, n in ((8, 1), (2, L), (2, L)))
+        a = timed(lambda: F.scaled_dot_product_attention(q, k, v, scale=0.088, enable_gqa=True), repeat)
+        b = timed(lambda: decode_attention(q, k, v, None, 0.088), repeat)
+        print(f"{L:>6} {a * 1e6:>10.1f} {b * 1e6:>10.1f}")
     return 0
 
 

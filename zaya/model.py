@@ -364,9 +364,31 @@ class ZayaAttention(nn.Module):
             k, v = cache.write_kv(self.layer_idx, k, v, start=ctx.write_start, kv_len=ctx.kv_len)
         mask = ctx.mask(self.sliding_window)
         causal = isinstance(mask, str)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                           scale=self.head_dim ** -0.5, enable_gqa=q.shape[1] != k.shape[1])
+        if S == 1 and k.shape[2] > DECODE_ATTENTION_MIN_KEYS and q.dtype != torch.float32 and q.device.type == "cpu":
+            o = decode_attention(q, k, v, mask, self.head_dim ** -0.5)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                               scale=self.head_dim ** -0.5, enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+# PyTorch's CPU flash-attention kernel in bf16 costs about 1 us per cached key and head group at
+# decode (one query row); above this many keys two fp32 matmuls and a softmax are faster and at
+# least as precise (benchmarks/kernels.py --attention).
+DECODE_ATTENTION_MIN_KEYS = 128
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """One query row per sequence: q (B, Hq, 1, D), k/v (B, Hkv, L, D), mask None or bool
+    (B, 1, 1, L). Computed in fp32, returned in q's dtype."""
+    B, Hq, _, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    scores = torch.matmul(q.float().view(B, Hkv, Hq // Hkv, D), k.float().transpose(-1, -2)).mul_(scale)
+    if mask is not None:
+        scores.masked_fill_(~mask.view(B, 1, 1, L), float("-inf"))
+    out = torch.matmul(scores.softmax(-1), v.float())                 # (B, Hkv, G, D)
+    return out.view(B, Hq, 1, D).to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------- MoE

@@ -1,4 +1,5 @@
-"""Prepacked bf16 CPU weights (zaya.packed): same numbers as F.linear, ordinary state_dict, grads."""
+"""CPU fast paths: prepacked bf16 weights (zaya.packed: same numbers as F.linear, ordinary
+state_dict, grads still work) and the fp32 decode attention used for long caches."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from tiny_model import make_tiny_model_dir
 from zaya import packed
 from zaya.packed import PackedLinear
 
-pytestmark = pytest.mark.skipif(not packed.available(torch.bfloat16, "cpu"),
-                                reason="oneDNN packed bf16 linear not available in this torch build")
+needs_packing = pytest.mark.skipif(not packed.available(torch.bfloat16, "cpu"),
+                                   reason="oneDNN packed bf16 linear not available in this torch build")
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,7 @@ def _load(model_dir, monkeypatch, on: bool):
     return zaya.load(model_dir, dtype="bf16")
 
 
+@needs_packing
 def test_packed_model_matches_plain_bit_for_bit(model_dir, monkeypatch):
     fast, plain = _load(model_dir, monkeypatch, True), _load(model_dir, monkeypatch, False)
     assert isinstance(fast.model.lm_head, PackedLinear) and fast.model.model.layers[0].mlp.experts.packed
@@ -39,6 +41,7 @@ def test_packed_model_matches_plain_bit_for_bit(model_dir, monkeypatch):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@needs_packing
 def test_packed_model_still_trains(model_dir, monkeypatch):
     model = _load(model_dir, monkeypatch, True).model
     model.train()
@@ -53,3 +56,35 @@ def test_packed_model_still_trains(model_dir, monkeypatch):
 def test_packing_is_off_for_other_dtypes():
     assert not packed.available(torch.float32, "cpu")
     assert not packed.available(torch.bfloat16, "meta")
+
+
+@pytest.mark.parametrize("L,masked", [(5, False), (300, False), (300, True)])
+def test_decode_attention_matches_sdpa(L, masked):
+    import torch.nn.functional as F
+
+    from zaya.model import decode_attention
+
+    g = torch.Generator().manual_seed(L)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((6, 1), (2, L), (2, L)))
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 1, L, generator=g) > 0.4
+        mask[..., -1] = True
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    assert torch.allclose(decode_attention(q, k, v, mask, 0.25), want, atol=1e-5)
+    got16 = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 0.25)
+    assert got16.dtype == torch.bfloat16 and torch.allclose(got16.float(), want, atol=2e-2)
+
+
+def test_long_bf16_decode_matches_full_forward(model_dir):
+    """Past DECODE_ATTENTION_MIN_KEYS cached tokens, cached decode still equals a full forward."""
+    from zaya.model import DECODE_ATTENTION_MIN_KEYS
+
+    llm = zaya.load(model_dir, dtype="bf16")
+    n = DECODE_ATTENTION_MIN_KEYS + 20
+    ids = torch.randint(3, llm.model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(2))
+    out = llm.generate([ids[0].tolist()], max_new_tokens=6, temperature=0, ignore_eos=True)[0]
+    full = torch.tensor([ids[0].tolist() + out.token_ids[:-1]])
+    with torch.inference_mode():
+        greedy = llm.model(full)[0, n - 1:].float().argmax(-1).tolist()
+    assert greedy == out.token_ids

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--runners", default="transformers,bf16,int8,int4")
-    ap.add_argument("--workloads", default="decode_b1,decode_b8,prefill_512")
+    ap.add_argument("--workloads", default="decode_b1,decode_b8,decode_b1_ctx1024,prefill_512")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--no-rss", action="store_true")
     ap.add_argument("--threads", type=int, default=0,
@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     workloads = {
         "decode_b1": lambda r, s: r.decode(1, 32, args.new_tokens, s),
         "decode_b8": lambda r, s: r.decode(8, 32, args.new_tokens, s),
+        "decode_b1_ctx1024": lambda r, s: r.decode(1, 1024, args.new_tokens, s),
         "prefill_512": lambda r, s: r.prefill(512, s),
     }
     chosen = args.workloads.split(",")
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
         print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
     results = {"shape": args.shape, "rounds": args.rounds, "threads": torch.get_num_threads(), "tok_s": {}, "ratio_vs_transformers": {}}
     print(f"\n{args.shape}: median tok/s over {args.rounds} alternated rounds (ratio = zaya / transformers bf16)")
-    print(f"{'workload':<12}" + "".join(f"{n:>22}" for n in runners))
+    print(f"{'workload':<18}" + "".join(f"{n:>22}" for n in runners))
     for w in chosen:
         med = {n: statistics.median(samples[(w, n)]) for n in runners}
         results["tok_s"][w] = med
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
             ratio = med[n] / base if base else None
             results["ratio_vs_transformers"].setdefault(w, {})[n] = ratio
             cells.append(f"{med[n]:9.1f}" + (f" ({ratio:5.2f}x)" if ratio and n != "transformers" else " " * 9))
-        print(f"{w:<12}" + "".join(f"{c:>22}" for c in cells))
+        print(f"{w:<18}" + "".join(f"{c:>22}" for c in cells))
     if "bf16" in runners:
         from zaya.bench import measure_bandwidth, weight_bytes_per_token
 

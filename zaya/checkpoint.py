@@ -448,7 +448,7 @@ def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, qua
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.eval()
-    if not spec and packed.available(dtype, device):
+    if packed.available(dtype, device):  # the float linears (in a quantized model: the router's)
         packed.pack_model(model, _plain_reader(source, config))
     if spec:
         cpu = device is None or torch.device(device).type == "cpu"

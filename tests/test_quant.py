@@ -128,3 +128,17 @@ def test_quant_matmul_paths_agree(rows, bits):
     want = x.float() @ dequantize(*parts, *([None] if bits == 8 else []), torch.float32).T
     assert got.shape == (rows, 48)
     assert torch.allclose(got, want, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_at_load_in_row_blocks_matches_whole_tensors(tmp_path, monkeypatch, bits):
+    """Large tensors are quantized in row blocks read with pread; the last block is shorter
+    (vocab 512 rows in blocks of 3 here, as ZAYA1-8B's 262,272-row table is in 8,192-row blocks)."""
+    import zaya.quant as quant
+
+    src = make_tiny_model_dir(tmp_path / "m", **QUANT)
+    ids = torch.randint(3, 512, (1, 10), generator=torch.Generator().manual_seed(3))
+    whole = zaya.load(src, quantize=f"int{bits}:32").logits(ids)
+    monkeypatch.setattr(quant, "PREAD_BLOCK_ELEMENTS", 3 * QUANT["hidden_size"])
+    blocks = zaya.load(src, quantize=f"int{bits}:32").logits(ids)
+    assert torch.equal(whole, blocks)

@@ -355,6 +355,9 @@ def read_aligned(file, name: str, index: int | None = None, out: torch.Tensor | 
     return out
 
 
+PREAD_BLOCK_ELEMENTS = 1 << 24  # large 2-D tensors are quantized in row blocks of about this size
+
+
 class PreadReader:
     """Reads tensors to be quantized with pread(2) instead of through the mmap, so the float pages
     never become resident: peak memory while quantizing at load is the quantized model plus one
@@ -379,10 +382,11 @@ class PreadReader:
         if handle is None:
             return quantize_tensor(load(), spec, scale_dtype)
         shape = handle.get_slice(name).get_shape()
-        if len(shape) != 2 or shape[0] * shape[1] < (1 << 24):
+        if len(shape) != 2 or shape[0] * shape[1] < PREAD_BLOCK_ELEMENTS:
             return quantize_tensor(handle.get_tensor(name), spec, scale_dtype)
-        step = max(1, (1 << 24) // shape[1])
-        parts = [quantize_tensor(handle.get_slice(name)[i:i + step], spec, scale_dtype)
+        step = max(1, PREAD_BLOCK_ELEMENTS // shape[1])
+        # safetensors slices do not clamp at the end: the last block is cut to the rows left
+        parts = [quantize_tensor(handle.get_slice(name)[i:min(i + step, shape[0])], spec, scale_dtype)
                  for i in range(0, shape[0], step)]
         return [torch.cat(p) for p in zip(*parts)]
 

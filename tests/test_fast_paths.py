@@ -88,3 +88,22 @@ def test_long_bf16_decode_matches_full_forward(model_dir):
     with torch.inference_mode():
         greedy = llm.model(full)[0, n - 1:].float().argmax(-1).tolist()
     assert greedy == out.token_ids
+
+
+@needs_packing
+def test_large_linears_pack_in_row_blocks(model_dir, monkeypatch):
+    """A matrix above PACK_BLOCK_BYTES is packed and multiplied in row blocks, with the same
+    numbers (the head here: vocab 512 in blocks of 48 rows, bias included)."""
+    import zaya.packed as packed_mod
+
+    plain = _load(model_dir, monkeypatch, False)
+    monkeypatch.setattr(packed_mod, "PACK_BLOCK_BYTES", 48 * 2 * plain.model.config.hidden_size)
+    fast = _load(model_dir, monkeypatch, True)
+    assert len(fast.model.lm_head.packed) == -(-plain.model.config.vocab_size // 48)
+    ids = torch.randint(3, plain.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        assert torch.equal(fast.model(ids), plain.model(ids))
+    lin = torch.nn.Linear(64, 100, bias=True).bfloat16()
+    ref = lin(torch.ones(3, 64, dtype=torch.bfloat16))
+    packed_mod.pack_model(torch.nn.Sequential(lin))
+    assert len(lin.packed) == 3 and torch.equal(lin(torch.ones(3, 64, dtype=torch.bfloat16)), ref)

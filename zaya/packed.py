@@ -54,14 +54,21 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         torch.is_grad_enabled() and weight.requires_grad)
 
 
-class PackedLinear(nn.Linear):
-    """An ``nn.Linear`` (same parameters, same state_dict) that multiplies by a packed copy."""
+# A matrix larger than this (a 262k-token LM head is 1 GB) is packed in row blocks: loading then
+# holds one block beyond the packed copies, and the blocks' products are concatenated.
+PACK_BLOCK_BYTES = 64 << 20
 
-    packed: torch.Tensor | None = None
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same state_dict) that multiplies by packed row blocks."""
+
+    packed: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # (block, its bias rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and usable(x, self.weight):
-            return matmul(x, self.packed, self.bias)
+            if len(self.packed) == 1:
+                return matmul(x, *self.packed[0])
+            return torch.cat([matmul(x, w, b) for w, b in self.packed], dim=-1)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -74,7 +81,7 @@ def pack_model(model: nn.Module, fetch: Callable[..., torch.Tensor | None] | Non
     more than one expert's matrix beyond the packed copies."""
     from zaya.model import ZayaExperts
 
-    def source(name: str, param: torch.Tensor, index: int | None = None) -> torch.Tensor:
+    def source(name: str, param: torch.Tensor, index: int | slice | None = None) -> torch.Tensor:
         t = fetch(name, index) if fetch is not None else None
         if t is None:
             return param if index is None else param[index]
@@ -83,8 +90,13 @@ def pack_model(model: nn.Module, fetch: Callable[..., torch.Tensor | None] | Non
     total = 0
     for name, module in model.named_modules():
         if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
+            N, K = module.weight.shape
+            rows = max(16, PACK_BLOCK_BYTES // (2 * K) // 16 * 16)
             module.__class__ = PackedLinear
-            module.packed = pack(source(f"{name}.weight", module.weight))
+            blocks = [slice(i, min(i + rows, N)) for i in range(0, N, rows)]
+            module.packed = [(pack(source(f"{name}.weight", module.weight, b if len(blocks) > 1 else None)),
+                              None if module.bias is None else module.bias.detach()[b])
+                             for b in blocks]
             total += module.weight.numel() * 2
         elif isinstance(module, ZayaExperts) and isinstance(module.gate_up_proj, torch.Tensor) \
                 and module.gate_up_proj.dtype == torch.bfloat16 and module.gate_up_proj.device.type == "cpu":

@@ -327,10 +327,10 @@ def prepare(model: nn.Module, dtype: torch.dtype, fetch=None) -> nn.Module:
     return model
 
 
-def read_aligned(file, name: str, index: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor of a safetensors file (or with ``index``, its slice ``[index]`` along the first
-    dimension) read with plain file I/O into fresh, 64-byte aligned memory (or into ``out`` when
-    it has the right shape and dtype: a buffer reused across reads)."""
+def read_aligned(file, name: str, index: int | slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file (or with ``index``, its ``[index]`` along the first
+    dimension: one position or a step-1 slice) read with plain file I/O into fresh, 64-byte
+    aligned memory (or into ``out`` when it has the right shape and dtype: a reused buffer)."""
     import json
     import struct
 
@@ -342,10 +342,12 @@ def read_aligned(file, name: str, index: int | None = None, out: torch.Tensor | 
         begin, end = meta["data_offsets"]
         shape = meta["shape"]
         if index is not None:
-            if not 0 <= index < shape[0]:
+            lo, hi, stride = index.indices(shape[0]) if isinstance(index, slice) else (index, index + 1, 1)
+            if stride != 1 or not 0 <= lo < hi <= shape[0]:
                 raise IndexError(f"{name} has {shape[0]} rows along its first dimension, asked for {index}")
-            step = (end - begin) // shape[0]
-            begin, end, shape = begin + index * step, begin + (index + 1) * step, shape[1:]
+            row = (end - begin) // shape[0]
+            begin, end = begin + lo * row, begin + hi * row
+            shape = [hi - lo, *shape[1:]] if isinstance(index, slice) else shape[1:]
         if out is None or list(out.shape) != list(shape) or out.dtype != dtypes[meta["dtype"]]:
             out = torch.empty(shape, dtype=dtypes[meta["dtype"]])
         f.seek(8 + n + begin)

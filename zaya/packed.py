@@ -104,11 +104,12 @@ def pack_model(model: nn.Module, fetch: Callable[..., torch.Tensor | None] | Non
                               pack(source(f"{name}.down_proj", module.down_proj, e)))
                              for e in range(module.num_experts)]
             total += (module.gate_up_proj.numel() + module.down_proj.numel()) * 2
-    _release_free_heap()
+            release_free_heap()
+    release_free_heap()
     return total
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Hand the temporaries' freed heap pages back to the OS (glibc keeps them otherwise)."""
     import ctypes
     import ctypes.util

@@ -125,19 +125,27 @@ def dequantize(qweight, scales, zeros=None, dtype=torch.float32) -> torch.Tensor
     return w.sub_(8).mul_(scales.to(dtype)[..., None]).add_(zeros.to(dtype)[..., None]).view(*lead, N, K)
 
 
-def _pack_int4_cpu(qweight: torch.Tensor) -> torch.Tensor:
-    """Portable (N, K/2) -> the CPU kernel's layout, in row blocks so the int32 temporary stays small."""
+def _pack_int4_cpu(qweight, width: int) -> torch.Tensor:
+    """Portable (N, K/2) -> the CPU kernel's layout, in row blocks so the int32 temporary stays
+    small. ``qweight`` is a tensor or a ``FileRows`` (then only a block is ever read)."""
     N = qweight.shape[0]
-    rows = max(64, (1 << 22) // max(1, qweight.shape[1]) // 64 * 64)  # ~16 MB of int32 at a time
-    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-        unpack_int4(qweight[i:i + rows]).to(torch.int32).contiguous(), 1) for i in range(0, N, rows)])
+    rows = max(64, (1 << 22) // max(1, width) // 64 * 64)  # ~16 MB of int32 at a time
+    out = None
+    for i in range(0, N, rows):  # written into one preallocated tensor: no second full copy
+        block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            unpack_int4(qweight[i:i + rows]).to(torch.int32).contiguous(), 1)
+        if out is None:
+            out = torch.empty((N, *block.shape[1:]), dtype=block.dtype)
+        out[i:i + block.shape[0]] = block
+    return out
 
 
 class QuantWeight:
     """One quantized matrix (N, K) and the fastest way to multiply by it on its device."""
 
     def __init__(self, qweight, scales, zeros, dtype, source=None):
-        """``source``: the same bytes as ``qweight`` in fresh memory (to pack without paging in an mmap)."""
+        """``source``: the same bytes as ``qweight`` in fresh memory or as a ``FileRows`` (to pack
+        without paging in an mmap)."""
         if qweight.device.type == "cpu" and qweight.data_ptr() % 64 and zeros is None:
             qweight = qweight.clone()  # the packed kernels use aligned vector loads; safetensors aligns to 8
         self.qweight, self.zeros, self.dtype = qweight, zeros, dtype
@@ -156,7 +164,7 @@ class QuantWeight:
             self.group = G
             self.fast = cpu and _HAS_INT4_KERNEL and G in INT4_GROUPS and self.N % 16 == 0 and self.K % 2 == 0
             if self.fast:
-                self.packed = _pack_int4_cpu(qweight if source is None else source)
+                self.packed = _pack_int4_cpu(qweight if source is None else source, qweight.shape[1])
                 self.scale_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).to(dtype).contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -315,15 +323,20 @@ def prepare(model: nn.Module, dtype: torch.dtype, fetch=None) -> nn.Module:
     ``fetch(name)``, when given, returns a buffer's bytes read into fresh memory: int4 weights are
     repacked from it, so their mmap'd portable copy is never paged in (only the embedding rows a
     lookup touches are)."""
+    from zaya.packed import release_free_heap
+
     for name, m in model.named_modules():
         if isinstance(m, (QuantLinear, QuantEmbedding, _ExpertStack)):
             own = fetch is not None and m.zeros is not None and not isinstance(m, QuantEmbedding)
             m.prepare(dtype, fetch(f"{name}.qweight") if own else None)
+            if own:
+                release_free_heap()  # the fetched copy and repacking temporaries, before the next
     for name, m in model.named_modules():
         if isinstance(m, TiedQuantHead):  # after the embedding, whose dtype it follows
             e = m._embedding[0]
             src = fetch("model.embed_tokens.qweight") if fetch is not None and e.zeros is not None else None
             m.prepare(dtype, src)
+    release_free_heap()
     return model
 
 
@@ -355,6 +368,28 @@ def read_aligned(file, name: str, index: int | slice | None = None, out: torch.T
         if f.readinto(view) != end - begin:
             raise OSError(f"{file} is truncated in tensor {name}")
     return out
+
+
+class FileRows:
+    """A tensor of a safetensors file, read on demand: ``rows[i:j]`` and ``rows[e]`` (also by
+    iterating) read just those rows with plain file I/O. Repacking int4 weights from it never
+    holds more than a block of the source in memory."""
+
+    def __init__(self, file, name: str, rows: int):
+        self.file, self.name, self.rows = file, name, rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, index):
+        return read_aligned(self.file, self.name, index)
+
+    def __iter__(self):
+        return (self[i] for i in range(self.rows))
+
+    @property
+    def shape(self):
+        return (self.rows,)
 
 
 PREAD_BLOCK_ELEMENTS = 1 << 24  # large 2-D tensors are quantized in row blocks of about this size

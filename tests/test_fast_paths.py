@@ -29,6 +29,7 @@ def _load(model_dir, monkeypatch, on: bool):
 def test_packed_model_matches_plain_bit_for_bit(model_dir, monkeypatch):
     fast, plain = _load(model_dir, monkeypatch, True), _load(model_dir, monkeypatch, False)
     assert isinstance(fast.model.lm_head, PackedLinear) and fast.model.model.layers[0].mlp.experts.packed
+    assert fast.model.model.layers[0].self_attn.qkv_proj.packed_qkv is not None  # q, k, v fused
     assert not isinstance(plain.model.lm_head, PackedLinear) and plain.model.model.layers[0].mlp.experts.packed is None
     ids = torch.randint(3, fast.model.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

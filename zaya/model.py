@@ -226,6 +226,8 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 class ZayaCCAProjection(nn.Module):
     """q/k/v for one layer: projections, causal two-stage conv on q‖k, GQA mean mix, value delay."""
 
+    packed_qkv: tuple | None = None  # the four projections as one prepacked CPU matrix (zaya.packed)
+
     def __init__(self, config: ZayaConfig):
         super().__init__()
         c = config
@@ -250,8 +252,16 @@ class ZayaCCAProjection(nn.Module):
         Returns query (B, S, Hq, D), key (B, S, Hkv, D), value (B, S, Hkv, D) and the new states.
         """
         B, S, _ = x.shape
-        q_raw, k_raw = self.q_proj(x), self.k_proj(x)
-        qk = torch.cat([q_raw, k_raw], dim=-1)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.packed_qkv is not None and cpu_packed.usable(x, self.q_proj.weight):
+            qkv = cpu_packed.matmul(x, *self.packed_qkv)  # [q | k | v current | v delayed]
+            qk = qkv[..., :q_size + kv_size]
+            q_raw, k_raw = qk[..., :q_size], qk[..., q_size:]
+            v_cur, v_del = qkv[..., q_size + kv_size:].chunk(2, dim=-1)
+        else:
+            q_raw, k_raw = self.q_proj(x), self.k_proj(x)
+            qk = torch.cat([q_raw, k_raw], dim=-1)
+            v_cur, v_del = self.v_proj_current(x), self.v_proj_delayed(x)
 
         # GQA-aware mean mix of the pre-conv values: every query head gets (q_h + k_g(h)) / 2 and each
         # key head the mean of that over its query group.
@@ -271,12 +281,9 @@ class ZayaCCAProjection(nn.Module):
             mixed = self._conv_one_column(qk)  # (B, 1, C)
         else:
             mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk)).transpose(1, 2)  # (B, S, C)
-        q_size = self.num_heads * self.head_dim
         query = mixed[..., :q_size].reshape(B, S, self.num_heads, self.head_dim) + q_res
         key = mixed[..., q_size:].reshape(B, S, self.num_kv_heads, self.head_dim) + k_res
 
-        v_cur = self.v_proj_current(x)
-        v_del = self.v_proj_delayed(x)
         if v_state is None:
             prev = self.v_proj_delayed(x.new_zeros(B, 1, x.shape[-1]))
         else:

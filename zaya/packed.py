@@ -54,6 +54,8 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         torch.is_grad_enabled() and weight.requires_grad)
 
 
+QKV_NAMES = ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed")
+
 # A matrix larger than this (a 262k-token LM head is 1 GB) is packed in row blocks: loading then
 # holds one block beyond the packed copies, and the blocks' products are concatenated.
 PACK_BLOCK_BYTES = 64 << 20
@@ -79,7 +81,7 @@ def pack_model(model: nn.Module, fetch: Callable[..., torch.Tensor | None] | Non
     ``fetch(name, index=None)`` may return the named parameter's values (``[index]`` of it when
     given) read into fresh memory, or None. Experts are read one at a time, so loading never holds
     more than one expert's matrix beyond the packed copies."""
-    from zaya.model import ZayaExperts
+    from zaya.model import ZayaCCAProjection, ZayaExperts
 
     def source(name: str, param: torch.Tensor, index: int | slice | None = None) -> torch.Tensor:
         t = fetch(name, index) if fetch is not None else None
@@ -87,9 +89,20 @@ def pack_model(model: nn.Module, fetch: Callable[..., torch.Tensor | None] | Non
             return param if index is None else param[index]
         return t.to(torch.bfloat16)
 
-    total = 0
+    total, fused = 0, set()
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and module.weight.dtype == torch.bfloat16 and module.weight.device.type == "cpu":
+        if isinstance(module, ZayaCCAProjection) and module.q_proj.weight.dtype == torch.bfloat16 \
+                and module.q_proj.weight.device.type == "cpu" and type(module.q_proj) is nn.Linear:
+            # q, k and both value halves read the same input: one packed matrix, one call
+            parts = [module.q_proj, module.k_proj, module.v_proj_current, module.v_proj_delayed]
+            weight = torch.cat([source(f"{name}.{n}.weight", p.weight)
+                                for n, p in zip(QKV_NAMES, parts)])
+            bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+            module.packed_qkv = (pack(weight), bias)
+            fused.update(id(p) for p in parts)
+            total += weight.numel() * 2
+        elif type(module) is nn.Linear and id(module) not in fused and module.weight.dtype == torch.bfloat16 \
+                and module.weight.device.type == "cpu":
             N, K = module.weight.shape
             rows = max(16, PACK_BLOCK_BYTES // (2 * K) // 16 * 16)
             module.__class__ = PackedLinear

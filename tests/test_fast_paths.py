@@ -108,3 +108,19 @@ def test_large_linears_pack_in_row_blocks(model_dir, monkeypatch):
     ref = lin(torch.ones(3, 64, dtype=torch.bfloat16))
     packed_mod.pack_model(torch.nn.Sequential(lin))
     assert len(lin.packed) == 3 and torch.equal(lin(torch.ones(3, 64, dtype=torch.bfloat16)), ref)
+
+
+@needs_packing
+@pytest.mark.parametrize("quantize", ["int8", "int4:32"])
+def test_quantized_bf16_model_packs_its_float_linears(tmp_path, monkeypatch, quantize):
+    """In a quantized bf16 model only the float linears (the router's) are packed, and the
+    logits equal those of the same model unpacked."""
+    src = make_tiny_model_dir(tmp_path / "m", hidden_size=64, moe_intermediate_size=64)
+    monkeypatch.setenv("ZAYA_CPU_PACKED", "1")
+    fast = zaya.load(src, dtype="bf16", quantize=quantize)
+    monkeypatch.setenv("ZAYA_CPU_PACKED", "0")
+    plain = zaya.load(src, dtype="bf16", quantize=quantize)
+    layer = fast.model.model.layers[0]
+    assert isinstance(layer.mlp.gate.down_proj, PackedLinear) and layer.self_attn.qkv_proj.packed_qkv is None
+    ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(fast.logits(ids), plain.logits(ids))

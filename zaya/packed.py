@@ -91,8 +91,8 @@ def pack_model(model: nn.Module, fetch: Callable[..., torch.Tensor | None] | Non
 
     total, fused = 0, set()
     for name, module in model.named_modules():
-        if isinstance(module, ZayaCCAProjection) and module.q_proj.weight.dtype == torch.bfloat16 \
-                and module.q_proj.weight.device.type == "cpu" and type(module.q_proj) is nn.Linear:
+        if isinstance(module, ZayaCCAProjection) and type(module.q_proj) is nn.Linear \
+                and module.q_proj.weight.dtype == torch.bfloat16 and module.q_proj.weight.device.type == "cpu":
             # q, k and both value halves read the same input: one packed matrix, one call
             parts = [module.q_proj, module.k_proj, module.v_proj_current, module.v_proj_delayed]
             weight = torch.cat([source(f"{name}.{n}.weight", p.weight)

@@ -452,7 +452,7 @@ def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, qua
         packed.pack_model(model, _plain_reader(source, config))
     if spec:
         cpu = device is None or torch.device(device).type == "cpu"
-        fetch = (lambda n: quant.FileRows(source.where[n], n, source.shape(n)[0])) \
+        fetch = (lambda n: quant.FileRows(source.where[n], n, source.shape(n))) \
             if stored and stored.bits == 4 and cpu else None
         quant.prepare(model, dtype, fetch)
         model.config = dataclasses.replace(config, quantization=spec.to_config())

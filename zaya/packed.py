@@ -20,6 +20,7 @@ the time of a decode step's matmuls drops by about half (``benchmarks/compare_tr
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
@@ -124,10 +125,18 @@ def pack_model(model: nn.Module, fetch: Callable[..., torch.Tensor | None] | Non
 
 def release_free_heap() -> None:
     """Hand the temporaries' freed heap pages back to the OS (glibc keeps them otherwise)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig); None elsewhere."""
     import ctypes
     import ctypes.util
 
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
-        pass
+        return None

@@ -125,11 +125,11 @@ def dequantize(qweight, scales, zeros=None, dtype=torch.float32) -> torch.Tensor
     return w.sub_(8).mul_(scales.to(dtype)[..., None]).add_(zeros.to(dtype)[..., None]).view(*lead, N, K)
 
 
-def _pack_int4_cpu(qweight, width: int) -> torch.Tensor:
+def _pack_int4_cpu(qweight) -> torch.Tensor:
     """Portable (N, K/2) -> the CPU kernel's layout, in row blocks so the int32 temporary stays
     small. ``qweight`` is a tensor or a ``FileRows`` (then only a block is ever read)."""
     N = qweight.shape[0]
-    rows = max(64, (1 << 22) // max(1, width) // 64 * 64)  # ~16 MB of int32 at a time
+    rows = max(64, (1 << 22) // max(1, qweight.shape[1]) // 64 * 64)  # ~16 MB of int32 at a time
     out = None
     for i in range(0, N, rows):  # written into one preallocated tensor: no second full copy
         block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
@@ -164,7 +164,7 @@ class QuantWeight:
             self.group = G
             self.fast = cpu and _HAS_INT4_KERNEL and G in INT4_GROUPS and self.N % 16 == 0 and self.K % 2 == 0
             if self.fast:
-                self.packed = _pack_int4_cpu(qweight if source is None else source, qweight.shape[1])
+                self.packed = _pack_int4_cpu(qweight if source is None else source)
                 self.scale_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).to(dtype).contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,10 +173,8 @@ class QuantWeight:
         x2 = x.reshape(-1, self.K)
         if x2.dtype != self.dtype:
             x2 = x2.to(self.dtype)
-        if not self.fast:
-            w = dequantize(self.qweight, self.scales, self.zeros, self.dtype)
-            y = F.linear(x2, w)
-        elif x2.shape[0] >= DEQUANT_ROWS[4 if self.zeros is not None else 8]:  # a prefill: one GEMM wins
+        if not self.fast or x2.shape[0] >= DEQUANT_ROWS[4 if self.zeros is not None else 8]:
+            # no kernel here, or a prefill, where one GEMM on a dequantized copy wins
             y = F.linear(x2, dequantize(self.qweight, self.scales, self.zeros, self.dtype))
         elif self.zeros is None:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales)
@@ -375,21 +373,17 @@ class FileRows:
     iterating) read just those rows with plain file I/O. Repacking int4 weights from it never
     holds more than a block of the source in memory."""
 
-    def __init__(self, file, name: str, rows: int):
-        self.file, self.name, self.rows = file, name, rows
+    def __init__(self, file, name: str, shape: tuple[int, ...]):
+        self.file, self.name, self.shape = file, name, tuple(shape)
 
     def __len__(self) -> int:
-        return self.rows
+        return self.shape[0]
 
     def __getitem__(self, index):
         return read_aligned(self.file, self.name, index)
 
     def __iter__(self):
-        return (self[i] for i in range(self.rows))
-
-    @property
-    def shape(self):
-        return (self.rows,)
+        return (self[i] for i in range(len(self)))
 
 
 PREAD_BLOCK_ELEMENTS = 1 << 24  # large 2-D tensors are quantized in row blocks of about this size

@@ -28,8 +28,7 @@ SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
 def build_data(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = [float(w) for w in args.level_weights.split(",")]
-    levels = sorted(LEVELS)[:len(weights)]
+    levels, weights = _levels(args.level_weights)
     n_agg = round(args.count * args.aggregation)
     problems = sample_problems(args.count + n_agg, "train", levels, args.seed, weights)
     plain, agg_problems = problems[:args.count], problems[args.count:]
@@ -66,6 +65,12 @@ def build_data(args) -> int:
           f"train.jsonl: {len(plain)} solve + {len(agg_problems)} aggregation examples; "
           f"test.jsonl: {args.test} held-out problems (levels {list(BUILTIN_LEVELS)})")
     return 0
+
+
+def _levels(level_weights: str) -> tuple[list[int], list[float]]:
+    """``--level-weights "1,2,3"`` -> (levels 1..3, their weights)."""
+    weights = [float(w) for w in level_weights.split(",")]
+    return sorted(LEVELS)[:len(weights)], weights
 
 
 def _unit_range(text: str) -> tuple[float, float]:
@@ -112,8 +117,7 @@ def self_data(args) -> int:
         src = latest_checkpoint(src) or src
     torch.manual_seed(args.seed)
     backend = LocalBackend(zaya.load(src))
-    weights = [float(w) for w in args.level_weights.split(",")]
-    levels = sorted(LEVELS)[:len(weights)]
+    levels, weights = _levels(args.level_weights)
     problems = sample_problems(args.count + args.solve, "train", levels, f"self:{args.seed}", weights)
     rng = random.Random(args.seed)
     records, stats = self_aggregation_examples(backend, problems[:args.count], rng, k=args.k, tail=args.tail,

@@ -168,8 +168,8 @@ def corrupted_reasoning(problem: Problem, rng: random.Random, extra_step: bool =
 
     Mistakes are the ones a small model makes: an off-by-a-digit result (carry slips), a
     misread operand, a wrong operation, a dropped step, or (with ``extra_step``) one step too
-    many after the last operation (a model that copies chains can forget where they end). Later steps carry the error forward,
-    so the chain is self-consistent and wrong (it may leave 0..99, as a model's wrong chain can).
+    many after the last operation (a model that copies chains can forget where they end).
+    Later steps carry the error forward, so the chain is self-consistent and wrong (it may leave 0..99, as a model's wrong chain can).
     Returns (reasoning, its final answer); rarely the chain stops early with no answer, like a
     candidate cut off by its budget.
     """

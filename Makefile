@@ -35,10 +35,10 @@ clean:
 # cores), then the last checkpoint is installed. Stage 1 was stopped after step 240 of its
 # 400-step cosine schedule; stages 2 and 3 run at a constant LR, so their lengths fix the result.
 DM_DIR := build/default-model
-DM_DATA_ARGS := --count 24000 --aggregation 0.35 --vocab-size 1024 --seed 0
+DM_DATA_ARGS := --count 24000 --aggregation 0.35 --vocab-size 1024 --seed 0 --no-result-line
 DM_STAGE1_STEPS := 240
 DM_STAGE2_STEPS := 2050
-DM_STAGE3_DATA_ARGS := --count 6000 --aggregation 2.0 --seed 1 --test 10 --tokenizer $(DM_DIR)/data/tokenizer
+DM_STAGE3_DATA_ARGS := --count 6000 --aggregation 2.0 --seed 1 --test 10 --tokenizer $(DM_DIR)/data/tokenizer --no-result-line
 DM_STAGE3_STEPS := 800
 
 .PHONY: default-model eval-default-model

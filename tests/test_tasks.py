@@ -20,7 +20,8 @@ def test_problem_text_steps_and_answer():
     p = Problem(37, (("+", 8), ("-", 9), ("*", 2)), level=1)
     assert p.text == "Start with 37, then apply +8, -9, *2 in order. What is the result?"
     assert p.values() == [45, 36, 72] and p.answer == 72
-    assert reasoning(p) == "37+8=45\n45-9=36\n36*2=72"
+    assert reasoning(p) == "37+8=45\n45-9=36\n36*2=72\nresult 72"
+    assert reasoning(p, result_line=False) == "37+8=45\n45-9=36\n36*2=72"  # the recipe's first stages
     msg = solution_message(p)
     assert boxed_answer(msg["content"]) == "72"
 
@@ -62,15 +63,18 @@ def test_corruptions_are_wrong_and_carried_forward(extra_step):
         p = random_problem(rng, rng.choice(sorted(LEVELS)))
         text, final = corrupted_reasoning(p, rng, extra_step)
         assert text != reasoning(p)
-        if text.startswith(reasoning(p) + "\n"):  # the whole right chain, then one step too many
+        right_steps = reasoning(p).rsplit("\n", 1)[0]
+        if text.startswith(right_steps + "\n") and not text.endswith("..."):  # one step too many
             extra += 1
-            assert len(text.splitlines()) == len(p.ops) + 1
+            assert len(text.splitlines()) == len(p.ops) + 2
         if final is None:  # a cut-off candidate
             assert text.endswith("...")
             continue
         assert final != p.answer
+        *lines, last = text.splitlines()
+        assert last == f"result {final}"  # a finished chain names its result
         prev, slips = None, 0
-        for line in text.splitlines():  # each line continues from the previous result
+        for line in lines:  # each line continues from the previous result
             lhs, rhs = line.split("=")
             i = next(i for i, ch in enumerate(lhs) if ch in "+-*" and i > 0)  # skip a leading minus
             a, op, b = lhs[:i], lhs[i], lhs[i + 1:]

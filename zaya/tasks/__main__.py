@@ -38,9 +38,10 @@ def build_data(args) -> int:
     # aggregation template (rendered with a few correct chains as candidates).
     from zaya.rsa.prompts import ZYPHRA
 
-    corpus = [f"user\n{p.text}\nmodel\n{reasoning(p)}\n\n\\boxed{{{p.answer}}}" for p in problems[:20000]]
-    corpus += [ZYPHRA(p.text, [reasoning(p)] * 4) for p in agg_problems[:2000]]
-    corpus += [ZYPHRA(p.text, [reasoning(p)]) for p in agg_problems[:200]]
+    chain = lambda p: reasoning(p, args.result_line)  # noqa: E731
+    corpus = [f"user\n{p.text}\nmodel\n{chain(p)}\n\n\\boxed{{{p.answer}}}" for p in problems[:20000]]
+    corpus += [ZYPHRA(p.text, [chain(p)] * 4) for p in agg_problems[:2000]]
+    corpus += [ZYPHRA(p.text, [chain(p)]) for p in agg_problems[:200]]
     if args.tokenizer:  # more data for a model that already has its tokenizer
         from tokenizers import Tokenizer as RawTokenizer
 
@@ -51,11 +52,11 @@ def build_data(args) -> int:
         tok_dir = save_tokenizer(tok, out / "tokenizer")
     tails = Tails(_bare(tok))
 
-    records = [plain_example(p) for p in plain]
+    records = [plain_example(p, args.result_line) for p in plain]
     for p in agg_problems:
         k = args.k if rng.random() < 0.8 else rng.randint(2, args.k)
         records.append(aggregation_example(p, rng, tails, k=k, tail=args.tail, q_range=args.candidate_accuracy,
-                                           extra_step=args.extra_step))
+                                           extra_step=args.extra_step, result_line=args.result_line))
     rng.shuffle(records)
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         for r in records:
@@ -191,6 +192,9 @@ def main(argv=None) -> int:
                    help="each aggregation example draws q ~ U(LO, HI); each candidate is right with probability q")
     b.add_argument("--extra-step", action="store_true",
                    help="a quarter of the wrong candidates add one step after the last operation")
+    b.add_argument("--no-result-line", dest="result_line", action="store_false",
+                   help="chains end at their last step, without the closing 'result N' line "
+                        "(the format the recipe's first stages train on)")
     b.add_argument("--vocab-size", type=int, default=1024)
     b.add_argument("--tokenizer", help="reuse this tokenizer directory instead of training one")
     b.add_argument("--test", type=int, default=500, help="held-out problems in test.jsonl")

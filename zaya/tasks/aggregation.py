@@ -34,22 +34,22 @@ class Tails(TokenTools):
 
 def aggregation_example(problem: Problem, rng: random.Random, tails: Tails, *, k: int, tail: int,
                         own_samples: list[str] | None = None, q_range=(0.15, 0.9),
-                        extra_step: bool = False) -> dict:
+                        extra_step: bool = False, result_line: bool = True) -> dict:
     """A chat record: aggregation prompt of ``k`` candidates -> the correct solution. Each
     candidate is right with probability q ~ U(q_range)."""
     q = rng.uniform(*q_range)
     n_right = sum(rng.random() < q for _ in range(k))
-    right = reasoning(problem)
+    right = reasoning(problem, result_line)
     cands = [right] * n_right
     wrong_pool = [s for s in own_samples or [] if s.strip() and s != right]
     for _ in range(k - n_right):
         if wrong_pool and rng.random() < 0.5:
             cands.append(rng.choice(wrong_pool))
         else:
-            cands.append(corrupted_reasoning(problem, rng, extra_step)[0])
+            cands.append(corrupted_reasoning(problem, rng, extra_step, result_line)[0])
     rng.shuffle(cands)
     prompt = ZYPHRA(problem.text, [tails.tail(c, tail) for c in cands])
-    return {"messages": [{"role": "user", "content": prompt}, solution_message(problem)],
+    return {"messages": [{"role": "user", "content": prompt}, solution_message(problem, result_line)],
             "kind": "aggregation", "k": k, "correct_candidates": n_right}
 
 
@@ -82,6 +82,6 @@ def self_aggregation_examples(backend, problems: list[Problem], rng: random.Rand
     return records, {"samples": samples * len(problems), "sample_accuracy": right / max(1, samples * len(problems))}
 
 
-def plain_example(problem: Problem) -> dict:
-    return {"messages": [{"role": "user", "content": problem.text}, solution_message(problem)],
+def plain_example(problem: Problem, result_line: bool = True) -> dict:
+    return {"messages": [{"role": "user", "content": problem.text}, solution_message(problem, result_line)],
             "kind": "solve"}

@@ -10,9 +10,15 @@ Its worked solution is one line per step inside the reasoning, then the answer i
     37+8=45
     45-9=36
     36*2=72
+    result 72
     </think>
 
     \\boxed{72}
+
+The last line of the reasoning names the result. Markovian RSA carries only the tail of each
+candidate's reasoning (the ``</think>`` and the boxed answer are not in it), so without that line an
+aggregating model could not tell a finished chain from one cut off by its budget, and copying a
+candidate it tended to run one step past the problem's last operation.
 
 Steps are evaluated in the order given (no precedence to get wrong), every intermediate value stays
 in 0..99, and answers are exact integers. ``level`` (1-6) sets the number of steps, the operand
@@ -139,31 +145,37 @@ def sample_problems(count: int, split: str, levels, seed: int, weights=None) -> 
 
 
 # ------------------------------------------------------------------------------- solutions
-def format_steps(start: int, steps: list[tuple[int, str, int, int]], final: int | None) -> str:
+def format_steps(start: int, steps: list[tuple[int, str, int, int]], final: int | None,
+                 result_line: bool = True) -> str:
     # No spaces: digits are one token each, so every space would be a token too.
     lines = [f"{a}{op}{b}={r}" for a, op, b, r in steps]
     if final is None:
         lines.append("...")
+    elif result_line:
+        lines.append(f"result {final}")
     return "\n".join(lines)
 
 
-def reasoning(problem: Problem) -> str:
-    """The worked chain of thought (what goes inside <think>)."""
-    return format_steps(problem.start, problem.steps(), problem.answer)
+def reasoning(problem: Problem, result_line: bool = True) -> str:
+    """The worked chain of thought (what goes inside <think>). ``result_line=False`` gives the
+    older format without the closing ``result N`` line (the first stages of the built-in model's
+    recipe were trained on it)."""
+    return format_steps(problem.start, problem.steps(), problem.answer, result_line)
 
 
 def answer_text(answer) -> str:
     return f"\\boxed{{{answer}}}"
 
 
-def solution_message(problem: Problem) -> dict:
+def solution_message(problem: Problem, result_line: bool = True) -> dict:
     """The assistant turn of a correct solution, as zaya's chat template renders it."""
-    return {"role": "assistant", "reasoning_content": reasoning(problem),
+    return {"role": "assistant", "reasoning_content": reasoning(problem, result_line),
             "content": answer_text(problem.answer)}
 
 
 # ------------------------------------------------------------------------------ corruptions
-def corrupted_reasoning(problem: Problem, rng: random.Random, extra_step: bool = False) -> tuple[str, int | None]:
+def corrupted_reasoning(problem: Problem, rng: random.Random, extra_step: bool = False,
+                        result_line: bool = True) -> tuple[str, int | None]:
     """A plausible wrong chain: one systematic mistake, then correct arithmetic from it.
 
     Mistakes are the ones a small model makes: an off-by-a-digit result (carry slips), a
@@ -180,7 +192,7 @@ def corrupted_reasoning(problem: Problem, rng: random.Random, extra_step: bool =
         if apply(r, op, b) == r:  # 0 * b: the extra step must change the answer
             op, b = "+", rng.randint(1, 9)
         steps = true + [(r, op, b, apply(r, op, b))]
-        return format_steps(problem.start, steps, steps[-1][3]), steps[-1][3]
+        return format_steps(problem.start, steps, steps[-1][3], result_line), steps[-1][3]
     j = rng.randrange(len(true))
     kind = rng.choice(["slip", "slip", "operand", "op", "skip"])
     steps, v = [], problem.start
@@ -204,7 +216,7 @@ def corrupted_reasoning(problem: Problem, rng: random.Random, extra_step: bool =
     if rng.random() < 0.05:
         cut = rng.randint(1, len(steps))
         return format_steps(problem.start, steps[:cut], None), None
-    return format_steps(problem.start, steps, final), final
+    return format_steps(problem.start, steps, final, result_line), final
 
 
 def _perturb(x: int, rng: random.Random, low: int = 0) -> int:

@@ -30,16 +30,20 @@ bench: venv
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# The built-in model (zaya/assets/zaya-tiny): tokenizer + data, three training stages from
-# scratch (recipes/default-model*.toml; the shipped run took about 45 minutes on 2 shared CPU
-# cores), then the last checkpoint is installed. Stage 1 was stopped after step 240 of its
-# 400-step cosine schedule; stages 2 and 3 run at a constant LR, so their lengths fix the result.
+# The built-in model (zaya/assets/zaya-tiny): tokenizer + data, four training stages
+# (recipes/default-model*.toml; about 50 minutes on 2 idle CPU cores), then the last checkpoint is
+# installed. Stage 1 was stopped after step 240 of its 400-step cosine schedule; stages 2-4 run at
+# a constant LR, so their lengths fix the result. Stages 1-3 train on chains without the closing
+# `result N` line (--no-result-line); stage 4 trains aggregation in the current format.
 DM_DIR := build/default-model
 DM_DATA_ARGS := --count 24000 --aggregation 0.35 --vocab-size 1024 --seed 0 --no-result-line
 DM_STAGE1_STEPS := 240
 DM_STAGE2_STEPS := 2050
 DM_STAGE3_DATA_ARGS := --count 6000 --aggregation 2.0 --seed 1 --test 10 --tokenizer $(DM_DIR)/data/tokenizer --no-result-line
 DM_STAGE3_STEPS := 800
+DM_STAGE4_DATA_ARGS := --count 1500 --aggregation 6.0 --candidate-accuracy 0.15,1.0 --level-weights 1,1,3,3,3,2 \
+	--seed 8 --test 10 --tokenizer $(DM_DIR)/data/tokenizer
+DM_STAGE4_STEPS := 1800
 
 .PHONY: default-model eval-default-model
 default-model: venv
@@ -50,7 +54,10 @@ default-model: venv
 	$(BIN)/python -m zaya.tasks build-data --out $(DM_DIR)/data3 $(DM_STAGE3_DATA_ARGS)
 	rm -rf $(DM_DIR)/run3
 	$(BIN)/python -m zaya.tasks train recipes/default-model-stage3.toml --set train.steps=$(DM_STAGE3_STEPS)
-	$(BIN)/python -m zaya.tasks install $(DM_DIR)/run3
+	$(BIN)/python -m zaya.tasks build-data --out $(DM_DIR)/data4 $(DM_STAGE4_DATA_ARGS)
+	rm -rf $(DM_DIR)/run4
+	$(BIN)/python -m zaya.tasks train recipes/default-model-stage4.toml --set train.steps=$(DM_STAGE4_STEPS)
+	$(BIN)/python -m zaya.tasks install $(DM_DIR)/run4
 
 # The accuracies quoted in the README: 200 held-out problems, temperature 1.0.
 eval-default-model: venv

@@ -17,7 +17,7 @@ $(BIN)/zaya: pyproject.toml
 venv: $(BIN)/zaya
 
 run: venv
-	$(BIN)/zaya generate "Start with 17, then apply +25, -8, *2 in order. What is the result?" --max-new-tokens 96
+	$(BIN)/zaya generate "Start with 10, then apply -5, +8, *4, -3 in order. What is the result?" --max-new-tokens 96
 	$(BIN)/zaya solve "Start with 22, then apply *2, -2, +6, *2, +2, -3 in order. What is the result?" \
 		--profile cpu-small --seed 0
 

@@ -117,6 +117,7 @@ def test_build_data_cli(tmp_path):
                        "--vocab-size", "400", "--test", "10"]) == 0
     recs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     assert len(recs) == 300 and sum(r["kind"] == "aggregation" for r in recs) == 100
+    assert all(r["messages"][1]["reasoning_content"].splitlines()[-1].startswith("result ") for r in recs)
     test = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
     assert len(test) == 10
 
@@ -130,6 +131,16 @@ def test_build_data_cli(tmp_path):
     ids = tok.encode("37+8=45\n<think>", add_special_tokens=False)
     assert tok.decode(ids) == "37+8=45\n<think>"
     assert [tok.decode([i]) for i in tok.encode("4512", add_special_tokens=False)] == list("4512")
+
+
+def test_build_data_cli_older_chain_format(tmp_path):
+    out = tmp_path / "data"
+    assert tasks_main(["build-data", "--out", str(out), "--count", "40", "--aggregation", "0.5",
+                       "--vocab-size", "400", "--test", "2", "--no-result-line"]) == 0
+    recs = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert len(recs) == 60
+    assert not any("result" in r["messages"][1]["reasoning_content"] for r in recs)
+    assert not any("\nresult " in r["messages"][0]["content"] for r in recs)  # nor in candidate tails
 
 
 class _ScriptedBackend:

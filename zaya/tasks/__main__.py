@@ -2,7 +2,7 @@
 
     python -m zaya.tasks build-data --out build/default-model      # tokenizer/ + train.jsonl
     python -m zaya.tasks test-set --count 200 --out test.jsonl      # held-out problems for zaya eval
-    python -m zaya.tasks self-data --model build/default-model/run3 --out build/default-model/data4
+    python -m zaya.tasks self-data --model build/default-model/run4 --out build/self-data
     python -m zaya.tasks train recipes/default-model.toml --stop-after 240   # a run cut short
     python -m zaya.tasks install build/default-model/run            # latest checkpoint -> zaya/assets
 """

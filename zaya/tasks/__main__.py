@@ -58,9 +58,7 @@ def build_data(args) -> int:
         records.append(aggregation_example(p, rng, tails, k=k, tail=args.tail, q_range=args.candidate_accuracy,
                                            extra_step=args.extra_step, result_line=args.result_line))
     rng.shuffle(records)
-    with open(out / "train.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    _write_jsonl(out / "train.jsonl", records)
     _write_jsonl(out / "test.jsonl", problem_records(builtin_test_set(args.test)))
     print(f"tokenizer: {tok_dir} ({tok.get_vocab_size()} tokens); "
           f"train.jsonl: {len(plain)} solve + {len(agg_problems)} aggregation examples; "
@@ -98,6 +96,20 @@ def _bare(tok):
     return Bare()
 
 
+def _checkpoint(path: str) -> Path | None:
+    """A checkpoint directory as given, or a training run's latest complete checkpoint (None, with
+    the error printed, when the run has none)."""
+    src = Path(path)
+    if not (src / "checkpoints").is_dir():
+        return src
+    from zaya.train.checkpoints import latest_checkpoint
+
+    src = latest_checkpoint(src)
+    if src is None:
+        print(f"error: {path} has no complete checkpoint", file=sys.stderr)
+    return src
+
+
 def _write_jsonl(path: Path, records) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
@@ -111,11 +123,9 @@ def self_data(args) -> int:
     import zaya
     from zaya.rsa import LocalBackend
     from zaya.tasks.aggregation import self_aggregation_examples
-    from zaya.train.checkpoints import latest_checkpoint
-
-    src = Path(args.model)
-    if (src / "checkpoints").is_dir():
-        src = latest_checkpoint(src) or src
+    src = _checkpoint(args.model)
+    if src is None:
+        return 1
     torch.manual_seed(args.seed)
     backend = LocalBackend(zaya.load(src))
     levels, weights = _levels(args.level_weights)
@@ -144,14 +154,9 @@ def write_test_set(args) -> int:
 
 
 def install(args) -> int:
-    src, dst = Path(args.checkpoint), Path(args.to)
-    if (src / "checkpoints").is_dir():  # a training run: take its latest complete checkpoint
-        from zaya.train.checkpoints import latest_checkpoint
-
-        src = latest_checkpoint(src)
-        if src is None:
-            print(f"error: {args.checkpoint} has no complete checkpoint", file=sys.stderr)
-            return 1
+    src, dst = _checkpoint(args.checkpoint), Path(args.to)
+    if src is None:
+        return 1
     missing = [f for f in SHIPPED_FILES if not (src / f).is_file()]
     if missing:
         print(f"error: {src} lacks {missing}", file=sys.stderr)

@@ -1,0 +1,311 @@
+// AVX-512 inner loops (F, BW, VL, DQ, BF16, VNNI, VBMI: Intel Cooper Lake / Sapphire Rapids and
+// later, AMD Zen 4 and later). Compiled for that target whatever the build flags, and only
+// entered after a run-time CPU check (avx512_supported).
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi,fma,f16c")
+
+namespace zaya_kernels {
+namespace {
+
+// Value tables held in registers for the whole call.
+struct Tables {
+  __m512 lut_f32;                // 4-bit values, fp32 (vpermps reads the low 4 bits of an index)
+  __m512i lut_bf16;              // 4-bit values, bf16, twice (vpermw reads the low 5 bits)
+  __m512i lut_u8;                // 4-bit values + offset as bytes, in every 128-bit lane (vpshufb)
+  __m512i fp8_hi0, fp8_hi1;      // e4m3 magnitude (7 bits) -> high byte of its bf16
+  __m512i fp8_lo0, fp8_lo1;      // ... and low byte
+};
+
+inline __m512 bcast_f32(const float* p) { return _mm512_set1_ps(*p); }
+inline __m512i bcast_u32(const void* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(static_cast<int>(v));
+}
+inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
+
+// bf16 pairs (k, k+1 in each 32-bit lane) -> two fp32 vectors
+inline void split_pairs(__m512i v, __m512* f) {
+  f[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  f[1] = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+struct DecBF16 {
+  static constexpr int kpu = 2, nA = 2, nB = 1, nC = 0;
+  static void a(const uint8_t* u, const Tables&, __m512* f) { split_pairs(_mm512_loadu_si512(u), f); }
+  static void b(const uint8_t* u, const Tables&, __m512i* v) { v[0] = _mm512_loadu_si512(u); }
+  static void c(const uint8_t*, const Tables&, __m512i*) {}
+};
+
+struct DecInt8 {
+  static constexpr int kpu = 4, nA = 4, nB = 0, nC = 1;
+  static void a(const uint8_t* u, const Tables&, __m512* f) {
+    const __m512i v = _mm512_loadu_si512(u);
+    f[0] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
+    f[1] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
+    f[2] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
+    f[3] = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
+  }
+  static void b(const uint8_t*, const Tables&, __m512i*) {}
+  // s8 -> u8 by flipping the sign bit: the kernel sees w + 128 and the activation side subtracts
+  // 128 * sum(x) (folded into the accumulator's starting value)
+  static void c(const uint8_t* u, const Tables&, __m512i* q) {
+    q[0] = _mm512_xor_si512(_mm512_loadu_si512(u), _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+};
+
+template <bool kShuffle>
+struct DecU4 {
+  static constexpr int kpu = 8, nA = 8, nB = 4, nC = 2;
+  static void a(const uint8_t* u, const Tables& t, __m512* f) {
+    const __m512i v = _mm512_loadu_si512(u);
+    f[0] = _mm512_permutexvar_ps(v, t.lut_f32);
+    f[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t.lut_f32);
+    f[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), t.lut_f32);
+    f[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), t.lut_f32);
+    f[4] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), t.lut_f32);
+    f[5] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), t.lut_f32);
+    f[6] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), t.lut_f32);
+    f[7] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), t.lut_f32);
+  }
+  // word 0 of a lane holds nibbles 0-3, word 1 nibbles 4-7: shifting both words by 4s and looking
+  // up their low bits gives the bf16 pair (s, s + 4)
+  static void b(const uint8_t* u, const Tables& t, __m512i* v) {
+    const __m512i x = _mm512_loadu_si512(u);
+    v[0] = _mm512_permutexvar_epi16(x, t.lut_bf16);
+    v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 4), t.lut_bf16);
+    v[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 8), t.lut_bf16);
+    v[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 12), t.lut_bf16);
+  }
+  // low nibbles are k 0, 2, 4, 6 of the lane, high nibbles k 1, 3, 5, 7
+  static void c(const uint8_t* u, const Tables& t, __m512i* q) {
+    const __m512i x = _mm512_loadu_si512(u);
+    const __m512i m = _mm512_set1_epi8(0x0f);
+    q[0] = _mm512_and_si512(x, m);
+    q[1] = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
+    if (kShuffle) {
+      q[0] = _mm512_shuffle_epi8(t.lut_u8, q[0]);
+      q[1] = _mm512_shuffle_epi8(t.lut_u8, q[1]);
+    }
+  }
+};
+
+struct DecFP8 {
+  static constexpr int kpu = 4, nA = 4, nB = 2, nC = 0;
+  // two 128-entry byte lookups (vpermi2b) give the high and low bytes of each value's bf16; the
+  // sign bit is copied over; the byte interleave yields pairs (k0, k1) and (k2, k3) because the
+  // layout stores each 128-bit lane as [4 rows x k0,k1 | 4 rows x k2,k3]
+  static void b(const uint8_t* u, const Tables& t, __m512i* v) {
+    const __m512i x = _mm512_loadu_si512(u);
+    __m512i hi = _mm512_permutex2var_epi8(t.fp8_hi0, x, t.fp8_hi1);
+    const __m512i lo = _mm512_permutex2var_epi8(t.fp8_lo0, x, t.fp8_lo1);
+    hi = _mm512_ternarylogic_epi32(hi, x, _mm512_set1_epi8(static_cast<char>(0x80)), 0xf8);  // hi | (x & 0x80)
+    v[0] = _mm512_unpacklo_epi8(lo, hi);
+    v[1] = _mm512_unpackhi_epi8(lo, hi);
+  }
+  static void a(const uint8_t* u, const Tables& t, __m512* f) {
+    __m512i v[2];
+    b(u, t, v);
+    split_pairs(v[0], f);
+    split_pairs(v[1], f + 2);
+  }
+  static void c(const uint8_t*, const Tables&, __m512i*) {}
+};
+
+inline __m512 load_scales(const uint8_t* s, ScaleType t) {
+  switch (t) {
+    case ScaleType::BF16:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s))), 16));
+    case ScaleType::F16:
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+    default:
+      return _mm512_loadu_ps(reinterpret_cast<const float*>(s));
+  }
+}
+
+// Applies group g's scale and min to the group's partial sums and adds them to the row totals.
+template <int MC>
+inline void finish_group(const Problem& p, const uint8_t* sc, const uint8_t* mn, int64_t g, int64_t row0,
+                         const __m512* part, __m512* acc) {
+  const int64_t s_size = p.scale_type == ScaleType::F32 ? 4 : 2;
+  if (sc) {
+    const __m512 s = load_scales(sc + g * kLanes * s_size, p.scale_type);
+    for (int m = 0; m < MC; ++m) acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);
+  } else {
+    for (int m = 0; m < MC; ++m) acc[m] = _mm512_add_ps(part[m], acc[m]);
+  }
+  if (mn) {
+    const __m512 z = load_scales(mn + g * kLanes * s_size, p.scale_type);
+    for (int m = 0; m < MC; ++m)
+      acc[m] = _mm512_fmadd_ps(z, bcast_f32(p.xsum + (row0 + m) * p.ngroups + g), acc[m]);
+  }
+}
+
+template <int MC>
+inline void store(const Problem& p, int64_t nb, int64_t row0, const __m512* acc) {
+  alignas(64) float out[MC][kLanes];
+  for (int m = 0; m < MC; ++m) _mm512_store_ps(out[m], acc[m]);
+  store_tile(p, nb, row0, MC, out);
+}
+
+// Paths A and B: exact products, fp32 sums per group, then scale (and min).
+template <class D, bool kB, int MC>
+void tile_float(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn,
+                int64_t nb, int64_t row0) {
+  constexpr int V = kB ? D::nB : D::nA;
+  const int64_t units = p.group / D::kpu;
+  __m512 acc[MC], part[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.ngroups; ++g) {
+    for (int m = 0; m < MC; ++m) part[m] = _mm512_setzero_ps();
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t unit = g * units + u, k = unit * D::kpu;
+      const uint8_t* src = w + unit * kUnitBytes;
+      if constexpr (kB) {
+        __m512i v[V];
+        D::b(src, t, v);
+        const uint16_t* x = static_cast<const uint16_t*>(p.x) + row0 * p.ldx + k;
+        for (int j = 0; j < V; ++j)
+          for (int m = 0; m < MC; ++m)
+            part[m] = _mm512_dpbf16_ps(part[m], as_bh(v[j]), as_bh(bcast_u32(x + m * p.ldx + 2 * j)));
+      } else {
+        __m512 f[V];
+        D::a(src, t, f);
+        const float* x = static_cast<const float*>(p.x) + row0 * p.ldx + k;
+        for (int j = 0; j < V; ++j)
+          for (int m = 0; m < MC; ++m) part[m] = _mm512_fmadd_ps(f[j], bcast_f32(x + m * p.ldx + j), part[m]);
+      }
+    }
+    finish_group<MC>(p, sc, mn, g, row0, part, acc);
+  }
+  store<MC>(p, nb, row0, acc);
+}
+
+// Path C: u8 weights x s8 activations summed in int32 over a flush block, converted with the
+// block's activation scale, summed per group, then the weight scale (and min).
+template <class D, int MC>
+void tile_int(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn,
+              int64_t nb, int64_t row0) {
+  constexpr int Q = D::nC;
+  const int64_t units = p.flush / D::kpu, blocks = p.group / p.flush;
+  const int64_t nflush = p.kp / p.flush, nact = p.kp / kActBlock;
+  __m512 acc[MC], part[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.ngroups; ++g) {
+    for (int m = 0; m < MC; ++m) part[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t fb = g * blocks + b;
+      __m512i iacc[MC];
+      for (int m = 0; m < MC; ++m) iacc[m] = _mm512_set1_epi32(p.xcorr[(row0 + m) * nflush + fb]);
+      for (int64_t u = 0; u < units; ++u) {
+        const int64_t unit = fb * units + u, k = unit * D::kpu;
+        __m512i q[Q];
+        D::c(w + unit * kUnitBytes, t, q);
+        const int8_t* x = static_cast<const int8_t*>(p.x) + row0 * p.ldx + k;
+        for (int j = 0; j < Q; ++j)
+          for (int m = 0; m < MC; ++m) iacc[m] = _mm512_dpbusd_epi32(iacc[m], q[j], bcast_u32(x + m * p.ldx + 4 * j));
+      }
+      const int64_t ab = fb * p.flush / kActBlock;
+      for (int m = 0; m < MC; ++m)
+        part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), bcast_f32(p.xd + (row0 + m) * nact + ab), part[m]);
+    }
+    finish_group<MC>(p, sc, mn, g, row0, part, acc);
+  }
+  store<MC>(p, nb, row0, acc);
+}
+
+template <class D, Path P, int MC>
+void tile(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn, int64_t nb,
+          int64_t row0) {
+  if constexpr (P == Path::C) {
+    tile_int<D, MC>(p, t, w, sc, mn, nb, row0);
+  } else {
+    tile_float<D, P == Path::B, MC>(p, t, w, sc, mn, nb, row0);
+  }
+}
+
+template <class D, Path P>
+void run(const Problem& p, const Tables& t) {
+  drive(p, [&](const uint8_t* w, const uint8_t* sc, const uint8_t* mn, int64_t nb, int64_t row0, int mc) {
+    switch (mc) {
+      case 8: tile<D, P, 8>(p, t, w, sc, mn, nb, row0); break;
+      case 4: tile<D, P, 4>(p, t, w, sc, mn, nb, row0); break;
+      case 2: tile<D, P, 2>(p, t, w, sc, mn, nb, row0); break;
+      default: tile<D, P, 1>(p, t, w, sc, mn, nb, row0); break;
+    }
+  });
+}
+
+// e4m3 (no infinities; S.1111.111 is NaN) magnitude -> bf16 bits, exact
+uint16_t fp8_magnitude_bf16(int m) {
+  const int e = m >> 3, f = m & 7;
+  if (m == 0x7f) return 0x7fc0;
+  if (e == 0) return f32_to_bf16(static_cast<float>(f) / 512.0f);  // subnormal: f * 2^-9
+  return static_cast<uint16_t>(((e + 120) << 7) | (f << 4));
+}
+
+Tables make_tables(const Problem& p) {
+  Tables t;
+  alignas(64) uint8_t hi[128], lo[128];
+  for (int m = 0; m < 128; ++m) {
+    const uint16_t v = fp8_magnitude_bf16(m);
+    hi[m] = static_cast<uint8_t>(v >> 8);
+    lo[m] = static_cast<uint8_t>(v & 0xff);
+  }
+  t.fp8_hi0 = _mm512_loadu_si512(hi);
+  t.fp8_hi1 = _mm512_loadu_si512(hi + 64);
+  t.fp8_lo0 = _mm512_loadu_si512(lo);
+  t.fp8_lo1 = _mm512_loadu_si512(lo + 64);
+  t.lut_f32 = p.lut_f32 ? _mm512_loadu_ps(p.lut_f32) : _mm512_setzero_ps();
+  t.lut_bf16 = p.lut_bf16 ? _mm512_loadu_si512(p.lut_bf16) : _mm512_setzero_si512();
+  t.lut_u8 = p.lut_u8 ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lut_u8)))
+                      : _mm512_setzero_si512();
+  return t;
+}
+
+}  // namespace
+
+void run_avx512(const Problem& p) {
+  const Tables t = make_tables(p);
+  switch (p.fmt) {
+    case Fmt::BF16:
+      return p.path == Path::B ? run<DecBF16, Path::B>(p, t) : run<DecBF16, Path::A>(p, t);
+    case Fmt::INT8:
+      return p.path == Path::C ? run<DecInt8, Path::C>(p, t) : run<DecInt8, Path::A>(p, t);
+    case Fmt::FP8:
+      return p.path == Path::B ? run<DecFP8, Path::B>(p, t) : run<DecFP8, Path::A>(p, t);
+    case Fmt::U4:
+      if (p.path == Path::C)
+        return p.lut_identity_u8 ? run<DecU4<false>, Path::C>(p, t) : run<DecU4<true>, Path::C>(p, t);
+      return p.path == Path::B ? run<DecU4<false>, Path::B>(p, t) : run<DecU4<false>, Path::A>(p, t);
+  }
+}
+
+}  // namespace zaya_kernels
+
+#pragma GCC pop_options
+
+namespace zaya_kernels {
+bool avx512_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("avx512vbmi");
+}
+}  // namespace zaya_kernels
+
+#else  // not x86-64: the portable loops only
+
+namespace zaya_kernels {
+bool avx512_supported() { return false; }
+void run_avx512(const Problem&) {}
+}  // namespace zaya_kernels
+
+#endif

@@ -47,8 +47,8 @@ def matmul(x: torch.Tensor, w: KernelWeight, *, act_int8: bool = False, expert: 
         raise ValueError(f"x has {x.shape[-1]} columns, the weight {w.k}")
     if (expert is None) != (w.experts is None):
         raise ValueError("expert indices go with stacked expert weights, and only with them")
-    if act_int8 and not w.supports_act_int8:
-        raise ValueError(f"act_int8 needs int8 weights or a 4-bit table of small integers, not {w.fmt}")
+    if act_int8 and w.fmt not in ("int8", "4bit"):  # the 4-bit table is checked where it is used
+        raise ValueError(f"act_int8 applies to int8 and 4-bit weights, not {w.fmt}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     if x2.dtype not in (torch.float32, torch.bfloat16):

@@ -28,7 +28,7 @@ from zaya.kernels import fake
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("ops.cpp", "gemv_avx512.cpp", "gemv_portable.cpp")
-HEADERS = ("kernels.h",)
+HEADERS = ("kernels.h", "prep.h")
 CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG")
 LDFLAGS = ("-fopenmp",)
 LIB_NAME = "zaya_kernels"

@@ -9,8 +9,44 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,avx512vbmi,fma,f16c")
 
+#include "prep.h"
+
 namespace zaya_kernels {
 namespace {
+
+struct Avx512Isa {
+  static float quantize32(const float* x, int8_t* q) {
+    const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+    const __m512 vid = _mm512_set1_ps(id), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+    // cvtps rounds with the default mode: to nearest, ties to even (as std::nearbyint)
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(a, vid))));
+    const __m512i qb = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(b, vid))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+    return d;
+  }
+  static void permute8(uint16_t* v, int64_t n, const int* order) {  // n is a multiple of 32
+    alignas(64) uint16_t idx[32];
+    for (int i = 0; i < 32; ++i) idx[i] = static_cast<uint16_t>((i & ~7) + order[i & 7]);
+    const __m512i vi = _mm512_load_si512(idx);
+    for (int64_t i = 0; i < n; i += 32)
+      _mm512_storeu_si512(v + i, _mm512_permutexvar_epi16(vi, _mm512_loadu_si512(v + i)));
+  }
+  static void permute8(int8_t* v, int64_t n, const int* order) {  // n is a multiple of 32
+    alignas(64) uint8_t idx[64];
+    for (int i = 0; i < 64; ++i) idx[i] = static_cast<uint8_t>((i & ~7) + order[i & 7]);
+    const __m512i vi = _mm512_load_si512(idx);
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64)
+      _mm512_storeu_si512(v + i, _mm512_permutexvar_epi8(vi, _mm512_loadu_si512(v + i)));
+    if (i < n) {
+      const __mmask64 m = 0xffffffffull;
+      _mm512_mask_storeu_epi8(v + i, m, _mm512_permutexvar_epi8(vi, _mm512_maskz_loadu_epi8(m, v + i)));
+    }
+  }
+};
 
 // Value tables held in registers for the whole call.
 struct Tables {
@@ -21,12 +57,13 @@ struct Tables {
   __m512i fp8_lo0, fp8_lo1;      // ... and low byte
 };
 
-inline __m512 bcast_f32(const float* p) { return _mm512_set1_ps(*p); }
-inline __m512i bcast_u32(const void* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(static_cast<int>(v));
-}
+typedef int32_t aliased_i32 __attribute__((may_alias));
+typedef float aliased_f32 __attribute__((may_alias));
+
+// broadcasts written as plain dereferences, so the compiler folds them into the arithmetic
+// instruction's memory operand ({1to16})
+inline __m512 bcast_f32(const void* p) { return _mm512_set1_ps(*static_cast<const aliased_f32*>(p)); }
+inline __m512i bcast_u32(const void* p) { return _mm512_set1_epi32(*static_cast<const aliased_i32*>(p)); }
 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 // bf16 pairs (k, k+1 in each 32-bit lane) -> two fp32 vectors
@@ -142,8 +179,8 @@ inline void finish_group(const Problem& p, const uint8_t* sc, const uint8_t* mn,
   }
   if (mn) {
     const __m512 z = load_scales(mn + g * kLanes * s_size, p.scale_type);
-    for (int m = 0; m < MC; ++m)
-      acc[m] = _mm512_fmadd_ps(z, bcast_f32(p.xsum + (row0 + m) * p.ngroups + g), acc[m]);
+    const float* xs = p.xsum + g * p.rows + row0;
+    for (int m = 0; m < MC; ++m) acc[m] = _mm512_fmadd_ps(z, bcast_f32(xs + m), acc[m]);
   }
 }
 
@@ -158,28 +195,25 @@ inline void store(const Problem& p, int64_t nb, int64_t row0, const __m512* acc)
 template <class D, bool kB, int MC>
 void tile_float(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn,
                 int64_t nb, int64_t row0) {
-  constexpr int V = kB ? D::nB : D::nA;
-  const int64_t units = p.group / D::kpu;
+  constexpr int V = kB ? D::nB : D::nA;  // activation words (and weight vectors) per unit
+  const int64_t units = p.group / D::kpu, xstep = p.rows * V;
+  const uint32_t* x = static_cast<const uint32_t*>(p.x) + row0 * V;
   __m512 acc[MC], part[MC];
   for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.ngroups; ++g) {
     for (int m = 0; m < MC; ++m) part[m] = _mm512_setzero_ps();
-    for (int64_t u = 0; u < units; ++u) {
-      const int64_t unit = g * units + u, k = unit * D::kpu;
-      const uint8_t* src = w + unit * kUnitBytes;
+    for (int64_t u = 0; u < units; ++u, w += kUnitBytes, x += xstep) {
       if constexpr (kB) {
         __m512i v[V];
-        D::b(src, t, v);
-        const uint16_t* x = static_cast<const uint16_t*>(p.x) + row0 * p.ldx + k;
+        D::b(w, t, v);
         for (int j = 0; j < V; ++j)
           for (int m = 0; m < MC; ++m)
-            part[m] = _mm512_dpbf16_ps(part[m], as_bh(v[j]), as_bh(bcast_u32(x + m * p.ldx + 2 * j)));
+            part[m] = _mm512_dpbf16_ps(part[m], as_bh(v[j]), as_bh(bcast_u32(x + m * V + j)));
       } else {
         __m512 f[V];
-        D::a(src, t, f);
-        const float* x = static_cast<const float*>(p.x) + row0 * p.ldx + k;
+        D::a(w, t, f);
         for (int j = 0; j < V; ++j)
-          for (int m = 0; m < MC; ++m) part[m] = _mm512_fmadd_ps(f[j], bcast_f32(x + m * p.ldx + j), part[m]);
+          for (int m = 0; m < MC; ++m) part[m] = _mm512_fmadd_ps(f[j], bcast_f32(x + m * V + j), part[m]);
       }
     }
     finish_group<MC>(p, sc, mn, g, row0, part, acc);
@@ -187,33 +221,31 @@ void tile_float(const Problem& p, const Tables& t, const uint8_t* w, const uint8
   store<MC>(p, nb, row0, acc);
 }
 
-// Path C: u8 weights x s8 activations summed in int32 over a flush block, converted with the
-// block's activation scale, summed per group, then the weight scale (and min).
-template <class D, int MC>
+// Path C: u8 weights x s8 activations summed in int32 over a flush block of kFlush k, converted
+// with the block's activation scale, summed per group, then the weight scale (and min).
+template <class D, int MC, int kFlush>
 void tile_int(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn,
               int64_t nb, int64_t row0) {
-  constexpr int Q = D::nC;
-  const int64_t units = p.flush / D::kpu, blocks = p.group / p.flush;
-  const int64_t nflush = p.kp / p.flush, nact = p.kp / kActBlock;
+  constexpr int Q = D::nC, kUnits = kFlush / D::kpu;
+  const int64_t blocks = p.group / kFlush, xstep = p.rows * Q, R = p.rows;
+  const uint32_t* x = static_cast<const uint32_t*>(p.x) + row0 * Q;
+  const int32_t* corr = p.xcorr + row0;
+  const float* xd = p.xd + row0;
   __m512 acc[MC], part[MC];
   for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < p.ngroups; ++g) {
+  for (int64_t g = 0, fb = 0; g < p.ngroups; ++g) {
     for (int m = 0; m < MC; ++m) part[m] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t fb = g * blocks + b;
+    for (int64_t b = 0; b < blocks; ++b, ++fb) {
       __m512i iacc[MC];
-      for (int m = 0; m < MC; ++m) iacc[m] = _mm512_set1_epi32(p.xcorr[(row0 + m) * nflush + fb]);
-      for (int64_t u = 0; u < units; ++u) {
-        const int64_t unit = fb * units + u, k = unit * D::kpu;
+      for (int m = 0; m < MC; ++m) iacc[m] = _mm512_set1_epi32(corr[fb * R + m]);
+      for (int u = 0; u < kUnits; ++u, w += kUnitBytes, x += xstep) {
         __m512i q[Q];
-        D::c(w + unit * kUnitBytes, t, q);
-        const int8_t* x = static_cast<const int8_t*>(p.x) + row0 * p.ldx + k;
+        D::c(w, t, q);
         for (int j = 0; j < Q; ++j)
-          for (int m = 0; m < MC; ++m) iacc[m] = _mm512_dpbusd_epi32(iacc[m], q[j], bcast_u32(x + m * p.ldx + 4 * j));
+          for (int m = 0; m < MC; ++m) iacc[m] = _mm512_dpbusd_epi32(iacc[m], q[j], bcast_u32(x + m * Q + j));
       }
-      const int64_t ab = fb * p.flush / kActBlock;
-      for (int m = 0; m < MC; ++m)
-        part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), bcast_f32(p.xd + (row0 + m) * nact + ab), part[m]);
+      const float* d = xd + (fb * kFlush / kActBlock) * R;
+      for (int m = 0; m < MC; ++m) part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), bcast_f32(d + m), part[m]);
     }
     finish_group<MC>(p, sc, mn, g, row0, part, acc);
   }
@@ -224,7 +256,11 @@ template <class D, Path P, int MC>
 void tile(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn, int64_t nb,
           int64_t row0) {
   if constexpr (P == Path::C) {
-    tile_int<D, MC>(p, t, w, sc, mn, nb, row0);
+    if (p.flush == 16) {
+      tile_int<D, MC, 16>(p, t, w, sc, mn, nb, row0);
+    } else {
+      tile_int<D, MC, 32>(p, t, w, sc, mn, nb, row0);
+    }
   } else {
     tile_float<D, P == Path::B, MC>(p, t, w, sc, mn, nb, row0);
   }
@@ -271,6 +307,8 @@ Tables make_tables(const Problem& p) {
 
 }  // namespace
 
+void prepare_avx512(const XPrep& a) { prepare_rows<Avx512Isa>(a); }
+
 void run_avx512(const Problem& p) {
   const Tables t = make_tables(p);
   switch (p.fmt) {
@@ -305,6 +343,7 @@ bool avx512_supported() {
 
 namespace zaya_kernels {
 bool avx512_supported() { return false; }
+void prepare_avx512(const XPrep&) {}
 void run_avx512(const Problem&) {}
 }  // namespace zaya_kernels
 

@@ -2,6 +2,7 @@
 // ones, for CPUs without AVX-512 BF16/VNNI. Paths A (fp32) and C (int8 activations, emulated in
 // int32 exactly as vpdpbusd computes it); path B is AVX-512 only, so the caller picks A instead.
 #include "kernels.h"
+#include "prep.h"
 
 namespace zaya_kernels {
 namespace {
@@ -109,11 +110,12 @@ void finish_group(const Problem& p, const uint8_t* sc, const uint8_t* mn, int64_
     const float z = mn ? scale_at(mn, p.scale_type, g * kLanes + l) : 0.0f;
     for (int m = 0; m < mc; ++m) {
       acc[m][l] = sc ? std::fma(part[m][l], s, acc[m][l]) : part[m][l] + acc[m][l];
-      if (mn) acc[m][l] = std::fma(z, p.xsum[(row0 + m) * p.ngroups + g], acc[m][l]);
+      if (mn) acc[m][l] = std::fma(z, p.xsum[g * p.rows + row0 + m], acc[m][l]);
     }
   }
 }
 
+// x is [unit][row][kpu elements]: unit u of row r starts at element (u * rows + r) * kpu
 void tile_float(const Problem& p, const uint8_t* w, const uint8_t* sc, const uint8_t* mn, int64_t nb,
                 int64_t row0, int mc) {
   const int kpu = k_per_unit(p.fmt);
@@ -124,10 +126,10 @@ void tile_float(const Problem& p, const uint8_t* w, const uint8_t* sc, const uin
     for (int64_t u = 0; u < units; ++u) {
       const int64_t unit = g * units + u;
       decode_float(p, w + unit * kUnitBytes, f);
-      const float* x = static_cast<const float*>(p.x) + row0 * p.ldx + unit * kpu;
+      const float* x = static_cast<const float*>(p.x) + (unit * p.rows + row0) * kpu;
       for (int j = 0; j < kpu; ++j)
         for (int m = 0; m < mc; ++m)
-          for (int l = 0; l < kLanes; ++l) part[m][l] = std::fma(f[j][l], x[m * p.ldx + j], part[m][l]);
+          for (int l = 0; l < kLanes; ++l) part[m][l] = std::fma(f[j][l], x[m * kpu + j], part[m][l]);
     }
     finish_group(p, sc, mn, g, row0, mc, part, acc);
   }
@@ -138,7 +140,6 @@ void tile_int(const Problem& p, const uint8_t* w, const uint8_t* sc, const uint8
               int mc) {
   const int kpu = k_per_unit(p.fmt);
   const int64_t units = p.flush / kpu, blocks = p.group / p.flush;
-  const int64_t nflush = p.kp / p.flush, nact = p.kp / kActBlock;
   float acc[kMaxRows][kLanes] = {}, part[kMaxRows][kLanes];
   int32_t iacc[kMaxRows][kLanes], q[8][kLanes];
   for (int64_t g = 0; g < p.ngroups; ++g) {
@@ -146,26 +147,46 @@ void tile_int(const Problem& p, const uint8_t* w, const uint8_t* sc, const uint8
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t fb = g * blocks + b;
       for (int m = 0; m < mc; ++m)
-        for (int l = 0; l < kLanes; ++l) iacc[m][l] = p.xcorr[(row0 + m) * nflush + fb];
+        for (int l = 0; l < kLanes; ++l) iacc[m][l] = p.xcorr[fb * p.rows + row0 + m];
       for (int64_t u = 0; u < units; ++u) {
         const int64_t unit = fb * units + u;
         decode_int(p, w + unit * kUnitBytes, q);
-        const int8_t* x = static_cast<const int8_t*>(p.x) + row0 * p.ldx + unit * kpu;
+        const int8_t* x = static_cast<const int8_t*>(p.x) + (unit * p.rows + row0) * kpu;
         for (int j = 0; j < kpu; ++j)
           for (int m = 0; m < mc; ++m)
-            for (int l = 0; l < kLanes; ++l) iacc[m][l] += q[j][l] * static_cast<int32_t>(x[m * p.ldx + j]);
+            for (int l = 0; l < kLanes; ++l) iacc[m][l] += q[j][l] * static_cast<int32_t>(x[m * kpu + j]);
       }
-      const int64_t ab = fb * p.flush / kActBlock;
+      const float* d = p.xd + (fb * p.flush / kActBlock) * p.rows + row0;
       for (int m = 0; m < mc; ++m)
-        for (int l = 0; l < kLanes; ++l)
-          part[m][l] = std::fma(static_cast<float>(iacc[m][l]), p.xd[(row0 + m) * nact + ab], part[m][l]);
+        for (int l = 0; l < kLanes; ++l) part[m][l] = std::fma(static_cast<float>(iacc[m][l]), d[m], part[m][l]);
     }
     finish_group(p, sc, mn, g, row0, mc, part, acc);
   }
   store_tile(p, nb, row0, mc, acc);
 }
 
+struct PortableIsa {
+  static float quantize32(const float* x, int8_t* q) {
+    float amax = 0;
+    for (int k = 0; k < kActBlock; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+    for (int k = 0; k < kActBlock; ++k)
+      q[k] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(x[k] * id))));
+    return d;
+  }
+  template <class T>
+  static void permute8(T* v, int64_t n, const int* order) {
+    T t[8];
+    for (int64_t i = 0; i < n; i += 8) {
+      for (int s = 0; s < 8; ++s) t[s] = v[i + order[s]];
+      std::memcpy(v + i, t, sizeof(t));
+    }
+  }
+};
+
 }  // namespace
+
+void prepare_portable(const XPrep& a) { prepare_rows<PortableIsa>(a); }
 
 void run_portable(const Problem& p) {
   drive(p, [&](const uint8_t* w, const uint8_t* sc, const uint8_t* mn, int64_t nb, int64_t row0, int mc) {

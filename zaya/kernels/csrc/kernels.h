@@ -51,12 +51,14 @@ struct Problem {
   const void* mins;         // nullptr when absent
   ScaleType scale_type;
   int64_t s_expert_stride;  // elements
-  // activations, one row per output row, in the path's order and dtype
+  // Activations, prepared for the path. x is laid out [unit][row][k of the unit, in the order the
+  // unit's decoded vectors use] so an inner loop reaches every row with one pointer and constant
+  // offsets; per-block values are [block][row].
   const void* x;            // A: float, B: uint16 (bf16), C: int8
-  int64_t ldx;              // elements per row of x
-  const float* xd;          // C: per-32 activation scales [rows][kp/32]
-  const int32_t* xcorr;     // C: per-flush-block offset corrections [rows][kp/flush]
-  const float* xsum;        // row sums per group [rows][ngroups] (when mins)
+  int64_t rows;             // rows of x (all experts' rows, grouped by expert)
+  const float* xd;          // C: activation scale per 32 k, [kp/32][rows]
+  const int32_t* xcorr;     // C: offset correction per flush block, [kp/flush][rows]
+  const float* xsum;        // row sums per group, [ngroups][rows] (when mins)
   // 4-bit value tables
   const float* lut_f32;     // path A
   const uint16_t* lut_bf16; // path B (32 entries: the 16 values twice)
@@ -132,7 +134,24 @@ void drive(const Problem& p, const Tile& tile) {
   });
 }
 
+// Input and outputs of the activation preparation (prep.h).
+struct XPrep {
+  Fmt fmt;
+  Path path;
+  int64_t k, kp, rows, group, ngroups, flush;
+  const void* const* src;  // one pointer per row, in the order the kernel will see them
+  bool src_bf16;
+  int32_t offset;          // path C: the weights' unsigned offset (128 for int8)
+  float inv_p;             // path C: 1 / the 4-bit table's power-of-two scale
+  void* x;                 // [kp * rows] elements of the path's type
+  float* xd;               // path C: [kp / 32][rows]
+  int32_t* xcorr;          // path C: [kp / flush][rows]
+  float* xsum;             // [ngroups][rows], or nullptr
+};
+
 bool avx512_supported();
+void prepare_avx512(const XPrep& a);
+void prepare_portable(const XPrep& a);
 void run_avx512(const Problem& p);
 void run_portable(const Problem& p);
 

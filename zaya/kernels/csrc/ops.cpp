@@ -120,68 +120,54 @@ Rows group_rows(int64_t M, const std::optional<at::Tensor>& expert, int64_t E) {
 
 // Activation buffers, reused across calls of a thread.
 struct Scratch {
-  std::vector<float> xf, xd, xsum;
-  std::vector<uint16_t> xb;
-  std::vector<int8_t> xq;
+  std::vector<uint8_t> x;
+  std::vector<float> xd, xsum;
   std::vector<int32_t> xcorr;
+  std::vector<const void*> src;
 };
 
-// position i of each 8-k chunk holds k = perm[i] (4-bit paths B and C; see gemv_avx512.cpp)
-constexpr int kPermB[8] = {0, 4, 1, 5, 2, 6, 3, 7};
-constexpr int kPermC[8] = {0, 2, 4, 6, 1, 3, 5, 7};
-
-void prepare_x(Problem& p, Scratch& s, const at::Tensor& x, const Rows& rows, const Lut* lut) {
-  const int64_t R = static_cast<int64_t>(rows.order.size()), K = x.size(1), kp = p.kp;
-  s.xf.assign(R * kp, 0.0f);
-  for (int64_t i = 0; i < R; ++i) {
-    float* dst = s.xf.data() + i * kp;
-    const int64_t r = rows.order[i];
-    if (x.scalar_type() == at::kFloat) {
-      std::memcpy(dst, x.data_ptr<float>() + r * K, K * sizeof(float));
-    } else {
-      const uint16_t* src = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) + r * K;
-      for (int64_t k = 0; k < K; ++k) dst[k] = bf16_to_f32(src[k]);
-    }
-  }
-  p.ldx = kp;
-  if (p.mins) {
-    s.xsum.assign(R * p.ngroups, 0.0f);
-    for (int64_t i = 0; i < R * kp; ++i) s.xsum[(i / kp) * p.ngroups + (i % kp) / p.group] += s.xf[i];
-    p.xsum = s.xsum.data();
-  }
+void prepare_x(Problem& p, Scratch& s, const at::Tensor& x, const Rows& rows, const Lut* lut, bool avx512) {
+  const int64_t R = static_cast<int64_t>(rows.order.size()), K = x.size(1);
+  XPrep a{};
+  a.fmt = p.fmt;
+  a.path = p.path;
+  a.k = K;
+  a.kp = p.kp;
+  a.rows = R;
+  a.group = p.group;
+  a.ngroups = p.ngroups;
+  a.flush = p.flush;
+  a.src_bf16 = x.scalar_type() == at::kBFloat16;
+  s.src.resize(R);
+  const uint8_t* base = static_cast<const uint8_t*>(x.data_ptr());
+  for (int64_t i = 0; i < R; ++i) s.src[i] = base + rows.order[i] * K * x.element_size();
+  a.src = s.src.data();
   const bool u4 = p.fmt == Fmt::U4;
-  if (p.path == Path::A) {
-    p.x = s.xf.data();
-  } else if (p.path == Path::B) {
-    s.xb.resize(R * kp);
-    for (int64_t i = 0; i < R * kp; ++i)
-      s.xb[i] = f32_to_bf16(s.xf[u4 ? (i & ~int64_t(7)) + kPermB[i & 7] : i]);  // exact: x is bf16
-    p.x = s.xb.data();
-  } else {
-    const int64_t nact = kp / kActBlock, nflush = kp / p.flush;
-    const int32_t offset = u4 ? lut->offset : 128;
-    const float inv_p = u4 ? lut->inv_p : 1.0f;
-    s.xq.resize(R * kp);
-    s.xd.resize(R * nact);
-    s.xcorr.assign(R * nflush, 0);
-    for (int64_t b = 0; b < R * nact; ++b) {
-      const float* src = s.xf.data() + b * kActBlock;
-      float amax = 0;
-      for (int k = 0; k < kActBlock; ++k) amax = std::max(amax, std::fabs(src[k]));
-      const float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
-      s.xd[b] = d * inv_p;
-      for (int k = 0; k < kActBlock; ++k) {
-        const int64_t i = b * kActBlock + k;  // destination position; its source k is permuted
-        const float v = src[u4 ? (k & ~7) + kPermC[k & 7] : k];
-        const int32_t q = static_cast<int32_t>(std::max(-127.0f, std::min(127.0f, std::nearbyint(v * id))));
-        s.xq[i] = static_cast<int8_t>(q);
-        s.xcorr[i / p.flush] -= offset * q;
-      }
-    }
-    p.x = s.xq.data();
-    p.xd = s.xd.data();
-    p.xcorr = s.xcorr.data();
+  a.offset = u4 && lut ? lut->offset : 128;
+  a.inv_p = u4 && lut ? lut->inv_p : 1.0f;
+  const int64_t elem = p.path == Path::A ? 4 : p.path == Path::B ? 2 : 1;
+  s.x.resize(R * p.kp * elem + 64);
+  a.x = s.x.data();
+  if (p.path == Path::C) {
+    s.xd.resize(p.kp / kActBlock * R);
+    s.xcorr.resize(p.kp / p.flush * R);
+    a.xd = s.xd.data();
+    a.xcorr = s.xcorr.data();
   }
+  if (p.mins) {
+    s.xsum.resize(p.ngroups * R);
+    a.xsum = s.xsum.data();
+  }
+  if (avx512) {
+    prepare_avx512(a);
+  } else {
+    prepare_portable(a);
+  }
+  p.rows = R;
+  p.x = a.x;
+  p.xd = a.xd;
+  p.xcorr = a.xcorr;
+  p.xsum = a.xsum;
 }
 
 void check_scales(const at::Tensor& t, const char* name, const std::vector<int64_t>& shape, Fmt fmt) {
@@ -262,7 +248,7 @@ at::Tensor matvec(Fmt fmt, const at::Tensor& x_in, const at::Tensor& w, const at
   }
   const Rows rows = group_rows(M, expert, E);
   thread_local Scratch scratch;
-  prepare_x(p, scratch, x, rows, lut ? &*lut : nullptr);
+  prepare_x(p, scratch, x, rows, lut ? &*lut : nullptr, avx512);
   const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
   TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16, "zaya kernels: out_dtype must be float32 or bfloat16");
   at::Tensor out = at::empty({M, n}, x.options().dtype(odt));

@@ -16,16 +16,11 @@ from __future__ import annotations
 import torch
 
 from zaya.kernels import build, reference
-from zaya.kernels.layouts import (KernelWeight, pack_4bit, pack_bf16, pack_fp8, pack_int8, pack_nibbles,
-                                  unpack_nibbles)
+from zaya.kernels.layouts import (E2M1, IDENTITY, ZAYA_INT4, KernelWeight, pack_4bit, pack_bf16, pack_fp8,
+                                  pack_int8, pack_nibbles, unpack_nibbles)
 
 __all__ = ["E2M1", "IDENTITY", "KernelWeight", "ZAYA_INT4", "available", "matmul", "pack_4bit", "pack_bf16",
            "pack_fp8", "pack_int8", "pack_nibbles", "unavailable_reason", "unpack_nibbles"]
-
-IDENTITY = tuple(float(i) for i in range(16))       # Q4_K (with its per-32 scale and min)
-ZAYA_INT4 = tuple(float(i - 8) for i in range(16))  # zaya int4: (q - 8) * scale + zero
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # MXFP4 / NVFP4
-
 
 def available() -> bool:
     """Whether the compiled kernels are loaded (building them on the first call)."""

@@ -30,6 +30,9 @@ LANES = 16
 K_ALIGN = 32
 FORMATS = ("bf16", "int8", "4bit", "fp8")
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+IDENTITY = tuple(float(i) for i in range(16))       # Q4_K (with its per-32 scale and min)
+ZAYA_INT4 = tuple(float(i - 8) for i in range(16))  # zaya int4, Q4_0: (q - 8) * scale (+ zero)
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # MXFP4 / NVFP4
 ROW_BLOCK = 4096  # rows packed at a time, so temporaries stay a few MB whatever the matrix
 
 # byte order inside an fp8 unit: each 128-bit lane holds rows 4j..4j+3 as [k0 k1] pairs, then [k2 k3]

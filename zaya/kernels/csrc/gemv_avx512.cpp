@@ -83,10 +83,7 @@ struct DecInt8 {
   static constexpr int kpu = 4, nA = 4, nB = 0, nC = 1;
   static void a(const uint8_t* u, const Tables&, __m512* f) {
     const __m512i v = _mm512_loadu_si512(u);
-    f[0] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24));
-    f[1] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24));
-    f[2] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24));
-    f[3] = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
+    for (int j = 0; j < 4; ++j) f[j] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24));
   }
   static void b(const uint8_t*, const Tables&, __m512i*) {}
   // s8 -> u8 by flipping the sign bit: the kernel sees w + 128 and the activation side subtracts
@@ -101,23 +98,13 @@ struct DecU4 {
   static constexpr int kpu = 8, nA = 8, nB = 4, nC = 2;
   static void a(const uint8_t* u, const Tables& t, __m512* f) {
     const __m512i v = _mm512_loadu_si512(u);
-    f[0] = _mm512_permutexvar_ps(v, t.lut_f32);
-    f[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t.lut_f32);
-    f[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), t.lut_f32);
-    f[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), t.lut_f32);
-    f[4] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), t.lut_f32);
-    f[5] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), t.lut_f32);
-    f[6] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), t.lut_f32);
-    f[7] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), t.lut_f32);
+    for (int j = 0; j < 8; ++j) f[j] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * j), t.lut_f32);
   }
   // word 0 of a lane holds nibbles 0-3, word 1 nibbles 4-7: shifting both words by 4s and looking
   // up their low bits gives the bf16 pair (s, s + 4)
   static void b(const uint8_t* u, const Tables& t, __m512i* v) {
     const __m512i x = _mm512_loadu_si512(u);
-    v[0] = _mm512_permutexvar_epi16(x, t.lut_bf16);
-    v[1] = _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 4), t.lut_bf16);
-    v[2] = _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 8), t.lut_bf16);
-    v[3] = _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 12), t.lut_bf16);
+    for (int s = 0; s < 4; ++s) v[s] = _mm512_permutexvar_epi16(_mm512_srli_epi16(x, 4 * s), t.lut_bf16);
   }
   // low nibbles are k 0, 2, 4, 6 of the lane, high nibbles k 1, 3, 5, 7
   static void c(const uint8_t* u, const Tables& t, __m512i* q) {

@@ -68,7 +68,7 @@ def _load_or_build() -> Path:
 
     directory = cache_root() / build_key()
     lib = directory / f"{LIB_NAME}.so"
-    if not lib.exists():
+    if not lib.exists() or (directory / "lock").exists():  # absent, or another process is still building it
         directory.mkdir(parents=True, exist_ok=True)
         # cpp_extension locks the directory, so concurrent first starts build once; it loads the
         # library it built into this process

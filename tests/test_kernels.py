@@ -91,6 +91,13 @@ def test_layout_dequantizes_exactly(case):
     assert torch.equal(kw.dequantize(), w)
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_take_rows_reads_the_layout(case):
+    kw, w = make(*case)
+    ids = torch.tensor([[0, case[1] - 1], [case[1] // 2, 5]])
+    assert torch.equal(zk.take_rows(kw, ids), w[ids])
+
+
 @pytest.mark.parametrize("case", CASES[::3], ids=IDS[::3])
 def test_reference_matches_dense(case):
     kw, w = make(*case)

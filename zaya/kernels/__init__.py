@@ -17,10 +17,10 @@ import torch
 
 from zaya.kernels import build, reference
 from zaya.kernels.layouts import (E2M1, IDENTITY, ZAYA_INT4, KernelWeight, pack_4bit, pack_bf16, pack_fp8,
-                                  pack_int8, pack_nibbles, unpack_nibbles)
+                                  pack_int8, pack_nibbles, take_rows, unpack_nibbles)
 
 __all__ = ["E2M1", "IDENTITY", "KernelWeight", "ZAYA_INT4", "available", "matmul", "pack_4bit", "pack_bf16",
-           "pack_fp8", "pack_int8", "pack_nibbles", "unavailable_reason", "unpack_nibbles"]
+           "pack_fp8", "pack_int8", "pack_nibbles", "take_rows", "unavailable_reason", "unpack_nibbles"]
 
 def available() -> bool:
     """Whether the compiled kernels are loaded (building them on the first call)."""

@@ -228,37 +228,62 @@ def pack_fp8(w: torch.Tensor, scales: torch.Tensor, *, block: tuple[int, int] | 
                         experts=w.shape[0] if experts else None)
 
 
-def _expand_groups(s: torch.Tensor, w: KernelWeight) -> torch.Tensor:
-    """[*, nb, groups, 16] -> fp32 [*, n, k] (each group's value repeated over its columns)."""
-    per_row = _untile(s[..., None], w.n).float()  # [*, n, groups]
-    g = w.group or padded_k(w.k)
-    return per_row.repeat_interleave(g, dim=-1)[..., :w.k]
+def _expand(per_group: torch.Tensor, w: KernelWeight) -> torch.Tensor:
+    """[*, n, groups] -> fp32 [*, n, k]: each group's value over its columns."""
+    return per_group.float().repeat_interleave(w.group or padded_k(w.k), dim=-1)[..., :w.k]
+
+
+def _values(w: KernelWeight, raw: torch.Tensor) -> torch.Tensor:
+    """A row's stored bytes (natural order, [*, n, bytes]) -> its fp32 values before scaling, [*, n, k]."""
+    if w.fmt == "bf16":
+        return raw.view(torch.bfloat16)[..., :w.k].float()
+    if w.fmt == "int8":
+        return raw.view(torch.int8)[..., :w.k].float()
+    if w.fmt == "4bit":
+        return w.lut[unpack_nibbles(raw, w.k).long()]
+    if w.fmt == "fp8":
+        return raw[..., :w.k].contiguous().view(torch.float8_e4m3fn).float()
+    raise ValueError(f"unknown kernel format {w.fmt!r}; expected one of {FORMATS}")
+
+
+def _natural(data: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Undo the fp8 byte order inside each unit (the other formats store rows' bytes as they are)."""
+    if fmt != "fp8":
+        return data
+    return data.reshape(*data.shape[:-2], 64)[..., torch.argsort(FP8_UNIT_ORDER)].reshape(data.shape)
+
+
+def _scaled(w: KernelWeight, values: torch.Tensor, scales, mins, with_mins: bool) -> torch.Tensor:
+    if scales is None:
+        return values
+    out = values * _expand(scales, w)
+    return out + _expand(mins, w) if mins is not None and with_mins else out
 
 
 def dequantize(w: KernelWeight, *, mins: bool = True) -> torch.Tensor:
     """The exact fp32 weight [experts?, n, k] a KernelWeight stands for (without the per-group
     offsets when ``mins`` is False; ``group_offsets`` gives them)."""
-    kp = padded_k(w.k)
-    if w.fmt == "bf16":
-        return _untile(w.data, w.n)[..., :w.k].float()
-    if w.fmt == "int8":
-        values = _untile(w.data, w.n)[..., :w.k].float()
-    elif w.fmt == "4bit":
-        codes = unpack_nibbles(_untile(w.data, w.n), kp)[..., :w.k]
-        values = w.lut[codes.long()]
-    elif w.fmt == "fp8":
-        inverse = torch.argsort(FP8_UNIT_ORDER)
-        data = w.data.reshape(*w.data.shape[:-2], 64)[..., inverse].reshape(w.data.shape)
-        values = _untile(data, w.n)[..., :w.k].contiguous().view(torch.float8_e4m3fn).float()
-    else:
-        raise ValueError(f"unknown kernel format {w.fmt!r}; expected one of {FORMATS}")
-    out = values * _expand_groups(w.scales, w)
-    return out if w.mins is None or not mins else out + _expand_groups(w.mins, w)
+    raw = _untile(_natural(w.data, w.fmt).view(torch.uint8), w.n)
+    per_row = lambda t: None if t is None else _untile(t[..., None], w.n)  # noqa: E731
+    return _scaled(w, _values(w, raw), per_row(w.scales), per_row(w.mins), mins)
+
+
+def take_rows(w: KernelWeight, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of the weight as fp32 [*ids.shape, k], read from the layout: an embedding
+    lookup on a tied table needs no second, natural copy of it."""
+    if w.experts is not None:
+        raise ValueError("take_rows reads one matrix, not stacked experts")
+    flat = ids.reshape(-1)
+    nb, lane = flat // LANES, flat % LANES
+    data = _natural(w.data[nb], w.fmt).view(torch.uint8)  # [rows, units, 16, bytes]
+    raw = data[torch.arange(flat.numel()), :, lane].flatten(-2)
+    pick = lambda t: None if t is None else t[nb, :, lane]  # noqa: E731
+    return _scaled(w, _values(w, raw), pick(w.scales), pick(w.mins), True).reshape(*ids.shape, w.k)
 
 
 def group_offsets(w: KernelWeight) -> torch.Tensor | None:
     """The per-group offsets ("mins") as fp32 [experts?, n, k], or None."""
-    return None if w.mins is None else _expand_groups(w.mins, w)
+    return None if w.mins is None else _expand(_untile(w.mins[..., None], w.n), w)
 
 
 def row_slice(w: KernelWeight, b0: int, b1: int) -> KernelWeight:
@@ -277,3 +302,4 @@ def select_expert(w: KernelWeight, e: torch.Tensor | int) -> KernelWeight:
         return None if t is None else t[e]
 
     return KernelWeight(w.fmt, w.data[e], w.n, w.k, w.group, pick(w.scales), pick(w.mins), w.lut, None)
+

@@ -8,10 +8,12 @@ groups of 64). Each call reads a different copy of the weights, cycling through 
 so every figure is a read from memory, as in a decode step, not from the 32 MB L3.
 
 The first row of each shape is the memory read bandwidth, measured the same way in the same
-rounds: a plain PyTorch reduction (``sum``) over fp32 copies as large as the bf16 weight. A cell
-is the best call of ``--rounds`` alternated rounds and its share is against that row; on a
-shared machine the best call is the closest to what an idle one does (the median is in the JSON
-line, which ends the output with every figure).
+rounds: ``torch.ops.zaya.read_all`` reads buffers as large as the bf16 weight once (an XOR of
+every word, split across threads like the kernels; ``torch.sum``, whose reduction synchronises
+its threads more, reads slower and suffers more on a loaded machine). A cell is the best call of
+``--rounds`` alternated rounds and its share is against that row; on a shared machine the best
+call is the closest to what an idle one does (the median is in the JSON line, which ends the
+output with every figure).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from zaya.quant import QuantWeight
 
 SHAPES = {"attn": (2048, 2048), "gate_up": (4096, 2048), "down": (2048, 2048), "head": (262272, 2048)}
 WORKING_SET = 256 << 20
-READ = "memory read (fp32 sum)"
+READ = "memory read (read_all)"
 
 
 def weight_bytes(w) -> int:
@@ -74,8 +76,9 @@ def candidates(n: int, k: int):
         return zk.pack_fp8((u8(n, k) & 0x77).view(torch.float8_e4m3fn), torch.rand(n, generator=g))
 
     kern = lambda act: lambda x, w: zk.matmul(x, w, act_int8=act)  # noqa: E731
+    read = (lambda x, w: torch.ops.zaya.read_all(w[0])) if zk.available() else (lambda x, w: w[0].sum())
     return [
-        (READ, lambda: [torch.rand(n * k // 2, generator=g)], lambda x, w: w[0].sum()),
+        (READ, lambda: [u8(n * k * 2)], read),
         ("torch bf16 oneDNN packed", onednn, lambda x, w: torch.cat([packed.matmul(x, b) for b in w], -1)),
         ("zaya bf16", lambda: zk.pack_bf16(bf16(n, k)), kern(False)),
         ("torch int8 _weight_int8pack_mm", lambda: (lambda q, s: (q, s.contiguous()))(*int8_rows()),

@@ -256,3 +256,12 @@ def test_mxfp4_scales_are_powers_of_two_including_the_extremes():
     assert torch.equal(kw.dequantize()[0].isnan(), want.isnan())
     assert torch.equal(kw.dequantize()[0].nan_to_num(), want.nan_to_num())
     assert padded_k(kw.k) == 256
+
+
+def test_read_all_reads_every_word(isa):
+    t = torch.randint(0, 256, (3 << 16,), dtype=torch.uint8)
+    words = t.view(torch.int64)
+    want = 0
+    for v in words.tolist():
+        want ^= v
+    assert torch.ops.zaya.read_all(t).item() == want

@@ -292,7 +292,22 @@ Tables make_tables(const Problem& p) {
   return t;
 }
 
+uint64_t read_block(const uint8_t* p, int64_t bytes) {
+  __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;
+  for (int64_t i = 0; i < bytes; i += 256) {
+    a = _mm512_xor_si512(a, _mm512_loadu_si512(p + i));
+    b = _mm512_xor_si512(b, _mm512_loadu_si512(p + i + 64));
+    c = _mm512_xor_si512(c, _mm512_loadu_si512(p + i + 128));
+    d = _mm512_xor_si512(d, _mm512_loadu_si512(p + i + 192));
+  }
+  alignas(64) uint64_t v[8];
+  _mm512_store_si512(v, _mm512_xor_si512(_mm512_xor_si512(a, b), _mm512_xor_si512(c, d)));
+  return v[0] ^ v[1] ^ v[2] ^ v[3] ^ v[4] ^ v[5] ^ v[6] ^ v[7];
+}
+
 }  // namespace
+
+uint64_t read_all_avx512(const uint8_t* p, int64_t bytes) { return read_parallel(p, bytes, read_block); }
 
 void prepare_avx512(const XPrep& a) { prepare_rows<Avx512Isa>(a); }
 
@@ -330,6 +345,7 @@ bool avx512_supported() {
 
 namespace zaya_kernels {
 bool avx512_supported() { return false; }
+uint64_t read_all_avx512(const uint8_t*, int64_t) { return 0; }
 void prepare_avx512(const XPrep&) {}
 void run_avx512(const Problem&) {}
 }  // namespace zaya_kernels

@@ -184,7 +184,20 @@ struct PortableIsa {
   }
 };
 
+uint64_t read_block(const uint8_t* p, int64_t bytes) {
+  uint64_t acc[8] = {};
+  for (int64_t i = 0; i < bytes; i += 64)
+    for (int j = 0; j < 8; ++j) {
+      uint64_t v;
+      std::memcpy(&v, p + i + 8 * j, 8);
+      acc[j] ^= v;
+    }
+  return acc[0] ^ acc[1] ^ acc[2] ^ acc[3] ^ acc[4] ^ acc[5] ^ acc[6] ^ acc[7];
+}
+
 }  // namespace
+
+uint64_t read_all_portable(const uint8_t* p, int64_t bytes) { return read_parallel(p, bytes, read_block); }
 
 void prepare_portable(const XPrep& a) { prepare_rows<PortableIsa>(a); }
 

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace zaya_kernels {
 
@@ -88,6 +89,22 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
+// Splits [0, bytes) into 64 KB blocks across threads and XOR-combines read_block's results.
+template <class ReadBlock>
+uint64_t read_parallel(const uint8_t* p, int64_t bytes, const ReadBlock& read_block) {
+  constexpr int64_t kBlock = 1 << 16;
+  const int64_t nblocks = (bytes + kBlock - 1) / kBlock;
+  std::vector<uint64_t> part(static_cast<size_t>(at::get_num_threads()) + 1, 0);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    uint64_t acc = 0;
+    for (int64_t b = b0; b < b1; ++b) acc ^= read_block(p + b * kBlock, std::min(kBlock, bytes - b * kBlock));
+    part[at::get_thread_num()] ^= acc;
+  });
+  uint64_t out = 0;
+  for (uint64_t v : part) out ^= v;
+  return out;
+}
+
 // Writes the valid lanes of an n-block's results for rows [row0, row0 + mc) of x.
 inline void store_tile(const Problem& p, int64_t nb, int64_t row0, int mc, const float (*acc)[kLanes]) {
   const int64_t n0 = nb * kLanes;
@@ -148,6 +165,11 @@ struct XPrep {
   int32_t* xcorr;          // path C: [kp / flush][rows]
   float* xsum;             // [ngroups][rows], or nullptr
 };
+
+// XOR of every 64-bit word of [p, p + bytes) (bytes a multiple of 64): a pure read at the
+// bandwidth the kernels can reach, split across threads as they are.
+uint64_t read_all_avx512(const uint8_t* p, int64_t bytes);
+uint64_t read_all_portable(const uint8_t* p, int64_t bytes);
 
 bool avx512_supported();
 void prepare_avx512(const XPrep& a);

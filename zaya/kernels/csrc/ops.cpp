@@ -293,6 +293,18 @@ at::Tensor mv_fp8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sc
   return matvec(Fmt::FP8, x, w, &scales, nullptr, nullptr, n, group, false, expert, out_dtype);
 }
 
+// Reads every byte of t once (the memory-read roofline the benchmarks compare the kernels with).
+at::Tensor read_all(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && (t.numel() * t.element_size()) % 256 == 0,
+              "zaya kernels: read_all takes a contiguous CPU tensor of a multiple of 256 bytes");
+  const uint8_t* p = static_cast<const uint8_t*>(t.data_ptr());
+  const int64_t bytes = t.numel() * t.element_size();
+  const uint64_t v = g_avx512 ? read_all_avx512(p, bytes) : read_all_portable(p, bytes);
+  at::Tensor out = at::empty({1}, t.options().dtype(at::kLong));
+  out.data_ptr<int64_t>()[0] = static_cast<int64_t>(v);
+  return out;
+}
+
 }  // namespace
 }  // namespace zaya_kernels
 
@@ -305,6 +317,7 @@ TORCH_LIBRARY(zaya, m) {
   m.def("mv_fp8(Tensor x, Tensor w, Tensor scales, int n, int group, Tensor? expert=None, "
         "ScalarType? out_dtype=None) -> Tensor");
   m.def("isa(str set='') -> str", &zaya_kernels::isa);
+  m.def("read_all(Tensor t) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(zaya, CPU, m) {
@@ -312,4 +325,5 @@ TORCH_LIBRARY_IMPL(zaya, CPU, m) {
   m.impl("mv_int8", &zaya_kernels::mv_int8);
   m.impl("mv_4bit", &zaya_kernels::mv_4bit);
   m.impl("mv_fp8", &zaya_kernels::mv_fp8);
+  m.impl("read_all", &zaya_kernels::read_all);
 }

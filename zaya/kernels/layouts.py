@@ -121,14 +121,19 @@ def _pad_k(t: torch.Tensor, kp: int) -> torch.Tensor:
     return t if k == kp else torch.cat([t, t.new_zeros((*t.shape[:-1], kp - k))], -1)
 
 
-def _pack_rows(w: torch.Tensor, kp: int, elem_per_word: int) -> torch.Tensor:
-    """Pad K and tile, a row block at a time (no full-size padded temporary)."""
+def _pack_rows(w: torch.Tensor, kp: int, elem_per_word: int, unit_order: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Pad K and tile (then reorder each unit's bytes by ``unit_order``), a row block at a time:
+    no full-size temporary."""
     *lead, n, _ = w.shape
     nb = -(-n // LANES)
     out = w.new_empty((*lead, nb, kp // elem_per_word, LANES, elem_per_word))
     for r0 in range(0, n, ROW_BLOCK):
         r1 = min(n, r0 + ROW_BLOCK)
-        out[..., r0 // LANES:-(-r1 // LANES), :, :, :] = _tile(_pad_k(w[..., r0:r1, :], kp), elem_per_word)
+        block = _tile(_pad_k(w[..., r0:r1, :], kp), elem_per_word)
+        if unit_order is not None:
+            block = block.reshape(*block.shape[:-2], 64)[..., unit_order].reshape(block.shape)
+        out[..., r0 // LANES:-(-r1 // LANES), :, :, :] = block
     return out
 
 
@@ -221,10 +226,8 @@ def pack_fp8(w: torch.Tensor, scales: torch.Tensor, *, block: tuple[int, int] | 
         s = s.reshape(*lead, -1, 1).expand(*lead, n, 1)
         group = 0
     group, ngroups = _groups(k, group)
-    raw = w.view(torch.uint8)
-    data = _pack_rows(raw, padded_k(k), 4)
-    data = data.reshape(*data.shape[:-2], 64)[..., FP8_UNIT_ORDER].reshape(data.shape)
-    return KernelWeight("fp8", data.contiguous(), n, k, group, _pack_scales(s.contiguous(), n, ngroups, "scales"),
+    data = _pack_rows(w.view(torch.uint8), padded_k(k), 4, FP8_UNIT_ORDER)
+    return KernelWeight("fp8", data, n, k, group, _pack_scales(s.contiguous(), n, ngroups, "scales"),
                         experts=w.shape[0] if experts else None)
 
 

@@ -50,8 +50,9 @@ def matmul(x: torch.Tensor, w: KernelWeight, *, act_int8: bool = False, expert: 
     (negative: a zero row)."""
     out_dtype = out_dtype or x.dtype
     if act_int8 and not w.supports_act_int8:
+        table = "" if w.lut is None else f" with table {w.lut.tolist()}"
         raise ValueError(f"int8 activations need int8 weights or a 4-bit table of integers spanning at most 255 "
-                         f"after a power-of-two scale; got {w.fmt}" + (f" with {w.lut.tolist()}" if w.lut is not None else ""))
+                         f"after a power-of-two scale; got {w.fmt}{table}")
     xf = x.float()
     if expert is None:
         return _dense(xf, w, act_int8).to(out_dtype)

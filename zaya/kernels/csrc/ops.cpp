@@ -178,26 +178,20 @@ void check_scales(const at::Tensor& t, const char* name, const std::vector<int64
               t.sizes());
 }
 
-at::Tensor matvec(Fmt fmt, const at::Tensor& x_in, const at::Tensor& w, const at::Tensor* scales,
-                  const at::Tensor* mins, const at::Tensor* lut_t, int64_t n, int64_t group, bool act_int8,
-                  const std::optional<at::Tensor>& expert, std::optional<at::ScalarType> out_dtype) {
-  TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "zaya kernels run on CPU tensors");
-  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
-              "zaya kernels: x must be 2-D float32 or bfloat16, got ", x_in.scalar_type(), " ", x_in.sizes());
-  const at::Tensor x = x_in.contiguous();
-  const int64_t M = x.size(0), K = x.size(1);
+// The weight's shape, groups, scales and mins, checked against x (K columns) and n.
+Problem describe_weight(Fmt fmt, int64_t K, const at::Tensor& w, const at::Tensor* scales, const at::Tensor* mins,
+                        int64_t n, int64_t group, bool experts) {
   const at::ScalarType wdt = fmt == Fmt::BF16 ? at::kBFloat16 : fmt == Fmt::INT8 ? at::kChar : at::kByte;
-  const int64_t lead = expert ? 1 : 0, esize = fmt == Fmt::BF16 ? 2 : 4;
-  TORCH_CHECK(w.scalar_type() == wdt && w.dim() == 4 + lead && w.size(lead + 2) == kLanes &&
+  const int64_t lead = experts ? 1 : 0, esize = fmt == Fmt::BF16 ? 2 : 4;
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == wdt && w.dim() == 4 + lead && w.size(lead + 2) == kLanes &&
                   w.size(lead + 3) == esize && w.is_contiguous(),
-              "zaya kernels: weight must be a contiguous ", wdt, " tensor (", expert ? "experts, " : "",
+              "zaya kernels: weight must be a contiguous CPU ", wdt, " tensor (", experts ? "experts, " : "",
               "n-blocks, units, 16, ", esize, "), got ", w.scalar_type(), " ", w.sizes());
   Problem p{};
   p.fmt = fmt;
   p.n = n;
   p.nb = w.size(lead);
   p.kp = w.size(lead + 1) * k_per_unit(fmt);
-  const int64_t E = expert ? w.size(0) : 1;
   TORCH_CHECK(n > (p.nb - 1) * kLanes && n <= p.nb * kLanes, "zaya kernels: n=", n, " does not fit ", p.nb,
               " blocks of 16 rows");
   TORCH_CHECK(p.kp % 32 == 0 && p.kp >= K && p.kp - K < 32, "zaya kernels: x has ", K,
@@ -212,9 +206,9 @@ at::Tensor matvec(Fmt fmt, const at::Tensor& x_in, const at::Tensor& w, const at
   p.ngroups = p.kp / p.group;
   p.flush = p.group == 16 ? 16 : 32;
   p.w = static_cast<const uint8_t*>(w.data_ptr());
-  p.w_expert_stride = expert ? w.stride(0) * w.element_size() : 0;
-  const std::vector<int64_t> sshape = expert ? std::vector<int64_t>{E, p.nb, p.ngroups, kLanes}
-                                             : std::vector<int64_t>{p.nb, p.ngroups, kLanes};
+  p.w_expert_stride = experts ? w.stride(0) * w.element_size() : 0;
+  const std::vector<int64_t> sshape = experts ? std::vector<int64_t>{w.size(0), p.nb, p.ngroups, kLanes}
+                                              : std::vector<int64_t>{p.nb, p.ngroups, kLanes};
   if (scales) {
     check_scales(*scales, "scales", sshape, fmt);
     p.scales = scales->data_ptr();
@@ -228,29 +222,46 @@ at::Tensor matvec(Fmt fmt, const at::Tensor& x_in, const at::Tensor& w, const at
     TORCH_CHECK(mins->scalar_type() == scales->scalar_type(), "zaya kernels: mins and scales must share a dtype");
     p.mins = mins->data_ptr();
   }
-  std::optional<Lut> lut;
-  if (lut_t) lut = analyze_lut(*lut_t);
-  const bool avx512 = g_avx512;
+  return p;
+}
+
+// A (fp32), B (bf16 pairs: bf16 activations, exact on this format and table) or C (int8 activations).
+Path choose_path(Fmt fmt, bool act_int8, const std::optional<Lut>& lut, bool bf16_x, bool avx512) {
   if (act_int8) {
     TORCH_CHECK(fmt == Fmt::INT8 || fmt == Fmt::U4, "zaya kernels: int8 activations apply to int8 and 4-bit weights");
     TORCH_CHECK(!lut || lut->has_int, "zaya kernels: int8 activations need a value table of integers in a range of "
                                       "256 after a power-of-two scale (identity, q - 8, e2m1 are)");
-    p.path = Path::C;
-  } else {
-    const bool b_ok = fmt == Fmt::BF16 || fmt == Fmt::FP8 || (fmt == Fmt::U4 && lut->bf16_exact);
-    p.path = avx512 && b_ok && x.scalar_type() == at::kBFloat16 ? Path::B : Path::A;
+    return Path::C;
   }
-  if (lut) {
+  const bool b_ok = fmt == Fmt::BF16 || fmt == Fmt::FP8 || (fmt == Fmt::U4 && lut->bf16_exact);
+  return avx512 && b_ok && bf16_x ? Path::B : Path::A;
+}
+
+at::Tensor matvec(Fmt fmt, const at::Tensor& x_in, const at::Tensor& w, const at::Tensor* scales,
+                  const at::Tensor* mins, const at::Tensor* lut_t, int64_t n, int64_t group, bool act_int8,
+                  const std::optional<at::Tensor>& expert, std::optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2 &&
+                  (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
+              "zaya kernels: x must be a 2-D float32 or bfloat16 CPU tensor, got ", x_in.scalar_type(), " ",
+              x_in.sizes());
+  const at::ScalarType odt = out_dtype.value_or(x_in.scalar_type());
+  TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16, "zaya kernels: out_dtype must be float32 or bfloat16");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0);
+  Problem p = describe_weight(fmt, x.size(1), w, scales, mins, n, group, expert.has_value());
+  std::optional<Lut> lut;
+  if (lut_t) {
+    lut = analyze_lut(*lut_t);
     p.lut_f32 = lut->f32;
     p.lut_bf16 = lut->bf16;
     p.lut_u8 = lut->u8;
     p.lut_identity_u8 = lut->identity_u8;
   }
-  const Rows rows = group_rows(M, expert, E);
+  const bool avx512 = g_avx512;
+  p.path = choose_path(fmt, act_int8, lut, x.scalar_type() == at::kBFloat16, avx512);
+  const Rows rows = group_rows(M, expert, expert ? w.size(0) : 1);
   thread_local Scratch scratch;
   prepare_x(p, scratch, x, rows, lut ? &*lut : nullptr, avx512);
-  const at::ScalarType odt = out_dtype.value_or(x.scalar_type());
-  TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16, "zaya kernels: out_dtype must be float32 or bfloat16");
   at::Tensor out = at::empty({M, n}, x.options().dtype(odt));
   for (int64_t r : rows.skipped) out[r].zero_();
   p.nseg = static_cast<int>(rows.seg_expert.size());

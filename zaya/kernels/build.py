@@ -64,11 +64,11 @@ def build_key() -> str:
 
 
 def _load_or_build() -> Path:
-    from torch.utils import cpp_extension
-
     directory = cache_root() / build_key()
     lib = directory / f"{LIB_NAME}.so"
     if not lib.exists() or (directory / "lock").exists():  # absent, or another process is still building it
+        from torch.utils import cpp_extension  # imports setuptools: only when building
+
         directory.mkdir(parents=True, exist_ok=True)
         # cpp_extension locks the directory, so concurrent first starts build once; it loads the
         # library it built into this process

@@ -170,7 +170,7 @@ void prepare_x(Problem& p, Scratch& s, const at::Tensor& x, const Rows& rows, co
   p.xsum = a.xsum;
 }
 
-void check_scales(const at::Tensor& t, const char* name, const std::vector<int64_t>& shape, Fmt fmt) {
+void check_scales(const at::Tensor& t, const char* name, const std::vector<int64_t>& shape) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
               "zaya kernels: ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
   TORCH_CHECK(t.sizes().vec() == shape && t.is_contiguous(), "zaya kernels: ", name,
@@ -210,7 +210,7 @@ Problem describe_weight(Fmt fmt, int64_t K, const at::Tensor& w, const at::Tenso
   const std::vector<int64_t> sshape = experts ? std::vector<int64_t>{w.size(0), p.nb, p.ngroups, kLanes}
                                               : std::vector<int64_t>{p.nb, p.ngroups, kLanes};
   if (scales) {
-    check_scales(*scales, "scales", sshape, fmt);
+    check_scales(*scales, "scales", sshape);
     p.scales = scales->data_ptr();
     p.scale_type = scales->scalar_type() == at::kFloat  ? ScaleType::F32
                    : scales->scalar_type() == at::kHalf ? ScaleType::F16
@@ -218,7 +218,7 @@ Problem describe_weight(Fmt fmt, int64_t K, const at::Tensor& w, const at::Tenso
     p.s_expert_stride = p.nb * p.ngroups * kLanes;
   }
   if (mins) {
-    check_scales(*mins, "mins", sshape, fmt);
+    check_scales(*mins, "mins", sshape);
     TORCH_CHECK(mins->scalar_type() == scales->scalar_type(), "zaya kernels: mins and scales must share a dtype");
     p.mins = mins->data_ptr();
   }

@@ -148,6 +148,29 @@ def activation_error(n: int = 4096, k: int = 2048, rows: int = 8) -> dict:
     return out
 
 
+def compute_ceiling(rows: list[int], repeat: int, k: int = 2048) -> int:
+    """Each kernel's throughput when memory is not the limit: the marginal GB/s between 1024 and
+    4096 output rows with the weights resident in L3 (one thread; fixed per-call costs cancel)."""
+    torch.set_num_threads(1)
+    print(f"compute ceiling: marginal GB/s between N=1024 and 4096, K={k}, L3-resident, 1 thread, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print(f"{'path':32} " + " ".join(f"{'M=' + str(m):>7}" for m in rows))
+    out = {}
+    for (label, build_a, fn), (_, build_b, _) in zip(candidates(1024, k), candidates(4096, k)):
+        if not label.startswith("zaya"):
+            continue
+        a, b = build_a(), build_b()
+        cells = {}
+        for m in rows:
+            x = torch.randn(m, k).bfloat16()
+            ta, tb = (min(time_calls(fn, [w], x, repeat * 10)) for w in (a, b))
+            cells[m] = (weight_bytes(b) - weight_bytes(a)) / max(tb - ta, 1e-9) / 1e9
+        out[label] = cells
+        print(f"{label:32} " + " ".join(f"{cells[m]:7.1f}" for m in rows), flush=True)
+    print(json.dumps({"compute_ceiling_gb_s": out}))
+    return 0
+
+
 def run(shapes: list[str], rows: list[int], rounds: int, repeat: int) -> int:
     if not zk.available():
         print(f"zaya.kernels unavailable ({zk.unavailable_reason()}): the figures below are the PyTorch reference")

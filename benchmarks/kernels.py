@@ -22,6 +22,7 @@ read bandwidth measured in the same run (``benchmarks/decode_kernels.py``; 2 thr
 
     python benchmarks/kernels.py --zaya-kernels
     python benchmarks/kernels.py --zaya-kernels --shapes gate_up --rows 1,8 --rounds 5
+    python benchmarks/kernels.py --zaya-kernels --compute   # per-core ceiling, weights in L3
 """
 
 from __future__ import annotations
@@ -64,13 +65,16 @@ def main(argv=None) -> int:
     ap.add_argument("--zaya-kernels", action="store_true", help="time zaya.kernels' formats instead")
     ap.add_argument("--shapes", default="attn,gate_up,down,head", help="with --zaya-kernels")
     ap.add_argument("--rounds", type=int, default=3, help="with --zaya-kernels: alternated rounds")
+    ap.add_argument("--compute", action="store_true", help="with --zaya-kernels: compute ceiling, 1 thread")
     args = ap.parse_args(argv)
     if args.zaya_kernels:
-        from decode_kernels import run
+        from decode_kernels import compute_ceiling, run
 
         torch.set_num_threads(args.threads or 2)
-        rows = "1,2,4,8" if args.rows == ap.get_default("rows") else args.rows
-        return run(args.shapes.split(","), [int(r) for r in rows.split(",")], args.rounds, args.repeat)
+        rows = [int(r) for r in ("1,2,4,8" if args.rows == ap.get_default("rows") else args.rows).split(",")]
+        if args.compute:
+            return compute_ceiling(rows, args.repeat)
+        return run(args.shapes.split(","), rows, args.rounds, args.repeat)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.attention:

@@ -7,13 +7,15 @@ which adds its parser and sets ``func`` (called with the parsed args, returns an
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+from zaya.errors import ZayaError
 
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
     "zaya.commands",
     "zaya.rsa.cli",
-    "zaya.quant",
     "zaya.bench",
     "zaya.train.cli",
     "zaya.server.cli",
@@ -23,8 +25,6 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(
         prog="zaya",
         description="Run, serve, test-time-scale and train ZAYA1 models.",
@@ -48,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from zaya.errors import ZayaError
-
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 
+from zaya.train.config import load_config
+from zaya.train.plot import plot_metrics
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="training config (.toml, or .yaml with PyYAML)")
@@ -33,20 +36,17 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from zaya.train.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     if args.no_progress:
         cfg.train.progress = False
     if args.plot_only:
-        from zaya.train.plot import plot_metrics
-
         if not args.plot:
             raise SystemExit("zaya train: --plot-only needs --plot PNG")
         print(plot_metrics(cfg.out_dir / "metrics.jsonl", args.plot))
         return 0
     if args.plot:
         cfg.train.plot = args.plot
+    # the trainer (and torch.distributed) is imported when a run starts, not for every `zaya` command
     from zaya.train.loop import train
 
     train(cfg, resume=args.resume)

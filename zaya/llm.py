@@ -104,15 +104,17 @@ class LLM:
         yield from self.engine().run(self._requests(prompts, sampling))
 
     # -- chat -----------------------------------------------------------------------------------
-    def chat_template(self) -> str:
-        return getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    def chat_template(self, tools=None) -> str:
+        """The checkpoint's template (its ``tool_use`` one when tools are given and it has one, as
+        transformers chooses), else zaya's default."""
+        own = self.tokenizer.chat_template_for(tools) if self.tokenizer is not None else None
+        return own or DEFAULT_CHAT_TEMPLATE
 
     def render_chat(self, messages, *, tools=None, add_generation_prompt=True, enable_thinking=None, **kwargs) -> str:
         tok = self.tokenizer
-        return render_chat(self.chat_template(), messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                           enable_thinking=enable_thinking,
-                           bos_token=tok.id_to_token(tok.bos_id) if tok.bos_id is not None else "",
-                           eos_token=next((tok.id_to_token(i) for i in sorted(tok.eos_ids)), ""), **kwargs)
+        return render_chat(self.chat_template(tools), messages, tools=tools,
+                           add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+                           bos_token=tok.bos_token or "", eos_token=tok.eos_token or "", **kwargs)
 
     def apply_chat_template(self, messages, *, tools=None, add_generation_prompt=True, enable_thinking=None,
                             **kwargs) -> list[int]:

@@ -18,6 +18,11 @@ ZAYA1 (Zyphra, arXiv 2605.05365) is a top-1 mixture-of-experts decoder. What is 
 Names, op order and dtypes follow transformers 5.23 ``models/zaya/modeling_zaya.py`` (the
 numerical reference), so a reader can compare the two side by side: branch arithmetic runs in
 the weight dtype, the residual stream in fp32, norms see the residual cast to the weight dtype.
+
+Nothing here is specific to a device or a weight format. Loaders put their own module classes in
+through a few seams (``replace_modules``): ``ZayaCCAProjection.project`` (the four input
+projections), ``ZayaExperts.expert`` (one expert on its tokens) and the attention kernel child
+``ZayaAttention.attend``; zaya.quant, zaya.packed and zaya.cpu_attention fill them.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ names the tensor and the file it came from.
 What the pipeline reads from a format (``SafetensorsCheckpoint`` today; a GGUF or a
 compressed-tensors reader would be another class with the same members): ``path``, ``config``,
 ``layout``, ``tensors`` (native name -> loader), ``origin(name)``, ``shape(name)``, ``stored`` (None
-or the quantization its stored tensors carry, with ``to_config()``), ``swap_modules(model)`` (the
+or the quantization its stored tensors carry: ``bits``, ``to_config()``), ``swap_modules(model)`` (the
 classes the stored tensors need), ``stored_quantized(name, t, device)``, ``quantize(name, load,
 spec, dtype)`` and ``reader()`` (plain reads for the kernels' own copies). Which module classes
 serve the device (prepacked bf16, a CPU decode-attention kernel) is chosen here, from the dtype

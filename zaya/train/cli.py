@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from zaya.train.config import load_config
+from zaya.train.loop import train
 from zaya.train.plot import plot_metrics
 
 
@@ -46,8 +47,5 @@ def run(args) -> int:
         return 0
     if args.plot:
         cfg.train.plot = args.plot
-    # the trainer (and torch.distributed) is imported when a run starts, not for every `zaya` command
-    from zaya.train.loop import train
-
     train(cfg, resume=args.resume)
     return 0

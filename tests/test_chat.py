@@ -147,7 +147,8 @@ def test_llm_picks_the_tool_use_template_when_tools_are_given(tmp_path):
     own, zaya's default serves both."""
     transformers = pytest.importorskip("transformers")
     named = [{"name": "default", "template": "{{ bos_token }}D:{{ messages[0].content }}{{ eos_token }}"},
-             {"name": "tool_use", "template": "{{ bos_token }}T:{{ tools[0].function.name }}:{{ messages[0].content }}"}]
+             {"name": "tool_use",
+              "template": "{{ bos_token }}T:{{ tools[0].function.name }}:{{ messages[0].content }}"}]
     path = make_tokenizer_dir(tmp_path / "named", chat_template=named)
     llm, ref = LLM(make_tiny_model(), Tokenizer.from_dir(path)), transformers.AutoTokenizer.from_pretrained(str(path))
     messages = [{"role": "user", "content": "hi"}]

@@ -192,7 +192,8 @@ def swap_modules(model: nn.Module) -> nn.Module:
 
 
 def pack_model(model: nn.Module, reader=None) -> nn.Module:
-    """Swap and pack a model whose weights are already in memory (``reader``: see the module doc)."""
+    """Swap and pack a model whose weights are already in memory (``reader``: a checkpoint's
+    ``PlainReader`` to pack from the file, or None to pack from the parameters)."""
     swap_modules(model)
     for name, m in model.named_modules():
         if isinstance(m, PACKED):

@@ -38,8 +38,9 @@ DEQUANT_ROWS = {8: 32, 4: 128}
 # What is quantized, by module name: the one statement that swapping modules (a quantized
 # checkpoint, or quantizing at load) and picking the tensors of a float checkpoint to quantize
 # both read.
-QUANTIZED_MODULES = re.compile(r"model\.layers\.\d+\.self_attn\.(qkv_proj\.(q_proj|k_proj|v_proj_current|v_proj_delayed)"
-                               r"|o_proj)|model\.layers\.\d+\.mlp\.experts|model\.embed_tokens|lm_head")
+QUANTIZED_MODULES = re.compile(r"model\.layers\.\d+\.self_attn\."
+                               r"(qkv_proj\.(q_proj|k_proj|v_proj_current|v_proj_delayed)|o_proj)"
+                               r"|model\.layers\.\d+\.mlp\.experts|model\.embed_tokens|lm_head")
 _WEIGHT_LEAVES = ("weight", "gate_up_proj", "down_proj")  # a quantized module's float weights (not its bias)
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \

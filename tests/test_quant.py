@@ -9,6 +9,7 @@ import torch
 
 import zaya
 from tiny_model import make_tiny_model_dir
+from zaya.checkpoint import save_quantized
 from zaya.errors import CheckpointError, ConfigError
 from zaya.quant import QuantLinear, QuantSpec, dequantize, quantize_tensor
 
@@ -101,7 +102,7 @@ def test_quantized_checkpoint_is_strict(tmp_path):
 
     src = make_tiny_model_dir(tmp_path / "m", **QUANT)
     dst = tmp_path / "q"
-    zaya.quant.save_quantized(src, dst, QuantSpec(8))
+    save_quantized(src, dst, QuantSpec(8))
     state = load_file(dst / "model.safetensors")
     name = "model.layers.0.self_attn.o_proj.scales"
     save_file({k: v for k, v in state.items() if k != name}, dst / "model.safetensors")
@@ -134,11 +135,11 @@ def test_quant_matmul_paths_agree(rows, bits):
 def test_quantize_at_load_in_row_blocks_matches_whole_tensors(tmp_path, monkeypatch, bits):
     """Large tensors are quantized in row blocks read with pread; the last block is shorter
     (vocab 512 rows in blocks of 3 here, as ZAYA1-8B's 262,272-row table is in 8,192-row blocks)."""
-    import zaya.quant as quant
+    import zaya.checkpoint.files as files
 
     src = make_tiny_model_dir(tmp_path / "m", **QUANT)
     ids = torch.randint(3, 512, (1, 10), generator=torch.Generator().manual_seed(3))
     whole = zaya.load(src, quantize=f"int{bits}:32").logits(ids)
-    monkeypatch.setattr(quant, "PREAD_BLOCK_ELEMENTS", 3 * QUANT["hidden_size"])
+    monkeypatch.setattr(files, "PREAD_BLOCK_ELEMENTS", 3 * QUANT["hidden_size"])
     blocks = zaya.load(src, quantize=f"int{bits}:32").logits(ids)
     assert torch.equal(whole, blocks)

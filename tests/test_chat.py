@@ -6,7 +6,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_tokenizer import make_tokenizer_dir
+from tests.tiny_tokenizer import make_tokenizer_dir
 
 from zaya.chat import (
     DEFAULT_CHAT_TEMPLATE,

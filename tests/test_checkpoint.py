@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zaya
-from tiny_model import make_tiny_model_dir
+from tests.tiny_model import make_tiny_model_dir
 from zaya.checkpoint import convert, native_config_to_legacy, native_to_legacy_state, read_config
 from zaya.errors import CheckpointError, ConfigError
 

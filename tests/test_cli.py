@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tiny_model import make_tiny_model_dir
+from tests.tiny_model import make_tiny_model_dir
 from zaya.cli import build_parser, main
 
 
@@ -21,8 +21,8 @@ def test_every_subcommand_has_help(capsys):
         assert "usage: zaya " + name in capsys.readouterr().out
 
 
-def test_generate_streams_text(tmp_path, capsys):
-    path = make_tiny_model_dir(tmp_path / "m")
+def test_generate_streams_text(tiny_model_dir, capsys):
+    path = tiny_model_dir
     assert main(["generate", "Hello", "--model", str(path), "--max-new-tokens", "5", "-t", "0", "--raw"]) == 0
     captured = capsys.readouterr()
     assert "5 tokens" in captured.err or "finish: stop" in captured.err

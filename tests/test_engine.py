@@ -6,15 +6,14 @@ import pytest
 import torch
 
 import zaya
-from tiny_model import make_tiny_model_dir
 from zaya.engine import Engine, Request
 from zaya.errors import ContextLengthError, ZayaError
 from zaya.sampling import SamplingParams, apply_penalties, filter_logits
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    return zaya.load(make_tiny_model_dir(tmp_path_factory.mktemp("m")))
+def llm(tiny_model_dir):
+    return zaya.load(tiny_model_dir)
 
 
 PROMPT = "The quick brown fox"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_model import randomize_, tiny_config
+from tests.tiny_model import randomize_, tiny_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zaya
-from tiny_model import make_tiny_model_dir
+from tests.tiny_model import make_tiny_model_dir
 from zaya.errors import CheckpointError, ConfigError
 from zaya.quant import QuantLinear, QuantSpec, dequantize, quantize_tensor
 

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import test_rsa
+from tests import test_rsa
 
 from zaya.rsa import BackendError, OpenAIBackend, solve
 

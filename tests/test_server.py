@@ -21,8 +21,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tiny_model import make_tiny_model_dir
-
 import zaya
 from zaya.engine import TokenEvent
 from zaya.server import ServerConfig, create_app
@@ -64,13 +62,8 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir):
-    return zaya.load(model_dir, max_context=512)
+def llm(tiny_model_dir):
+    return zaya.load(tiny_model_dir, max_context=512)
 
 
 @pytest.fixture(scope="module")
@@ -537,13 +530,13 @@ def test_scheduler_fifo_batching_and_bounds():
     assert sum(len(b) for b in got[1][:-1]) == 3 * 2
 
 
-def test_sigterm_graceful(model_dir, tmp_path):
+def test_sigterm_graceful(tiny_model_dir, tmp_path):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     env = dict(os.environ, PYTHONPATH=str(Path(zaya.__file__).parent.parent), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "zaya.cli", "serve", "--model", str(model_dir), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "zaya.cli", "serve", "--model", str(tiny_model_dir), "--port",
                              str(port), "--log-level", "warning"], env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -554,7 +547,7 @@ def test_sigterm_graceful(model_dir, tmp_path):
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        body = {"model": model_dir.name, "prompt": "hi", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        body = {"model": tiny_model_dir.name, "prompt": "hi", "max_tokens": 60, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
             next(lines)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_model import make_tiny_model_dir
-from tiny_train import config_dict, losses, write_chat, write_config
+from tests.tiny_model import make_tiny_model_dir
+from tests.tiny_train import config_dict, losses, write_chat, write_config
 
 import zaya
 from zaya.chat import DEFAULT_CHAT_TEMPLATE

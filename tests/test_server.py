@@ -530,6 +530,7 @@ def test_scheduler_fifo_batching_and_bounds():
     assert sum(len(b) for b in got[1][:-1]) == 3 * 2
 
 
+@pytest.mark.slow
 def test_sigterm_graceful(tiny_model_dir, tmp_path):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -162,6 +162,7 @@ def test_errors_name_the_file(tmp_path):
         Tokenizer.from_dir(good)
 
 
+@pytest.mark.slow
 def test_zaya_does_not_import_transformers():
     code = "import sys, zaya.tokenizer, zaya.chat; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

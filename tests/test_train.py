@@ -94,6 +94,7 @@ def test_resume_after_stop_reproduces_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path):
     """Kill -9 a real training process partway, resume it, and compare with an uninterrupted run."""
     common = {"steps": 400, "save_every": 2, "keep_checkpoints": 3}
@@ -206,6 +207,7 @@ def test_cli_plot_and_errors(tmp_path, capsys):
     assert "matches no files" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) against 1 process, same global batch."""
     common = {"steps": 5, "global_batch": 8, "micro_batch": 2, "eval_every": 5}

@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +26,8 @@ from zaya.server import ServerConfig, create_app
 from zaya.server.responses import ChatChoice
 from zaya.server.scheduler import DONE, QueueFull, Scheduler
 
-torch.set_num_threads(1)  # two shared cores: one for the scheduler, one for the clients
+# two shared cores: one for the scheduler, one for the clients (put back after this module)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MODEL = "tiny"
 HI = [{"role": "user", "content": "Hello! What is 12 + 30?"}]
 

@@ -26,13 +26,8 @@ from zaya.train.checkpoints import complete_checkpoints, read_trainer_state
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine is shared: one intra-op thread keeps tiny runs fast and deterministic
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# the test machine is shared: one intra-op thread keeps tiny runs fast and deterministic
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def subprocess_env() -> dict:

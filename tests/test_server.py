@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import signal
 import socket
 import subprocess
@@ -34,14 +36,15 @@ HI = [{"role": "user", "content": "Hello! What is 12 + 30?"}]
 
 class LiveServer:
     def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        # bound here and handed to uvicorn: the port is the server's from the start, so no other
+        # process can take it between choosing and serving
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -59,6 +62,7 @@ class LiveServer:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(10)
+        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -532,22 +536,28 @@ def test_scheduler_fifo_batching_and_bounds():
 
 @pytest.mark.slow
 def test_sigterm_graceful(tiny_model_dir, tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
     env = dict(os.environ, PYTHONPATH=str(Path(zaya.__file__).parent.parent), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "zaya.cli", "serve", "--model", str(tiny_model_dir), "--port",
-                             str(port), "--log-level", "warning"], env=env, stderr=subprocess.PIPE)
+    # --port 0: the server binds a free port itself and names it in uvicorn's startup line (info level)
+    proc = subprocess.Popen([sys.executable, "-m", "zaya.cli", "serve", "--model", str(tiny_model_dir), "--port", "0",
+                             "--log-level", "info"], env=env, stderr=subprocess.PIPE, text=True)
+    log, ports = [], queue.Queue()
+
+    def read_log():  # also keeps the pipe drained while the server runs
+        for line in proc.stderr:
+            log.append(line)
+            if m := re.search(r"running on http://127\.0\.0\.1:(\d+)", line):
+                ports.put(int(m.group(1)))
+        ports.put(None)  # the server exited
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        try:
+            port = ports.get(timeout=60)
+        except queue.Empty:
+            pytest.fail("the server logged no address within 60 s:\n" + "".join(log))
+        assert port, "the server exited before it listened:\n" + "".join(log)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
         body = {"model": tiny_model_dir.name, "prompt": "hi", "max_tokens": 60, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
@@ -560,3 +570,5 @@ def test_sigterm_graceful(tiny_model_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.wait()
+        reader.join(5)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.tiny_model import make_tiny_model_dir
 from zaya.cli import main
 
@@ -16,6 +18,9 @@ def test_bench_smoke(tiny_model_dir, capsys):
     for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b2_tok_s", "weight_bytes_per_token", "achieved_gb_s",
                 "bandwidth_gb_s", "mbu", "peak_rss_bytes"):
         assert out[key] > 0, key
+    # the derived figures follow from the measured ones: GB/s = tok/s x bytes per token, MBU = GB/s / bandwidth
+    assert out["achieved_gb_s"] == pytest.approx(out["decode_b1_tok_s"] * out["weight_bytes_per_token"] / 1e9)
+    assert out["mbu"] == pytest.approx(out["achieved_gb_s"] / out["bandwidth_gb_s"])
 
 
 def test_bench_quality_smoke(tmp_path, capsys):

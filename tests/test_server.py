@@ -217,6 +217,7 @@ def test_stop_string(client):
 def test_streaming_chat_matches_whole(client):
     kw = dict(model=MODEL, messages=HI, max_tokens=16, seed=5, logprobs=True)
     whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.message.reasoning_content  # the template opens <think>: there is reasoning to compare
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
     reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)

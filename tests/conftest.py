@@ -34,12 +34,13 @@ def byte_level_tokenizer_dir(tmp_path_factory) -> Path:
     return make_tokenizer_dir(tmp_path_factory.mktemp("bytelevel"), byte_level=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """One intra-op torch thread for a module's tests, then the setting as it was.
+    """One intra-op torch thread for the whole session, then the setting as it was.
 
-    On the shared 2-core test machine this keeps tiny runs fast and their numbers repeatable, and
-    leaves a core for a server's clients."""
+    Tiny models gain nothing from more threads, and on a shared machine idle OpenMP threads spin
+    and wait for a core: one thread keeps the suite fast and its numbers repeatable, and leaves a
+    core for a live server's clients."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -28,8 +28,6 @@ from zaya.server import ServerConfig, create_app
 from zaya.server.responses import ChatChoice
 from zaya.server.scheduler import DONE, QueueFull, Scheduler
 
-# two shared cores: one for the scheduler, one for the clients (put back after this module)
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MODEL = "tiny"
 HI = [{"role": "user", "content": "Hello! What is 12 + 30?"}]
 

@@ -26,10 +26,6 @@ from zaya.train.checkpoints import complete_checkpoints, read_trainer_state
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# the test machine is shared: one intra-op thread keeps tiny runs fast and deterministic
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
 def subprocess_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -11,8 +11,7 @@ from zaya.cli import main
 
 
 def test_bench_smoke(tiny_model_dir, capsys):
-    path = tiny_model_dir
-    assert main(["bench", "-m", str(path), "--prefill-tokens", "16", "--new-tokens", "4", "--rounds", "1",
+    assert main(["bench", "-m", str(tiny_model_dir), "--prefill-tokens", "16", "--new-tokens", "4", "--rounds", "1",
                  "--batches", "1,2"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b2_tok_s", "weight_bytes_per_token", "achieved_gb_s",

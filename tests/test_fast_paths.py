@@ -15,9 +15,9 @@ needs_packing = pytest.mark.skipif(not packed.available(torch.bfloat16, "cpu"),
                                    reason="oneDNN packed bf16 linear not available in this torch build")
 
 
-def _load(tiny_model_dir, monkeypatch, on: bool):
+def _load(model_dir, monkeypatch, on: bool):
     monkeypatch.setenv("ZAYA_CPU_PACKED", "1" if on else "0")
-    return zaya.load(tiny_model_dir, dtype="bf16")
+    return zaya.load(model_dir, dtype="bf16")
 
 
 @needs_packing

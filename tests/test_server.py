@@ -414,9 +414,11 @@ def _cancelled(server) -> float:
     return float(line[0].split()[-1])
 
 
-def _slow_engine(llm, delay=0.01):
+def _slow_engine(llm, delay=0.05):
     """A real engine whose steps take at least `delay` seconds, so that a test can observe a
-    request while it is still running on any machine."""
+    request while it is still running on any machine: 450 tokens take over 20 s, far longer than
+    a client starved of CPU on a loaded machine needs to read a few events and ask (at 10 ms a
+    step the health check once found the stream's rows gone under heavy load)."""
     engine = llm.engine()
     step = engine.step
     engine.step = lambda: (time.sleep(delay), step())[1]

@@ -37,7 +37,8 @@ SHAPES = {
 def build(shape: str, root: Path, group_size: int) -> dict[str, Path]:
     import transformers
 
-    from zaya.quant import QuantSpec, save_quantized
+    from zaya.checkpoint import save_quantized
+    from zaya.quant import QuantSpec
 
     base = root / shape
     if not (base / "config.json").is_file():

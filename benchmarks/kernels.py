@@ -12,8 +12,8 @@ for the call, and the achieved GB/s of weight bytes for the bf16 paths. zaya's s
 kernels to a dequantized copy (``zaya.quant.DEQUANT_ROWS``) comes from here.
 
 ``--attention`` times one decode step's attention (8 query heads, 2 KV heads of 128, bf16 cache)
-through PyTorch's SDPA and through ``zaya.model.decode_attention`` for growing cache lengths
-(``zaya.model.DECODE_ATTENTION_MIN_KEYS`` comes from here).
+through PyTorch's SDPA and through ``zaya.cpu_attention.decode_attention`` for growing cache lengths
+(``zaya.cpu_attention.DECODE_ATTENTION_MIN_KEYS`` comes from here).
 
 ``--zaya-kernels`` times the decode kernels of ``zaya.kernels`` for every weight format on the
 ZAYA1-8B shapes against PyTorch's paths, alternated, in GB/s of weight bytes next to a memory
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
 
 
 def attention(repeat: int) -> int:
-    from zaya.model import decode_attention
+    from zaya.cpu_attention import decode_attention
 
     print(f"decode attention, 8 query / 2 KV heads of 128, bf16, {torch.get_num_threads()} threads; median us")
     print(f"{'keys':>6} {'sdpa':>10} {'zaya':>10}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_model import make_tiny_model
+from tests.tiny_model import make_tiny_model
 from zaya.cache import Cache
 
 SLIDING = dict(num_hidden_layers=3, layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=4)

@@ -6,7 +6,8 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_tokenizer import make_tokenizer_dir
+from tests.tiny_model import make_tiny_model
+from tests.tiny_tokenizer import make_tokenizer_dir
 
 from zaya.chat import (
     DEFAULT_CHAT_TEMPLATE,
@@ -19,6 +20,7 @@ from zaya.chat import (
     split_reasoning,
 )
 from zaya.errors import ZayaError
+from zaya.llm import LLM
 from zaya.tokenizer import Tokenizer
 
 WEATHER = {
@@ -137,6 +139,27 @@ def test_render_matches_transformers(hf_pair, enable_thinking, with_tools, which
                                        add_generation_prompt=True, **kwargs)  # fmt: skip
     got = render_chat(template, CONVERSATION, tools=tools, enable_thinking=enable_thinking, **ours.special_tokens)
     assert got == expected
+
+
+def test_llm_picks_the_tool_use_template_when_tools_are_given(tmp_path):
+    """A checkpoint with named templates: "tool_use" when tools are passed, else "default" (as
+    transformers chooses, with the tokenizer's own bos/eos tokens); without a template of its
+    own, zaya's default serves both."""
+    transformers = pytest.importorskip("transformers")
+    named = [{"name": "default", "template": "{{ bos_token }}D:{{ messages[0].content }}{{ eos_token }}"},
+             {"name": "tool_use",
+              "template": "{{ bos_token }}T:{{ tools[0].function.name }}:{{ messages[0].content }}"}]
+    path = make_tokenizer_dir(tmp_path / "named", chat_template=named)
+    llm, ref = LLM(make_tiny_model(), Tokenizer.from_dir(path)), transformers.AutoTokenizer.from_pretrained(str(path))
+    messages = [{"role": "user", "content": "hi"}]
+    for tools in (None, [WEATHER]):
+        got = llm.render_chat(messages, tools=tools)
+        assert got == ref.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        assert got == ("<bos>T:get_weather:hi" if tools else "<bos>D:hi<end_of_turn>")
+    assert llm.apply_chat_template(messages, tools=[WEATHER]) == llm.tokenizer.encode("<bos>T:get_weather:hi",
+                                                                                     add_special_tokens=False)
+    plain = LLM(make_tiny_model(), Tokenizer.from_dir(make_tokenizer_dir(tmp_path / "plain")))
+    assert plain.chat_template([WEATHER]) == plain.chat_template() == DEFAULT_CHAT_TEMPLATE
 
 
 def test_json_string_arguments_become_dicts():

@@ -9,22 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zaya
-from tiny_model import make_tiny_model_dir
-from zaya.checkpoint import convert, native_config_to_legacy, native_to_legacy_state, read_config
+from tests.legacy_layout import write_legacy
+from tests.tiny_model import make_tiny_model_dir
+from zaya.checkpoint import convert
 from zaya.errors import CheckpointError, ConfigError
 
 SLIDING = dict(num_hidden_layers=4, layer_types=["hybrid", "hybrid_sliding", "hybrid", "hybrid_sliding"],
                sliding_window=6)
-
-
-def write_legacy(native_dir, out):
-    config, _ = read_config(native_dir)
-    state = load_file(str(native_dir / "model.safetensors"))
-    legacy = native_to_legacy_state(state, config)
-    out.mkdir()
-    save_file(legacy, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(native_config_to_legacy(config)))
-    return legacy
 
 
 @pytest.mark.parametrize("overrides", [{}, SLIDING])

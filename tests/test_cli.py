@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tiny_model import make_tiny_model_dir
+import zaya
+from tests.tiny_model import make_tiny_model_dir
 from zaya.cli import build_parser, main
 
 
@@ -21,11 +22,16 @@ def test_every_subcommand_has_help(capsys):
         assert "usage: zaya " + name in capsys.readouterr().out
 
 
-def test_generate_streams_text(tmp_path, capsys):
-    path = make_tiny_model_dir(tmp_path / "m")
-    assert main(["generate", "Hello", "--model", str(path), "--max-new-tokens", "5", "-t", "0", "--raw"]) == 0
-    captured = capsys.readouterr()
-    assert "5 tokens" in captured.err or "finish: stop" in captured.err
+def test_generate_streams_text(tiny_model_dir, capsys):
+    llm = zaya.load(tiny_model_dir)
+    chat = llm.apply_chat_template([{"role": "user", "content": "Hello"}])
+    for flags, prompt in ((["--raw"], "Hello"), ([], chat)):
+        assert main(["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "5", "-t", "0",
+                     *flags]) == 0
+        want = llm.generate(prompt, max_new_tokens=5, temperature=0)[0]
+        captured = capsys.readouterr()
+        assert want.text and captured.out == want.text + "\n", flags
+        assert f"[{len(want.token_ids)} tokens in " in captured.err and f"finish: {want.finish_reason}]" in captured.err
 
 
 def test_info_reports_params_and_skip_audit(tmp_path, capsys):

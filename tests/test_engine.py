@@ -6,15 +6,14 @@ import pytest
 import torch
 
 import zaya
-from tiny_model import make_tiny_model_dir
 from zaya.engine import Engine, Request
 from zaya.errors import ContextLengthError, ZayaError
 from zaya.sampling import SamplingParams, apply_penalties, filter_logits
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    return zaya.load(make_tiny_model_dir(tmp_path_factory.mktemp("m")))
+def llm(tiny_model_dir):
+    return zaya.load(tiny_model_dir)
 
 
 PROMPT = "The quick brown fox"
@@ -152,8 +151,14 @@ def test_continuous_batching_join_and_cancel(llm):
 
 
 def test_chat_returns_reasoning_and_content(llm):
-    out = llm.chat([{"role": "user", "content": "What is 12 + 30?"}], max_new_tokens=16, temperature=0)
-    assert out.completion.finish_reason in ("stop", "length")
-    assert out.reasoning is None or isinstance(out.reasoning, str)
-    ids = llm.apply_chat_template([{"role": "user", "content": "hi"}])
-    assert ids[0] == llm.tokenizer.bos_id
+    messages = [{"role": "user", "content": "What is 12 + 30?"}]
+    ids = llm.apply_chat_template(messages)
+    assert ids[0] == llm.tokenizer.bos_id and llm.tokenizer.decode(ids[-2:]).endswith("<think>\n")
+    want = llm.generate([ids], max_new_tokens=16, temperature=0)[0]
+    out = llm.chat(messages, max_new_tokens=16, temperature=0)
+    assert out.completion.token_ids == want.token_ids and out.completion.text == want.text != ""
+    # the template leaves <think> open: the text up to </think> is reasoning, the rest content
+    reasoning, _, content = want.text.partition("</think>")
+    assert (out.reasoning or "", out.content) == (reasoning.strip(), content.strip())
+    plain = llm.chat(messages, max_new_tokens=16, temperature=0, enable_thinking=False)
+    assert plain.reasoning is None and plain.content == plain.completion.text.strip() != ""

@@ -7,17 +7,13 @@ import pytest
 import torch
 
 import zaya
-from tiny_model import make_tiny_model_dir
+from tests.tiny_model import make_tiny_model_dir
 from zaya import packed
-from zaya.packed import PackedLinear
+from zaya.cpu_attention import DECODE_ATTENTION_MIN_KEYS, decode_attention
+from zaya.packed import PackedCCAProjection, PackedExperts, PackedLinear
 
 needs_packing = pytest.mark.skipif(not packed.available(torch.bfloat16, "cpu"),
                                    reason="oneDNN packed bf16 linear not available in this torch build")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("packed"))
 
 
 def _load(model_dir, monkeypatch, on: bool):
@@ -26,11 +22,12 @@ def _load(model_dir, monkeypatch, on: bool):
 
 
 @needs_packing
-def test_packed_model_matches_plain_bit_for_bit(model_dir, monkeypatch):
-    fast, plain = _load(model_dir, monkeypatch, True), _load(model_dir, monkeypatch, False)
+def test_packed_model_matches_plain_bit_for_bit(tiny_model_dir, monkeypatch):
+    fast, plain = _load(tiny_model_dir, monkeypatch, True), _load(tiny_model_dir, monkeypatch, False)
     assert isinstance(fast.model.lm_head, PackedLinear) and fast.model.model.layers[0].mlp.experts.packed
     assert fast.model.model.layers[0].self_attn.qkv_proj.packed_qkv is not None  # q, k, v fused
-    assert not isinstance(plain.model.lm_head, PackedLinear) and plain.model.model.layers[0].mlp.experts.packed is None
+    assert not isinstance(plain.model.lm_head, PackedLinear)
+    assert not isinstance(plain.model.model.layers[0].mlp.experts, PackedExperts)
     ids = torch.randint(3, fast.model.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(fast.model(ids), plain.model(ids))  # prefill: many rows per expert
@@ -43,8 +40,8 @@ def test_packed_model_matches_plain_bit_for_bit(model_dir, monkeypatch):
 
 
 @needs_packing
-def test_packed_model_still_trains(model_dir, monkeypatch):
-    model = _load(model_dir, monkeypatch, True).model
+def test_packed_model_still_trains(tiny_model_dir, monkeypatch):
+    model = _load(tiny_model_dir, monkeypatch, True).model
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -63,8 +60,6 @@ def test_packing_is_off_for_other_dtypes():
 def test_decode_attention_matches_sdpa(L, masked):
     import torch.nn.functional as F
 
-    from zaya.model import decode_attention
-
     g = torch.Generator().manual_seed(L)
     q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((6, 1), (2, L), (2, L)))
     mask = None
@@ -77,11 +72,9 @@ def test_decode_attention_matches_sdpa(L, masked):
     assert got16.dtype == torch.bfloat16 and torch.allclose(got16.float(), want, atol=2e-2)
 
 
-def test_long_bf16_decode_matches_full_forward(model_dir):
+def test_long_bf16_decode_matches_full_forward(tiny_model_dir):
     """Past DECODE_ATTENTION_MIN_KEYS cached tokens, cached decode still equals a full forward."""
-    from zaya.model import DECODE_ATTENTION_MIN_KEYS
-
-    llm = zaya.load(model_dir, dtype="bf16")
+    llm = zaya.load(tiny_model_dir, dtype="bf16")
     n = DECODE_ATTENTION_MIN_KEYS + 20
     ids = torch.randint(3, llm.model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(2))
     out = llm.generate([ids[0].tolist()], max_new_tokens=6, temperature=0, ignore_eos=True)[0]
@@ -92,22 +85,23 @@ def test_long_bf16_decode_matches_full_forward(model_dir):
 
 
 @needs_packing
-def test_large_linears_pack_in_row_blocks(model_dir, monkeypatch):
+def test_large_linears_pack_in_row_blocks(tiny_model_dir, monkeypatch):
     """A matrix above PACK_BLOCK_BYTES is packed and multiplied in row blocks, with the same
     numbers (the head here: vocab 512 in blocks of 48 rows, bias included)."""
     import zaya.packed as packed_mod
 
-    plain = _load(model_dir, monkeypatch, False)
+    plain = _load(tiny_model_dir, monkeypatch, False)
     monkeypatch.setattr(packed_mod, "PACK_BLOCK_BYTES", 48 * 2 * plain.model.config.hidden_size)
-    fast = _load(model_dir, monkeypatch, True)
+    fast = _load(tiny_model_dir, monkeypatch, True)
     assert len(fast.model.lm_head.packed) == -(-plain.model.config.vocab_size // 48)
     ids = torch.randint(3, plain.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         assert torch.equal(fast.model(ids), plain.model(ids))
     lin = torch.nn.Linear(64, 100, bias=True).bfloat16()
     ref = lin(torch.ones(3, 64, dtype=torch.bfloat16))
-    packed_mod.pack_model(torch.nn.Sequential(lin))
-    assert len(lin.packed) == 3 and torch.equal(lin(torch.ones(3, 64, dtype=torch.bfloat16)), ref)
+    net = packed_mod.pack_model(torch.nn.Sequential(lin))
+    assert isinstance(net[0], PackedLinear) and net[0].weight is lin.weight  # the same parameters
+    assert len(net[0].packed) == 3 and torch.equal(net[0](torch.ones(3, 64, dtype=torch.bfloat16)), ref)
 
 
 @needs_packing
@@ -121,6 +115,7 @@ def test_quantized_bf16_model_packs_its_float_linears(tmp_path, monkeypatch, qua
     monkeypatch.setenv("ZAYA_CPU_PACKED", "0")
     plain = zaya.load(src, dtype="bf16", quantize=quantize)
     layer = fast.model.model.layers[0]
-    assert isinstance(layer.mlp.gate.down_proj, PackedLinear) and layer.self_attn.qkv_proj.packed_qkv is None
+    assert isinstance(layer.mlp.gate.down_proj, PackedLinear)
+    assert not isinstance(layer.self_attn.qkv_proj, PackedCCAProjection)
     ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(5))
     assert torch.equal(fast.logits(ids), plain.logits(ids))

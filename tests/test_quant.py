@@ -8,11 +8,16 @@ import pytest
 import torch
 
 import zaya
-from tiny_model import make_tiny_model_dir
+from tests.tiny_model import make_tiny_model_dir
+from zaya.checkpoint import save_quantized
 from zaya.errors import CheckpointError, ConfigError
 from zaya.quant import QuantLinear, QuantSpec, dequantize, quantize_tensor
 
 QUANT = dict(hidden_size=64, moe_intermediate_size=64)  # int4 groups of 32 divide every width
+# PyTorch's packed CPU kernels, where this build has them: decode must then run on them
+KERNELS = {8: hasattr(torch.ops.aten, "_weight_int8pack_mm"),
+           4: hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+           and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")}
 
 
 def _linear(w, spec, dtype):
@@ -32,6 +37,7 @@ def test_quant_linear_matches_float(bits, group, tol, dtype):
     w, x = torch.randn(96, 128, generator=g), torch.randn(5, 128, generator=g)
     spec = QuantSpec(bits, group or 64)
     q, parts = _linear(w, spec, dtype)
+    assert q.w.fast == KERNELS[bits]  # 5 rows: the packed kernel's path where it exists
     ref = x @ w.t()
     y = q(x.to(dtype)).float()
     rel = ((y - ref).norm() / ref.norm()).item()
@@ -46,6 +52,9 @@ def test_quant_portable_fallback_equals_kernel():
     w, x = torch.randn(64, 64, generator=g), torch.randn(3, 64, generator=g)
     for spec in (QuantSpec(8), QuantSpec(4, 32)):
         q, _ = _linear(w, spec, torch.float32)
+        if not KERNELS[spec.bits]:
+            continue  # nothing to compare the fallback with
+        assert q.w.fast
         fast = q(x)
         q.w.fast = False
         assert (q(x) - fast).abs().max().item() < 1e-3
@@ -101,7 +110,7 @@ def test_quantized_checkpoint_is_strict(tmp_path):
 
     src = make_tiny_model_dir(tmp_path / "m", **QUANT)
     dst = tmp_path / "q"
-    zaya.quant.save_quantized(src, dst, QuantSpec(8))
+    save_quantized(src, dst, QuantSpec(8))
     state = load_file(dst / "model.safetensors")
     name = "model.layers.0.self_attn.o_proj.scales"
     save_file({k: v for k, v in state.items() if k != name}, dst / "model.safetensors")
@@ -115,30 +124,41 @@ def test_quantized_checkpoint_is_strict(tmp_path):
 
 @pytest.mark.parametrize("rows", [1, 5, 40, 130])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quant_matmul_paths_agree(rows, bits):
-    """Few rows go through the packed kernel, many through a copy dequantized for the call
-    (DEQUANT_ROWS): every path computes x @ dequantize(w)^T."""
-    from zaya.quant import QuantWeight
+def test_quant_matmul_paths_agree(rows, bits, monkeypatch):
+    """Few rows go through the packed kernel (where this torch build has it), many through a copy
+    dequantized for the call (DEQUANT_ROWS): every path computes x @ dequantize(w)^T, and that is
+    as close to the float x @ w^T as the quantization allows."""
+    from zaya.quant import DEQUANT_ROWS, QuantWeight
 
     torch.manual_seed(rows)
     w = torch.randn(48, 64) * 0.05
     parts = quantize_tensor(w, QuantSpec(bits, 32), torch.bfloat16)
     x = torch.randn(rows, 64).bfloat16()
-    got = QuantWeight(*parts, *([None] if bits == 8 else []), torch.bfloat16).matmul(x).float()
+    weight = QuantWeight(*parts, *([None] if bits == 8 else []), torch.bfloat16)
+    assert weight.fast == KERNELS[bits]
+    on_kernel, calls = weight.fast and rows < DEQUANT_ROWS[bits], []
+    if on_kernel:  # decode-sized: the packed kernel itself must run, not a dequantized copy
+        name = "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu"
+        kernel = getattr(torch.ops.aten, name)
+        monkeypatch.setattr(torch.ops.aten, name, lambda *a: calls.append(name) or kernel(*a))
+    got = weight.matmul(x).float()
+    assert len(calls) == on_kernel
     want = x.float() @ dequantize(*parts, *([None] if bits == 8 else []), torch.float32).T
     assert got.shape == (rows, 48)
     assert torch.allclose(got, want, atol=0.02, rtol=0.02)
+    # and against the float weight, within what the quantization itself costs
+    assert ((got - x.float() @ w.T).norm() / (x.float() @ w.T).norm()).item() < (0.02 if bits == 8 else 0.15)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantize_at_load_in_row_blocks_matches_whole_tensors(tmp_path, monkeypatch, bits):
     """Large tensors are quantized in row blocks read with pread; the last block is shorter
     (vocab 512 rows in blocks of 3 here, as ZAYA1-8B's 262,272-row table is in 8,192-row blocks)."""
-    import zaya.quant as quant
+    import zaya.checkpoint.files as files
 
     src = make_tiny_model_dir(tmp_path / "m", **QUANT)
     ids = torch.randint(3, 512, (1, 10), generator=torch.Generator().manual_seed(3))
     whole = zaya.load(src, quantize=f"int{bits}:32").logits(ids)
-    monkeypatch.setattr(quant, "PREAD_BLOCK_ELEMENTS", 3 * QUANT["hidden_size"])
+    monkeypatch.setattr(files, "PREAD_BLOCK_ELEMENTS", 3 * QUANT["hidden_size"])
     blocks = zaya.load(src, quantize=f"int{bits}:32").logits(ids)
     assert torch.equal(whole, blocks)

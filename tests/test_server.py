@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import signal
 import socket
 import subprocess
@@ -17,11 +19,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from tiny_model import make_tiny_model_dir
 
 import zaya
 from zaya.engine import TokenEvent
@@ -29,21 +28,21 @@ from zaya.server import ServerConfig, create_app
 from zaya.server.responses import ChatChoice
 from zaya.server.scheduler import DONE, QueueFull, Scheduler
 
-torch.set_num_threads(1)  # two shared cores: one for the scheduler, one for the clients
 MODEL = "tiny"
 HI = [{"role": "user", "content": "Hello! What is 12 + 30?"}]
 
 
 class LiveServer:
     def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        # bound here and handed to uvicorn: the port is the server's from the start, so no other
+        # process can take it between choosing and serving
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -61,16 +60,12 @@ class LiveServer:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(10)
+        self.sock.close()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir):
-    return zaya.load(model_dir, max_context=512)
+def llm(tiny_model_dir):
+    return zaya.load(tiny_model_dir, max_context=512)
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +215,7 @@ def test_stop_string(client):
 def test_streaming_chat_matches_whole(client):
     kw = dict(model=MODEL, messages=HI, max_tokens=16, seed=5, logprobs=True)
     whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.message.reasoning_content  # the template opens <think>: there is reasoning to compare
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
     reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
@@ -418,9 +414,11 @@ def _cancelled(server) -> float:
     return float(line[0].split()[-1])
 
 
-def _slow_engine(llm, delay=0.01):
+def _slow_engine(llm, delay=0.05):
     """A real engine whose steps take at least `delay` seconds, so that a test can observe a
-    request while it is still running on any machine."""
+    request while it is still running on any machine: 450 tokens take over 20 s, far longer than
+    a client starved of CPU on a loaded machine needs to read a few events and ask (at 10 ms a
+    step the health check once found the stream's rows gone under heavy load)."""
     engine = llm.engine()
     step = engine.step
     engine.step = lambda: (time.sleep(delay), step())[1]
@@ -537,24 +535,31 @@ def test_scheduler_fifo_batching_and_bounds():
     assert sum(len(b) for b in got[1][:-1]) == 3 * 2
 
 
-def test_sigterm_graceful(model_dir, tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+@pytest.mark.slow
+def test_sigterm_graceful(tiny_model_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(zaya.__file__).parent.parent), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "zaya.cli", "serve", "--model", str(model_dir), "--port",
-                             str(port), "--log-level", "warning"], env=env, stderr=subprocess.PIPE)
+    # --port 0: the server binds a free port itself and names it in uvicorn's startup line (info level)
+    proc = subprocess.Popen([sys.executable, "-m", "zaya.cli", "serve", "--model", str(tiny_model_dir), "--port", "0",
+                             "--log-level", "info"], env=env, stderr=subprocess.PIPE, text=True)
+    log, ports = [], queue.Queue()
+
+    def read_log():  # also keeps the pipe drained while the server runs
+        for line in proc.stderr:
+            log.append(line)
+            if m := re.search(r"running on http://127\.0\.0\.1:(\d+)", line):
+                ports.put(int(m.group(1)))
+        ports.put(None)  # the server exited
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        body = {"model": model_dir.name, "prompt": "hi", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        try:
+            port = ports.get(timeout=60)
+        except queue.Empty:
+            pytest.fail("the server logged no address within 60 s:\n" + "".join(log))
+        assert port, "the server exited before it listened:\n" + "".join(log)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        body = {"model": tiny_model_dir.name, "prompt": "hi", "max_tokens": 60, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
             next(lines)
@@ -566,3 +571,5 @@ def test_sigterm_graceful(model_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.wait()
+        reader.join(5)

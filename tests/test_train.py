@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_model import make_tiny_model_dir
-from tiny_train import config_dict, losses, write_chat, write_config
+from tests.tiny_model import make_tiny_model_dir
+from tests.tiny_train import config_dict, losses, write_chat, write_config
 
 import zaya
 from zaya.chat import DEFAULT_CHAT_TEMPLATE
@@ -24,15 +24,6 @@ from zaya.train import loop as loop_mod
 from zaya.train.checkpoints import complete_checkpoints, read_trainer_state
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine is shared: one intra-op thread keeps tiny runs fast and deterministic
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def subprocess_env() -> dict:
@@ -94,6 +85,7 @@ def test_resume_after_stop_reproduces_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path):
     """Kill -9 a real training process partway, resume it, and compare with an uninterrupted run."""
     common = {"steps": 400, "save_every": 2, "keep_checkpoints": 3}
@@ -206,6 +198,7 @@ def test_cli_plot_and_errors(tmp_path, capsys):
     assert "matches no files" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) against 1 process, same global batch."""
     common = {"steps": 5, "global_batch": 8, "micro_batch": 2, "eval_every": 5}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_tokenizer import make_tokenizer_dir
+from tests.tiny_tokenizer import make_tokenizer_dir
 
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, moe_intermediate_size=32, num_experts=4, router_hidden_size=16,

@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from tiny_tokenizer import make_tokenizer_dir
+from tests.tiny_tokenizer import make_tokenizer_dir
 
 WORDS = ("the quick brown fox jumps over lazy dog what is twelve plus thirty answer forty two hello how can "
          "assist you today let me think about this step by step sea sky wind function returns value").split()

@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import sys
 import time
+
+import torch
+
+from zaya.cache import Cache
+from zaya.commands import add_model_args, resolve_model_name
+from zaya.engine import Engine, Request
+from zaya.llm import load
+from zaya.sampling import SamplingParams
 
 TEXT = ("The river rose through the night and by morning the low fields were water. People carried what they "
         "could to the church on the hill, and the miller counted boats. Rain is measured in millimetres, but "
@@ -37,8 +46,6 @@ def peak_rss() -> int:
 
 def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
     """Best-of read bandwidth (bytes/s) of a reduction over a buffer much larger than the caches."""
-    import torch
-
     x = torch.ones(mbytes * (1 << 20) // 4)
     best = float("inf")
     for _ in range(repeats):
@@ -68,18 +75,11 @@ def weight_bytes_per_token(model) -> int:
 
 
 def _engine(model):
-    from zaya.engine import Engine
-
     return Engine(model, None)
 
 
 def decode_rate(model, batch: int, prompt_len: int = 32, new_tokens: int = 64, seed: int = 0) -> float:
     """Summed decode tok/s over ``batch`` rows (prefill excluded), greedy, EOS ignored."""
-    import torch
-
-    from zaya.engine import Request
-    from zaya.sampling import SamplingParams
-
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
     engine = _engine(model)
@@ -95,10 +95,6 @@ def decode_rate(model, batch: int, prompt_len: int = 32, new_tokens: int = 64, s
 
 
 def prefill_rate(model, tokens: int = 512, seed: int = 0) -> float:
-    import torch
-
-    from zaya.cache import Cache
-
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
     engine = _engine(model)
     cache = Cache(model.config, 1, tokens, dtype=engine.dtype, device=engine.device)
@@ -109,8 +105,6 @@ def prefill_rate(model, tokens: int = 512, seed: int = 0) -> float:
 
 
 def speed(model, *, prefill_tokens=512, new_tokens=64, batches=(1, 8), bandwidth=None, rounds=3) -> dict:
-    import statistics
-
     bandwidth = bandwidth or measure_bandwidth()
     decode_rate(model, 1, new_tokens=4)  # warm-up (allocator, lazy kernels, compiled graphs)
     out = {"prefill_tokens": prefill_tokens,
@@ -128,12 +122,8 @@ def speed(model, *, prefill_tokens=512, new_tokens=64, batches=(1, 8), bandwidth
 # --------------------------------------------------------------------------------------- quality
 def quality(model_path, quantize: str, reference=None, text: str = TEXT, greedy_tokens: int = 256) -> dict:
     """A quantized model against the bf16 one: greedy agreement, teacher-forced top-1 and mean KL."""
-    import torch
-
-    import zaya
-
-    ref = reference or zaya.load(model_path, dtype="bf16")
-    q = zaya.load(model_path, dtype="bf16", quantize=quantize)
+    ref = reference or load(model_path, dtype="bf16")
+    q = load(model_path, dtype="bf16", quantize=quantize)
     if ref.tokenizer is not None:
         ids = ref.tokenizer.encode(text)
     else:
@@ -153,12 +143,9 @@ def quality(model_path, quantize: str, reference=None, text: str = TEXT, greedy_
 
 # ------------------------------------------------------------------------------------------ CLI
 def cmd_bench(args) -> int:
-    import zaya
-    from zaya.commands import resolve_model_name
-
     path = resolve_model_name(args.model)
     if args.quality:
-        ref = zaya.load(path, dtype="bf16")
+        ref = load(path, dtype="bf16")
         results = {"model": str(ref.path), "quality": [quality(path, q, ref, greedy_tokens=args.greedy_tokens)
                                                       for q in args.quality_modes.split(",")]}
         for r in results["quality"]:
@@ -167,7 +154,7 @@ def cmd_bench(args) -> int:
         print(json.dumps(results))
         return 0
     start = time.perf_counter()
-    llm = zaya.load(path, dtype=args.dtype, quantize=args.quantize)
+    llm = load(path, dtype=args.dtype, quantize=args.quantize)
     load_s = time.perf_counter() - start
     rss_after_load = peak_rss()
     r = speed(llm.model, prefill_tokens=args.prefill_tokens, new_tokens=args.new_tokens,
@@ -185,8 +172,6 @@ def cmd_bench(args) -> int:
 
 
 def register(sub) -> None:
-    from zaya.commands import add_model_args
-
     p = sub.add_parser("bench", help="prefill/decode tok/s, GB/s and MBU; --quality compares int8/int4 to bf16",
                        description="Benchmark a model on this machine. The last line is one JSON object.")
     add_model_args(p)

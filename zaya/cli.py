@@ -9,35 +9,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from zaya import bench, commands, evaluate, models_store
+from zaya.errors import ZayaError
+from zaya.rsa import cli as rsa_cli
+from zaya.server import cli as server_cli
+from zaya.train import cli as train_cli
+
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = [
-    "zaya.commands",
-    "zaya.rsa.cli",
-    "zaya.quant",
-    "zaya.bench",
-    "zaya.train.cli",
-    "zaya.server.cli",
-    "zaya.models_store",
-    "zaya.evaluate",
-]
+COMMAND_MODULES = [commands, rsa_cli, bench, train_cli, server_cli, models_store, evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(
         prog="zaya",
         description="Run, serve, test-time-scale and train ZAYA1 models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
-                continue  # that part is not in this install
-
-            raise
+    for module in COMMAND_MODULES:
         module.register(sub)
     return parser
 
@@ -48,8 +36,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from zaya.errors import ZayaError
-
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -8,6 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from zaya.chat import ReasoningParser, generation_starts_in_reasoning, parse_tool_calls
+from zaya.checkpoint import convert, open_checkpoint, resolve, save_quantized
+from zaya.llm import DEFAULT_MODEL, load, parse_dtype
+from zaya.model import ZayaForCausalLM
+from zaya.models_store import find_local
+from zaya.quant import QuantSpec
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
@@ -38,19 +47,13 @@ def sampling_kwargs(args) -> dict:
 
 
 def load_from_args(args):
-    import zaya
-
-    return zaya.load(resolve_model_name(args.model), dtype=args.dtype, quantize=args.quantize,
+    return load(resolve_model_name(args.model), dtype=args.dtype, quantize=args.quantize,
                      max_context=args.max_context)
 
 
 def resolve_model_name(name):
     """`--model` accepts a path, a hub repo id, or a name from `zaya list`."""
     if name is None or Path(name).expanduser().exists():
-        return name
-    try:
-        from zaya.models_store import find_local
-    except ImportError:
         return name
     return find_local(name) or name
 
@@ -82,8 +85,6 @@ DIM, RESET = "\033[2m", "\033[0m"
 
 
 def cmd_chat(args) -> int:
-    from zaya.chat import ReasoningParser, generation_starts_in_reasoning, parse_tool_calls
-
     llm = load_from_args(args)
     if llm.tokenizer is None:
         print("zaya: error: this model has no tokenizer, so it cannot chat", file=sys.stderr)
@@ -137,23 +138,26 @@ def cmd_chat(args) -> int:
 
 # ------------------------------------------------------------------------------------- convert
 def cmd_convert(args) -> int:
-    from zaya.checkpoint import convert
-
     layout = convert(args.src, args.dst)
     print(f"wrote {args.dst} in the native layout (source layout: {layout})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ quantize
+def cmd_quantize(args) -> int:
+    spec = QuantSpec(args.bits, args.group_size)
+    QuantSpec.parse(spec.to_config() | {"group_size": args.group_size})  # validate
+    info = save_quantized(args.src, args.dst, spec, parse_dtype(args.dtype))
+    label = f"int{spec.bits}" + (f", group size {spec.group_size}" if spec.bits == 4 else "")
+    print(f"wrote {args.dst}: {label}, {info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB")
     return 0
 
 
 # ---------------------------------------------------------------------------------------- info
 def model_report(path) -> dict:
     """Config, parameter counts, KV bytes per token and the per-layer skip-class audit."""
-    import torch
-
-    from zaya.checkpoint import TensorSource, detect_layout, legacy_to_native_name, read_config, resolve
-    from zaya.model import ZayaForCausalLM
-
-    path = resolve(path)
-    config, _ = read_config(path)
+    ckpt = open_checkpoint(resolve(path))
+    config = ckpt.config
     with torch.device("meta"):
         model = ZayaForCausalLM(config)
     total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
@@ -164,19 +168,16 @@ def model_report(path) -> dict:
     active_body = body - config.num_hidden_layers * (config.num_experts - 1) * per_expert
     dtype_bytes = torch.finfo(getattr(torch, config.dtype)).bits // 8
     kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
-    source = TensorSource(path)
-    layout = detect_layout(source.where)
     audit = []
-    for name in sorted(source.where):
-        native = legacy_to_native_name(name, config.num_hidden_layers)[0] if layout == "legacy" else name
+    for native, tensor in ckpt.tensors.items():
         if native.endswith("mlp.gate.balancing_biases"):
-            b = source.get(name).float()
+            b = tensor().float()
             margin = float(b[:-1].max() - b[-1])
             audit.append({"layer": int(native.split(".")[2]), "expert_bias_max": float(b[:-1].max()),
                           "skip_bias": float(b[-1]), "skip_reachable": margin < 1.0})
     audit.sort(key=lambda a: a["layer"])
     return {
-        "path": str(path), "layout": layout, "config": config.to_dict(),
+        "path": str(ckpt.path), "layout": ckpt.layout, "config": config.to_dict(),
         "parameters": {"total": total, "embedding": embed, "non_embedding": body,
                        "active_per_token": active_body, "active_with_lm_head": active_body + embed},
         "kv_bytes_per_token": kv_per_token,
@@ -187,7 +188,7 @@ def model_report(path) -> dict:
 
 
 def cmd_info(args) -> int:
-    report = model_report(resolve_model_name(args.model) or _default_model())
+    report = model_report(resolve_model_name(args.model) or DEFAULT_MODEL)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -206,12 +207,6 @@ def cmd_info(args) -> int:
     print(f"skip class {'reachable in layers ' + str(reachable) if reachable else 'unreachable in every layer'} "
           f"(reachable when max expert bias - skip bias < 1; a skip token gets a zero MoE output)")
     return 0
-
-
-def _default_model():
-    import zaya
-
-    return zaya.DEFAULT_MODEL
 
 
 def register(sub) -> None:
@@ -236,6 +231,19 @@ def register(sub) -> None:
     p.add_argument("src", help="checkpoint directory or hub repo id")
     p.add_argument("dst", help="output directory")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint",
+                       description="Quantize attention projections, experts and the embedding/LM head; the "
+                                   "router, convs, norms and scales stay in floating point. The output loads "
+                                   "directly with `zaya.load` / --model.")
+    p.add_argument("src", help="float checkpoint directory or hub repo id")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8)
+    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128 or 256 for the "
+                                                              "CPU kernel; others use the portable path)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="dtype of the float tensors and scales (default: the checkpoint's)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("info", help="config, parameter counts, KV bytes per token, skip-class audit")
     p.add_argument("--model", "-m", default=None)

@@ -1,4 +1,4 @@
-"""Generation: the `LLM` front object and the token-level `Engine` under it.
+"""Generation on token ids: the `Engine` and the requests, sequences and events it works with.
 
 The engine knows token ids only. A request (one prompt, n samples) is prefilled once, in chunks,
 into its own cache, forked n ways and merged into the running batch; every `step()` samples one
@@ -9,6 +9,7 @@ the server drives `step()` from its scheduler, `generate()` and `stream()` drive
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -17,7 +18,8 @@ import torch
 
 from zaya.cache import Cache
 from zaya.errors import ContextLengthError, ZayaError
-from zaya.sampling import SamplingParams, apply_penalties, filter_logits
+from zaya.sampling import SamplingParams, apply_penalties, sample, token_logprobs
+from zaya.tokenizer import IncrementalDecoder
 
 
 @dataclass
@@ -97,8 +99,6 @@ def decode_threads() -> int:
     which measured 10-30x slower decode with 2 threads than with 1 (docs/performance.md); set
     ``ZAYA_DECODE_THREADS=1`` on such machines. On an idle machine torch's default reads weights
     faster."""
-    import os
-
     return int(os.environ.get("ZAYA_DECODE_THREADS", "0") or 0)
 
 
@@ -172,11 +172,7 @@ class Engine:
         return seqs
 
     def _decoder(self):
-        if self.tokenizer is None:
-            return None
-        from zaya.tokenizer import IncrementalDecoder
-
-        return IncrementalDecoder(self.tokenizer)
+        return None if self.tokenizer is None else IncrementalDecoder(self.tokenizer)
 
     @property
     def active(self) -> int:
@@ -224,21 +220,11 @@ class Engine:
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, TokenEvent]:
         p = seq.request.params
-        raw = logits
-        if seq.counts is not None:
-            logits = apply_penalties(logits, seq.counts, seq.seen, p)
-        if p.greedy:
-            token = int(torch.argmax(logits))
-        else:
-            probs = filter_logits(logits, p).softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=seq.request.generator))
+        scored = logits if seq.counts is None else apply_penalties(logits, seq.counts, seq.seen, p)
+        token = sample(scored, p, seq.request.generator)
         logprob = top = None
         if seq.logprobs is not None:
-            lp = torch.log_softmax(raw, -1)
-            logprob = float(lp[token])
-            if p.top_logprobs:
-                values, ids = torch.topk(lp, p.top_logprobs)
-                top = {int(i): float(v) for i, v in zip(ids, values)}
+            logprob, top = token_logprobs(logits, token, p.top_logprobs)
             seq.logprobs.append(logprob)
             seq.top_logprobs.append(top or {})
         if seq.counts is not None:
@@ -280,96 +266,3 @@ class Engine:
             self.add(r)
         while self.rows:
             yield from self.step()
-
-
-class LLM:
-    """A loaded model with its tokenizer: `generate`, `stream`, `chat`, `logits`, `solve`."""
-
-    def __init__(self, model, tokenizer=None, *, path=None, layout: str = "native", max_context: int | None = None):
-        self.model, self.tokenizer, self.path, self.layout = model, tokenizer, path, layout
-        self.config = model.config
-        self.max_context = max_context or self.config.max_position_embeddings
-
-    def __repr__(self) -> str:
-        return f"LLM({self.path or 'in-memory'}, layers={self.config.num_hidden_layers}, layout={self.layout})"
-
-    # -- raw logits -----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids[None]
-        mask = None if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.long)
-        device = next(self.model.parameters()).device
-        return self.model(ids.to(device), attention_mask=None if mask is None else mask.to(device)).float()
-
-    # -- generation -----------------------------------------------------------------------------
-    def _requests(self, prompts, kwargs) -> list[Request]:
-        params = SamplingParams.from_kwargs(**kwargs)
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise ZayaError("no prompts given")
-        out = []
-        for i, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ZayaError("this model has no tokenizer: pass token-id lists instead of strings")
-                ids = self.tokenizer.encode_prompt(prompt)
-            else:
-                ids = [int(t) for t in prompt]
-            out.append(Request(ids, params, i))
-        return out
-
-    def engine(self, **kwargs) -> Engine:
-        return Engine(self.model, self.tokenizer, max_context=kwargs.pop("max_context", self.max_context), **kwargs)
-
-    def generate(self, prompts, **sampling) -> list[Completion]:
-        """One Completion per prompt and sample, prompt-major (see docs/architecture.md)."""
-        requests = self._requests(prompts, sampling)
-        for _ in self.engine().run(requests):
-            pass
-        return [s.completion() for r in requests for s in r.sequences]
-
-    def stream(self, prompts, **sampling) -> Iterator[TokenEvent]:
-        yield from self.engine().run(self._requests(prompts, sampling))
-
-    # -- chat -----------------------------------------------------------------------------------
-    def chat_template(self) -> str:
-        from zaya.chat import DEFAULT_CHAT_TEMPLATE
-
-        return getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
-
-    def render_chat(self, messages, *, tools=None, add_generation_prompt=True, enable_thinking=None, **kwargs) -> str:
-        from zaya.chat import render_chat
-
-        tok = self.tokenizer
-        return render_chat(self.chat_template(), messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                           enable_thinking=enable_thinking,
-                           bos_token=tok.id_to_token(tok.bos_id) if tok.bos_id is not None else "",
-                           eos_token=next((tok.id_to_token(i) for i in sorted(tok.eos_ids)), ""), **kwargs)
-
-    def apply_chat_template(self, messages, *, tools=None, add_generation_prompt=True, enable_thinking=None,
-                            **kwargs) -> list[int]:
-        text = self.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                enable_thinking=enable_thinking, **kwargs)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def chat(self, messages, *, enable_thinking=None, tools=None, **sampling):
-        from zaya.chat import generation_starts_in_reasoning, parse_assistant
-
-        if self.tokenizer is None:
-            raise ZayaError("chat needs a tokenizer")
-        text = self.render_chat(messages, tools=tools, enable_thinking=enable_thinking)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        completion = self.generate([ids], **sampling)[0]
-        result = parse_assistant(completion.text, generation_starts_in_reasoning(text), tools=tools)
-        result.completion = completion
-        return result
-
-    # -- test-time compute ----------------------------------------------------------------------
-    def solve(self, problem, profile: str | None = None, **overrides):
-        """Markovian RSA on this model (see zaya.rsa for the profiles and parameters)."""
-        from zaya.rsa import LocalBackend, solve
-
-        return solve(LocalBackend(self), problem, profile=profile, **overrides)

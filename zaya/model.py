@@ -18,175 +18,24 @@ ZAYA1 (Zyphra, arXiv 2605.05365) is a top-1 mixture-of-experts decoder. What is 
 Names, op order and dtypes follow transformers 5.23 ``models/zaya/modeling_zaya.py`` (the
 numerical reference), so a reader can compare the two side by side: branch arithmetic runs in
 the weight dtype, the residual stream in fp32, norms see the residual cast to the weight dtype.
+
+Nothing here is specific to a device or a weight format. Loaders put their own module classes in
+through a few seams (``replace_modules``): ``ZayaCCAProjection.project`` (the four input
+projections), ``ZayaExperts.expert`` (one expert on its tokens) and the attention kernel child
+``ZayaAttention.attend``; zaya.quant, zaya.packed and zaya.cpu_attention fill them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zaya import packed as cpu_packed
-from zaya.errors import ConfigError
-
-LAYER_TYPES = ("hybrid", "hybrid_sliding")
-DEFAULT_ROPE = {
-    "hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
-    "hybrid_sliding": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
-}
-
-
-# --------------------------------------------------------------------------------------- config
-@dataclass
-class ZayaConfig:
-    vocab_size: int = 262272
-    hidden_size: int = 2048
-    num_hidden_layers: int = 40
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 2
-    head_dim: int = 128
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 131072
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = True
-    rope_parameters: dict[str, dict[str, Any]] | None = None
-    sliding_window: int | None = None
-    moe_intermediate_size: int = 2048
-    num_experts_per_tok: int = 1
-    num_experts: int = 16
-    layer_types: list[str] | None = None
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 2
-    eos_token_id: int | list[int] | None = 106
-    attention_bias: bool = False
-    lm_head_bias: bool = False
-    router_hidden_size: int = 256
-    cca_time0: int = 2
-    cca_time1: int = 2
-    dtype: str = "bfloat16"
-    quantization: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        if self.layer_types is None:
-            self.layer_types = ["hybrid"] * self.num_hidden_layers
-        self.layer_types = list(self.layer_types)
-        rope = {k: dict(v) for k, v in DEFAULT_ROPE.items()}
-        for key, value in (self.rope_parameters or {}).items():
-            if key in LAYER_TYPES and isinstance(value, dict):
-                rope[key].update(value)
-            # other keys (a stray top-level "rope_type" on the hub config) carry no information
-        self.rope_parameters = rope
-        self.validate()
-
-    # -- construction -------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ZayaConfig":
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config must be a JSON object, got {type(raw).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        kwargs = {k: v for k, v in raw.items() if k in names}
-        if "dtype" not in raw and "torch_dtype" in raw:
-            kwargs["dtype"] = raw["torch_dtype"]
-        if raw.get("rope_parameters") is None and "rope_theta" in raw:
-            # older configs carry a flat rope_theta for the global layers
-            kwargs["rope_parameters"] = {"hybrid": {"rope_theta": raw["rope_theta"]}}
-        if raw.get("model_type", "zaya") != "zaya":
-            raise ConfigError(f"config.json has model_type {raw.get('model_type')!r}, expected 'zaya'")
-        for name, value in kwargs.items():
-            _check_type(cls, name, value)
-        try:
-            return cls(**kwargs, extra={k: v for k, v in raw.items() if k not in names})
-        except TypeError as exc:  # pragma: no cover - guarded by _check_type
-            raise ConfigError(str(exc)) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A config.json that both zaya and transformers' ZayaForCausalLM read."""
-        out = {"architectures": ["ZayaForCausalLM"], "model_type": "zaya"}
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "quantization"):
-                continue
-            out[f.name] = getattr(self, f.name)
-        out["partial_rotary_factor"] = self.rope_parameters["hybrid"]["partial_rotary_factor"]
-        if self.quantization:
-            out["quantization"] = self.quantization
-        return out
-
-    def validate(self) -> None:
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "moe_intermediate_size", "num_experts",
-                    "router_hidden_size", "cca_time0", "cca_time1", "max_position_embeddings"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_experts_per_tok != 1:
-            raise ConfigError("ZAYA1 routes each token to exactly one expert: num_experts_per_tok must be 1, "
-                              f"got {self.num_experts_per_tok}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                              f"num_key_value_heads ({self.num_key_value_heads})")
-        if (self.num_key_value_heads * self.head_dim) % 2:
-            raise ConfigError("num_key_value_heads * head_dim must be even (values are split current/delayed)")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (ZAYA1 experts use silu)")
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ConfigError(f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is "
-                              f"{self.num_hidden_layers}")
-        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
-        if bad:
-            raise ConfigError(f"unknown layer_types {bad}; expected {list(LAYER_TYPES)}")
-        if "hybrid_sliding" in self.layer_types and not self.sliding_window:
-            raise ConfigError("layer_types contains 'hybrid_sliding' but sliding_window is not set")
-        for kind, params in self.rope_parameters.items():
-            if params.get("rope_type", "default") != "default":
-                raise ConfigError(f"rope_type {params['rope_type']!r} for {kind} layers is not supported")
-            rot = self.head_dim * params.get("partial_rotary_factor", 1.0)
-            if rot != int(rot) or int(rot) % 2 or not 0 < rot <= self.head_dim:
-                raise ConfigError(f"partial_rotary_factor {params.get('partial_rotary_factor')} gives a rotary "
-                                  f"width of {rot}, which must be an even integer <= head_dim")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ConfigError(f"dtype {self.dtype!r} must be one of bfloat16, float16, float32")
-
-    # -- derived quantities ---------------------------------------------------------------------
-    @property
-    def kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
-    def conv_channels(self) -> int:
-        return (self.num_attention_heads + self.num_key_value_heads) * self.head_dim
-
-    @property
-    def conv_state_len(self) -> int:
-        return (self.cca_time0 - 1) + (self.cca_time1 - 1)
-
-    @property
-    def eos_ids(self) -> list[int]:
-        eos = self.eos_token_id
-        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-
-    def rotary_dim(self, layer_type: str) -> int:
-        return int(self.head_dim * self.rope_parameters[layer_type].get("partial_rotary_factor", 1.0))
-
-
-def _check_type(cls, name: str, value: Any) -> None:
-    ints = {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "max_position_embeddings", "moe_intermediate_size", "num_experts_per_tok",
-            "num_experts", "router_hidden_size", "cca_time0", "cca_time1"}
-    if name in ints and (not isinstance(value, int) or isinstance(value, bool)):
-        raise ConfigError(f"config.{name} must be an integer, got {value!r}")
-    if name in ("rms_norm_eps", "initializer_range") and not isinstance(value, (int, float)):
-        raise ConfigError(f"config.{name} must be a number, got {value!r}")
-    if name == "layer_types" and value is not None and not isinstance(value, list):
-        raise ConfigError(f"config.layer_types must be a list, got {value!r}")
-    if name == "sliding_window" and value is not None and (not isinstance(value, int) or value < 1):
-        raise ConfigError(f"config.sliding_window must be a positive integer or null, got {value!r}")
+from zaya.config import ZayaConfig
+from zaya.context import ForwardContext
 
 
 # ----------------------------------------------------------------------------------- building blocks
@@ -203,15 +52,6 @@ class ZayaRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
-    """cos/sin [B, S, rotary_dim], computed in fp32 then cast (as the reference does)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=positions.device)
-                                / rotary_dim))
-    freqs = positions[..., None].float() * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NeoX rotate-half RoPE on the first ``cos.shape[-1]`` dims of each head; x is (B, H, S, D)."""
     rot = cos.shape[-1]
@@ -225,8 +65,6 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 # ----------------------------------------------------------------------------------------- CCA
 class ZayaCCAProjection(nn.Module):
     """q/k/v for one layer: projections, causal two-stage conv on q‖k, GQA mean mix, value delay."""
-
-    packed_qkv: tuple | None = None  # the four projections as one prepacked CPU matrix (zaya.packed)
 
     def __init__(self, config: ZayaConfig):
         super().__init__()
@@ -244,6 +82,12 @@ class ZayaCCAProjection(nn.Module):
         self.conv_qk_grouped = nn.Conv1d(channels, channels, c.cca_time1,
                                          groups=c.num_attention_heads + c.num_key_value_heads)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The four input projections of x (B, S, H): raw q‖k (B, S, Hq*D + Hkv*D), the current
+        and the delayed value halves (B, S, Hkv*D/2). A fused-weight module overrides this."""
+        qk = torch.cat([self.q_proj(x), self.k_proj(x)], dim=-1)
+        return qk, self.v_proj_current(x), self.v_proj_delayed(x)
+
     def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None, v_state: torch.Tensor | None):
         """x (B, S, H) normed input with pad tokens already zeroed.
 
@@ -252,16 +96,9 @@ class ZayaCCAProjection(nn.Module):
         Returns query (B, S, Hq, D), key (B, S, Hkv, D), value (B, S, Hkv, D) and the new states.
         """
         B, S, _ = x.shape
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        if self.packed_qkv is not None and cpu_packed.usable(x, self.q_proj.weight):
-            qkv = cpu_packed.matmul(x, *self.packed_qkv)  # [q | k | v current | v delayed]
-            qk = qkv[..., :q_size + kv_size]
-            q_raw, k_raw = qk[..., :q_size], qk[..., q_size:]
-            v_cur, v_del = qkv[..., q_size + kv_size:].chunk(2, dim=-1)
-        else:
-            q_raw, k_raw = self.q_proj(x), self.k_proj(x)
-            qk = torch.cat([q_raw, k_raw], dim=-1)
-            v_cur, v_del = self.v_proj_current(x), self.v_proj_delayed(x)
+        q_size = self.num_heads * self.head_dim
+        qk, v_cur, v_del = self.project(x)
+        q_raw, k_raw = qk[..., :q_size], qk[..., q_size:]
 
         # GQA-aware mean mix of the pre-conv values: every query head gets (q_h + k_g(h)) / 2 and each
         # key head the mean of that over its query group.
@@ -277,7 +114,7 @@ class ZayaCCAProjection(nn.Module):
         else:
             qk = torch.cat([conv_state.to(qk.dtype), qk], dim=-1)
         new_conv_state = qk[..., qk.shape[-1] - self.conv_state_len:]
-        if S == 1 and qk.device.type == "cpu":
+        if S == 1:
             mixed = self._conv_one_column(qk)  # (B, 1, C)
         else:
             mixed = self.conv_qk_grouped(self.conv_qk_depthwise(qk)).transpose(1, 2)  # (B, S, C)
@@ -292,12 +129,12 @@ class ZayaCCAProjection(nn.Module):
         value = torch.cat([v_cur, v_shifted], dim=-1).view(B, S, self.num_kv_heads, self.head_dim)
         return query, key, value, new_conv_state, v_del[:, -1]
 
-
     def _conv_one_column(self, qk: torch.Tensor) -> torch.Tensor:
         """Both convs for the newest column only, as two small contractions in fp32.
 
         A decode step needs one output column; the generic conv kernels cost ~0.2 ms a call on
-        CPU for it, this costs a few microseconds. qk (B, C, conv_state_len + 1) -> (B, 1, C)."""
+        CPU for it, this costs a few microseconds. qk (B, C, conv_state_len + 1) -> (B, 1, C).
+        (Up to rounding it is the conv path's last column; it serves decode on every device.)"""
         w0, w1 = self.conv_qk_depthwise, self.conv_qk_grouped
         t0, t1 = w0.kernel_size[0], w1.kernel_size[0]
         G = w1.groups
@@ -341,6 +178,21 @@ class ZayaQKNorm(nn.Module):
         return q, k * self.temp[None, None, :, None]
 
 
+class ScaledDotProductAttention(nn.Module):
+    """softmax(q k^T / sqrt(D)) v with GQA: q (B, Hq, S, D), k/v (B, Hkv, L, D), and the mask
+    ``ForwardContext.mask`` gives (None, "causal" or bool (B, 1, S, L)). It holds no weights, so a
+    loader can put a kernel for its device in its place without touching the state dict."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim, self.scale = head_dim, head_dim ** -0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        causal = isinstance(mask, str)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                              scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
 class ZayaAttention(nn.Module):
     def __init__(self, config: ZayaConfig, layer_idx: int):
         super().__init__()
@@ -350,10 +202,11 @@ class ZayaAttention(nn.Module):
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
         self.qkv_proj = ZayaCCAProjection(config)
         self.qk_norm = ZayaQKNorm(config)
+        self.attend = ScaledDotProductAttention(config.head_dim)
         self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size,
                                 bias=config.attention_bias)
 
-    def forward(self, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, S, _ = x.shape
         cache = ctx.cache
         conv_state = v_state = None
@@ -369,33 +222,8 @@ class ZayaAttention(nn.Module):
             cache.conv[self.layer_idx].copy_(new_conv)
             cache.vdelay[self.layer_idx].copy_(new_v)
             k, v = cache.write_kv(self.layer_idx, k, v, start=ctx.write_start, kv_len=ctx.kv_len)
-        mask = ctx.mask(self.sliding_window)
-        causal = isinstance(mask, str)
-        if S == 1 and k.shape[2] > DECODE_ATTENTION_MIN_KEYS and q.dtype != torch.float32 and q.device.type == "cpu":
-            o = decode_attention(q, k, v, mask, self.head_dim ** -0.5)
-        else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                               scale=self.head_dim ** -0.5, enable_gqa=q.shape[1] != k.shape[1])
+        o = self.attend(q, k, v, ctx.mask(self.sliding_window))  # (B, Hq, S, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
-
-
-# PyTorch's CPU flash-attention kernel in bf16 costs about 1 us per cached key and head group at
-# decode (one query row); above this many keys two fp32 matmuls and a softmax are faster and at
-# least as precise (benchmarks/kernels.py --attention).
-DECODE_ATTENTION_MIN_KEYS = 128
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
-    """One query row per sequence: q (B, Hq, 1, D), k/v (B, Hkv, L, D), mask None or bool
-    (B, 1, 1, L). Computed in fp32, returned in q's dtype."""
-    B, Hq, _, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    scores = torch.matmul(q.float().view(B, Hkv, Hq // Hkv, D), k.float().transpose(-1, -2)).mul_(scale)
-    if mask is not None:
-        scores.masked_fill_(~mask.view(B, 1, 1, L), float("-inf"))
-    out = torch.matmul(scores.softmax(-1), v.float())                 # (B, Hkv, G, D)
-    return out.view(B, Hq, 1, D).to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------- MoE
@@ -448,13 +276,8 @@ class ZayaExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, H, I))
 
-    packed: list | None = None  # per-expert prepacked CPU weights (zaya.packed), inference only
-
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and cpu_packed.usable(x, self.gate_up_proj):
-            gate_up, down = self.packed[e]
-            gate, up = cpu_packed.matmul(x, gate_up).chunk(2, dim=-1)
-            return cpu_packed.matmul(F.silu(gate) * up, down)
+        """Expert e on its tokens x (N, H). Quantized and prepacked experts override this."""
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
@@ -518,7 +341,7 @@ class ZayaDecoderLayer(nn.Module):
         self.post_attention_residual_scale = ZayaResidualScaling(config.hidden_size)
         self.post_mlp_residual_scale = ZayaResidualScaling(config.hidden_size)
 
-    def forward(self, h: torch.Tensor, router_state, ctx: "ForwardContext"):
+    def forward(self, h: torch.Tensor, router_state, ctx: ForwardContext):
         dtype = self.input_layernorm.weight.dtype
         a = self.input_layernorm(h.to(dtype))
         if ctx.conv_mask is not None:
@@ -527,77 +350,6 @@ class ZayaDecoderLayer(nn.Module):
         m = self.post_attention_layernorm(h.to(dtype))
         y, router_state, index = self.mlp(m, router_state)
         return self.post_mlp_residual_scale(y, h), router_state, index
-
-
-class ForwardContext:
-    """Per-call values every layer shares: rope tables, masks, the cache and its write positions.
-
-    Host-side facts (kv length, whether rows are aligned or padded) are read from the device once
-    here, not once per layer."""
-
-    def __init__(self, config: ZayaConfig, B: int, S: int, device, dtype, attention_mask, cache):
-        self.cache, self.fresh, self.write_start = cache, False, None
-        if cache is None:
-            kv_len, q_index = S, torch.arange(S, device=device).expand(B, S)
-            starts = torch.zeros(B, dtype=torch.long, device=device)
-            if attention_mask is not None:
-                starts = (attention_mask == 0).sum(-1) if _is_left_padded(attention_mask) else None
-                if starts is None:
-                    raise ValueError("attention_mask must be left-padded (zeros only before the first 1)")
-        else:
-            lo, hi = (int(v) for v in torch.stack([cache.lengths.min(), cache.lengths.max()]).tolist())
-            self.fresh = hi == 0
-            if attention_mask is not None:
-                if not self.fresh:
-                    raise ValueError("attention_mask is only accepted for the first chunk of a sequence")
-                if not _is_left_padded(attention_mask):
-                    raise ValueError("attention_mask must be left-padded (zeros only before the first 1)")
-                cache.starts.copy_((attention_mask == 0).sum(-1))
-            starts = cache.starts
-            q_index = cache.lengths[:, None] + torch.arange(S, device=device)
-            kv_len = hi + S
-            cache.reserve(kv_len)
-            self.write_start = lo if lo == hi else None  # rows aligned: one slice write per layer
-        self.kv_len = kv_len
-        self.padded = bool(starts.any()) if attention_mask is not None or cache is not None else False
-        self.q_index = q_index                            # (B, S) absolute slot of each query
-        self.kv_index = torch.arange(kv_len, device=device)
-        self.starts = starts
-        positions = (q_index - starts[:, None]).clamp_min(0)
-        self.rope = {t: rope_cos_sin(positions, config.rotary_dim(t), config.rope_parameters[t]["rope_theta"], dtype)
-                     for t in set(config.layer_types)}
-        self.conv_mask = None
-        if attention_mask is not None and S > 1 and not bool((attention_mask == 1).all()):
-            self.conv_mask = attention_mask[:, -S:]
-        self._masks: dict = {}
-
-    def mask(self, window: int | None):
-        """Boolean (B, 1, S, kv_len): causal, after the row's padding, inside the sliding window.
-
-        A pad query row attends to itself only, which keeps it finite (it is never read). Returns
-        None when nothing is masked (one unpadded query row that sees the whole cache) and
-        "causal" when plain causal masking over an unpadded fresh sequence is all there is."""
-        S = self.q_index.shape[1]
-        aligned = self.cache is None or self.write_start is not None  # every row has the same length
-        if aligned and not self.padded and (window is None or self.kv_len <= window):
-            if S == 1:
-                return None
-            if S == self.kv_len:
-                return "causal"
-        if window not in self._masks:
-            q = self.q_index[:, :, None]
-            kv = self.kv_index[None, None, :]
-            allowed = (kv <= q) & (kv >= self.starts[:, None, None])
-            if window is not None:
-                allowed &= kv > q - window
-            allowed |= kv == q
-            self._masks[window] = allowed[:, None]
-        return self._masks[window]
-
-
-def _is_left_padded(mask: torch.Tensor) -> bool:
-    # left padding means the mask never goes from 1 back to 0 along the sequence
-    return bool((mask[:, 1:] >= mask[:, :-1]).all())
 
 
 class ZayaModel(nn.Module):
@@ -638,7 +390,7 @@ class ZayaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def tie_weights(self) -> None:
-        # a quantized model ties through its TiedQuantHead instead (zaya.quant)
+        # a quantized head ties to the quantized table through its own module (zaya.quant)
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -676,3 +428,18 @@ class ZayaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.mlp.gate.balancing_biases.zero_()
             layer.mlp.gate.balancing_biases[-1] = -1.0
+
+
+# ------------------------------------------------------------------------------------- seams
+def replace_modules(root: nn.Module, make: Callable[[str, nn.Module], nn.Module | None], prefix: str = "") -> None:
+    """Swap submodules in place, top-down: ``make(name, module)`` returns a replacement or None.
+
+    This is how a loader chooses module classes (quantized, prepacked, a device's attention
+    kernel) without the model knowing them. A replaced module's children are not visited."""
+    for child_name, child in list(root.named_children()):
+        name = prefix + child_name
+        new = make(name, child)
+        if new is None:
+            replace_modules(child, make, name + ".")
+        else:
+            setattr(root, child_name, new)

@@ -15,9 +15,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from zaya.errors import ZayaError
+from safetensors import safe_open
 
-PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+from zaya.checkpoint import INDEX_FILE, detect_layout
+from zaya.checkpoint.hub import DOWNLOAD_PATTERNS
+from zaya.errors import ZayaError
 
 
 def default_cache() -> Path:
@@ -62,8 +64,6 @@ def _current_revision(repo):
 
 
 def _describe(path: Path) -> tuple[str, str | None]:
-    from zaya.checkpoint import INDEX_FILE, detect_layout
-
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -79,8 +79,6 @@ def _describe(path: Path) -> tuple[str, str | None]:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             return "no weights", model_type
-        from safetensors import safe_open
-
         names = []
         for f in files:
             with safe_open(str(f), framework="pt") as handle:
@@ -108,7 +106,7 @@ def pull(repo_id: str, revision: str | None = None, cache: Path | None = None) -
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS,
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
                                  cache_dir=str(cache) if cache else None)
     except LocalEntryNotFoundError as exc:
         raise ZayaError(f"cannot download {repo_id}: the hub is unreachable (offline?)") from exc

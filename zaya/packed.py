@@ -1,4 +1,4 @@
-"""Prepacked bf16 weights for CPU matmuls.
+"""Prepacked bf16 weights for CPU matmuls, as module swaps.
 
 PyTorch runs a bf16 ``F.linear`` on CPU through oneDNN, and oneDNN first reorders the weight into
 its blocked layout, on every call. At decode (one row per sequence) that reorder reads and writes
@@ -8,27 +8,37 @@ once and ``torch.ops.mkldnn._linear_pointwise`` multiplies by the packed copy (t
 own compiler uses when it freezes a CPU model). The results are bit-identical to ``F.linear``;
 the time of a decode step's matmuls drops by about half (``benchmarks/compare_transformers.py``).
 
-``pack_model`` packs every ``nn.Linear`` and every expert of a bf16 model on the CPU, for inference:
+``swap_modules`` gives the float linears, CCA projections and experts of a bf16 CPU model their
+packed classes (``PackedLinear``, ``PackedCCAProjection`` with q, k and both value halves in one
+matrix, ``PackedExperts``); each module's ``prepare`` then builds its packed copy once the
+weights are real. ``pack_model`` does both for a model already in memory.
 
 * the packed copy lives beside the parameter, never in ``state_dict``, so saving a packed model
   writes the ordinary weights; a forward that needs gradients uses the parameter (``F.linear``);
-* the packed copy is built from the checkpoint file read with plain I/O when the caller passes
-  ``fetch``, so the memory-mapped original is never paged in: resident memory holds one copy of
-  each matrix, not two (the tied embedding table is still read row by row for lookups);
+* ``prepare`` takes a ``reader`` whose ``tensor(name, index)`` returns the module's weight read
+  from the checkpoint file into fresh memory, so the memory-mapped original is never paged in: resident
+  memory holds one copy of each matrix, not two (the tied embedding table is still read row by
+  row for lookups);
 * ``ZAYA_CPU_PACKED=0`` turns packing off (for comparison and debugging).
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zaya.model import ZayaCCAProjection, ZayaExperts, replace_modules
+
 _OPS = hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+QKV_NAMES = ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed")
+
+# A matrix larger than this (a 262k-token LM head is 1 GB) is packed in row blocks: loading then
+# holds one block beyond the packed copies, and the blocks' products are concatenated.
+PACK_BLOCK_BYTES = 64 << 20
 
 
 def available(dtype: torch.dtype, device) -> bool:
@@ -55,17 +65,36 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
         torch.is_grad_enabled() and weight.requires_grad)
 
 
-QKV_NAMES = ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed")
-
-# A matrix larger than this (a 262k-token LM head is 1 GB) is packed in row blocks: loading then
-# holds one block beyond the packed copies, and the blocks' products are concatenated.
-PACK_BLOCK_BYTES = 64 << 20
+def _packable(weight: torch.Tensor) -> bool:
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
 
 
+def _read(reader, name: str, param: torch.Tensor, index: int | slice | None = None) -> torch.Tensor:
+    """The module's weight ``name`` (``[index]`` of it) from the reader's fresh memory, else the parameter."""
+    t = reader.tensor(name, index) if reader is not None else None
+    if t is None:
+        return param if index is None else param[index]
+    return t.to(torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------ modules
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, same state_dict) that multiplies by packed row blocks."""
 
-    packed: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # (block, its bias rows)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.packed: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # (block, its bias rows)
+
+    @torch.no_grad()
+    def prepare(self, dtype=None, reader=None) -> None:
+        if not _packable(self.weight):
+            return
+        N, K = self.weight.shape
+        rows = max(16, PACK_BLOCK_BYTES // (2 * K) // 16 * 16)
+        blocks = [slice(i, min(i + rows, N)) for i in range(0, N, rows)]
+        self.packed = [(pack(_read(reader, "weight", self.weight, b if len(blocks) > 1 else None)),
+                        None if self.bias is None else self.bias.detach()[b])
+                       for b in blocks]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and usable(x, self.weight):
@@ -75,68 +104,98 @@ class PackedLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-@torch.no_grad()
-def pack_model(model: nn.Module, fetch: Callable[..., torch.Tensor | None] | None = None) -> int:
-    """Pack the bf16 linears and experts of ``model`` in place; returns the bytes packed.
+class PackedCCAProjection(ZayaCCAProjection):
+    """q, k and both value halves read the same input: one packed matrix, one call."""
 
-    ``fetch(name, index=None)`` may return the named parameter's values (``[index]`` of it when
-    given) read into fresh memory, or None. Experts are read one at a time, so loading never holds
-    more than one expert's matrix beyond the packed copies."""
-    from zaya.model import ZayaCCAProjection, ZayaExperts
+    def __init__(self, config):
+        super().__init__(config)
+        self.packed_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
-    def source(name: str, param: torch.Tensor, index: int | slice | None = None) -> torch.Tensor:
-        t = fetch(name, index) if fetch is not None else None
-        if t is None:
-            return param if index is None else param[index]
-        return t.to(torch.bfloat16)
+    @torch.no_grad()
+    def prepare(self, dtype=None, reader=None) -> None:
+        parts = [getattr(self, n) for n in QKV_NAMES]
+        if not _packable(parts[0].weight):
+            return
+        weight = torch.cat([_read(reader, f"{n}.weight", p.weight) for n, p in zip(QKV_NAMES, parts)])
+        bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+        self.packed_qkv = (pack(weight), bias)
 
-    total, fused = 0, set()
-    for name, module in model.named_modules():
-        if isinstance(module, ZayaCCAProjection) and type(module.q_proj) is nn.Linear \
-                and module.q_proj.weight.dtype == torch.bfloat16 and module.q_proj.weight.device.type == "cpu":
-            # q, k and both value halves read the same input: one packed matrix, one call
-            parts = [module.q_proj, module.k_proj, module.v_proj_current, module.v_proj_delayed]
-            weight = torch.cat([source(f"{name}.{n}.weight", p.weight)
-                                for n, p in zip(QKV_NAMES, parts)])
-            bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-            module.packed_qkv = (pack(weight), bias)
-            fused.update(id(p) for p in parts)
-            total += weight.numel() * 2
-        elif type(module) is nn.Linear and id(module) not in fused and module.weight.dtype == torch.bfloat16 \
-                and module.weight.device.type == "cpu":
-            N, K = module.weight.shape
-            rows = max(16, PACK_BLOCK_BYTES // (2 * K) // 16 * 16)
-            module.__class__ = PackedLinear
-            blocks = [slice(i, min(i + rows, N)) for i in range(0, N, rows)]
-            module.packed = [(pack(source(f"{name}.weight", module.weight, b if len(blocks) > 1 else None)),
-                              None if module.bias is None else module.bias.detach()[b])
-                             for b in blocks]
-            total += module.weight.numel() * 2
-        elif isinstance(module, ZayaExperts) and isinstance(module.gate_up_proj, torch.Tensor) \
-                and module.gate_up_proj.dtype == torch.bfloat16 and module.gate_up_proj.device.type == "cpu":
-            module.packed = [(pack(source(f"{name}.gate_up_proj", module.gate_up_proj, e)),
-                              pack(source(f"{name}.down_proj", module.down_proj, e)))
-                             for e in range(module.num_experts)]
-            total += (module.gate_up_proj.numel() + module.down_proj.numel()) * 2
-            release_free_heap()
-    release_free_heap()
-    return total
+    def project(self, x: torch.Tensor):
+        if self.packed_qkv is None or not usable(x, self.q_proj.weight):
+            return super().project(x)
+        qkv = matmul(x, *self.packed_qkv)  # [q | k | v current | v delayed]
+        n = self.q_proj.out_features + self.k_proj.out_features
+        v_cur, v_del = qkv[..., n:].chunk(2, dim=-1)
+        return qkv[..., :n], v_cur, v_del
 
 
-def release_free_heap() -> None:
-    """Hand the temporaries' freed heap pages back to the OS (glibc keeps them otherwise)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+class PackedExperts(ZayaExperts):
+    """Stacked experts with a packed (gate_up, down) pair per expert, read one expert at a time so
+    loading never holds more than one expert's matrix beyond the packed copies."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def prepare(self, dtype=None, reader=None) -> None:
+        if not _packable(self.gate_up_proj):
+            return
+        self.packed = [(pack(_read(reader, "gate_up_proj", self.gate_up_proj, e)),
+                        pack(_read(reader, "down_proj", self.down_proj, e)))
+                       for e in range(self.num_experts)]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None or not usable(x, self.gate_up_proj):
+            return super().expert(e, x)
+        gate_up, down = self.packed[e]
+        gate, up = matmul(x, gate_up).chunk(2, dim=-1)
+        return matmul(F.silu(gate) * up, down)
 
 
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, looked up once (find_library runs ldconfig); None elsewhere."""
-    import ctypes
-    import ctypes.util
+PACKED = (PackedLinear, PackedCCAProjection, PackedExperts)
 
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
+
+# ------------------------------------------------------------------------------------- swaps
+def _rebuilt(make, old: nn.Module) -> nn.Module:
+    """A new module built on the meta device that takes over ``old``'s very tensors (so tied
+    weights stay tied and gradients reach the same parameters)."""
+    with torch.device("meta"):
+        new = make()
+    for prefix, part in old.named_modules():
+        target = new.get_submodule(prefix)
+        for name, p in part.named_parameters(recurse=False):
+            setattr(target, name, p)
+        for name, b in part.named_buffers(recurse=False):
+            target.register_buffer(name, b)
+    return new
+
+
+def swap_modules(model: nn.Module) -> nn.Module:
+    """Give the float linears, CCA projections and experts of ``model`` their packed classes.
+
+    Quantized modules are left alone (in a quantized model only the router's linears are float).
+    The packed copies are built by each module's ``prepare`` once the weights are real."""
+    config = getattr(model, "config", None)
+
+    def make(name: str, m: nn.Module):
+        if type(m) is ZayaCCAProjection and type(m.q_proj) is nn.Linear:
+            return _rebuilt(lambda: PackedCCAProjection(config), m)
+        if type(m) is ZayaExperts:
+            return _rebuilt(lambda: PackedExperts(config), m)
+        if type(m) is nn.Linear:
+            return _rebuilt(lambda: PackedLinear(m.in_features, m.out_features, m.bias is not None), m)
         return None
+
+    replace_modules(model, make)
+    return model
+
+
+def pack_model(model: nn.Module, reader=None) -> nn.Module:
+    """Swap and pack a model whose weights are already in memory (``reader``: a checkpoint's
+    ``PlainReader`` to pack from the file, or None to pack from the parameters)."""
+    swap_modules(model)
+    for name, m in model.named_modules():
+        if isinstance(m, PACKED):
+            m.prepare(torch.bfloat16, reader.at(name) if reader is not None else None)
+    return model

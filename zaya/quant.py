@@ -28,15 +28,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from zaya.errors import ConfigError
+from zaya.model import ZayaExperts, replace_modules
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the CPU kernel accepts
 # The packed int8/int4 kernels cost about M times a GEMV for M rows; from this many rows on
 # (prefill), a GEMM on a copy dequantized for the call is faster (benchmarks/kernels.py: int8
 # crosses over near 25 rows, int4, whose unpacking costs more, near 100).
 DEQUANT_ROWS = {8: 32, 4: 128}
-_TARGETS = re.compile(r"(model\.layers\.\d+\.self_attn\.(qkv_proj\.(q_proj|k_proj|v_proj_current|v_proj_delayed)"
-                      r"|o_proj)\.weight|model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)"
-                      r"|model\.embed_tokens\.weight|lm_head\.weight)")
+# What is quantized, by module name: the one statement that swapping modules (a quantized
+# checkpoint, or quantizing at load) and picking the tensors of a float checkpoint to quantize
+# both read.
+QUANTIZED_MODULES = re.compile(r"model\.layers\.\d+\.self_attn\."
+                               r"(qkv_proj\.(q_proj|k_proj|v_proj_current|v_proj_delayed)|o_proj)"
+                               r"|model\.layers\.\d+\.mlp\.experts|model\.embed_tokens|lm_head")
+_WEIGHT_LEAVES = ("weight", "gate_up_proj", "down_proj")  # a quantized module's float weights (not its bias)
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
     hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
@@ -80,7 +85,9 @@ class QuantSpec:
 
 
 def is_target(name: str) -> bool:
-    return _TARGETS.fullmatch(name) is not None
+    """Whether a float checkpoint's tensor ``name`` is quantized."""
+    module, _, leaf = name.rpartition(".")
+    return leaf in _WEIGHT_LEAVES and QUANTIZED_MODULES.fullmatch(module) is not None
 
 
 def quantized_names(name: str, spec: QuantSpec) -> list[str]:
@@ -211,8 +218,8 @@ class QuantLinear(_QuantBuffers):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.w: QuantWeight | None = None
 
-    def prepare(self, dtype: torch.dtype, source=None) -> None:
-        self.w = QuantWeight(self.qweight, self.scales, self.zeros, dtype, source)
+    def prepare(self, dtype: torch.dtype, reader=None) -> None:
+        self.w = QuantWeight(self.qweight, self.scales, self.zeros, dtype, _rows(reader, self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.w.matmul(x)
@@ -228,7 +235,7 @@ class QuantEmbedding(_QuantBuffers):
         self._init_buffers(*_shapes(num_embeddings, embedding_dim, spec), spec)
         self.dtype = torch.float32
 
-    def prepare(self, dtype: torch.dtype, source=None) -> None:
+    def prepare(self, dtype: torch.dtype, reader=None) -> None:
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -247,36 +254,28 @@ class TiedQuantHead(nn.Module):
         self.bias = None
         self.w: QuantWeight | None = None
 
-    def prepare(self, dtype: torch.dtype, source=None) -> None:
+    def prepare(self, dtype: torch.dtype, reader=None) -> None:
+        # the reader knows the tie: the head's "qweight" is the table's bytes
         e = self._embedding[0]
-        self.w = QuantWeight(e.qweight, e.scales, e.zeros, dtype, source)
+        self.w = QuantWeight(e.qweight, e.scales, e.zeros, dtype, _rows(reader, e))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w.matmul(x)
 
 
-def quantized_experts_class():
-    from zaya.model import ZayaExperts
+class QuantExperts(ZayaExperts):
+    """Stacked SwiGLU experts with quantized gate_up (E, 2I, H) and down (E, H, I)."""
 
-    class QuantExperts(ZayaExperts):
-        """Stacked SwiGLU experts with quantized gate_up (E, 2I, H) and down (E, H, I)."""
+    def __init__(self, config, spec: QuantSpec):
+        nn.Module.__init__(self)
+        E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        self.num_experts = E
+        self.gate_up_proj = _ExpertStack(E, 2 * I, H, spec)
+        self.down_proj = _ExpertStack(E, H, I, spec)
 
-        def __init__(self, config, spec: QuantSpec):
-            nn.Module.__init__(self)
-            E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
-            self.num_experts = E
-            self.gate_up_proj = _ExpertStack(E, 2 * I, H, spec)
-            self.down_proj = _ExpertStack(E, H, I, spec)
-
-        def prepare(self, dtype):
-            self.gate_up_proj.prepare(dtype)
-            self.down_proj.prepare(dtype)
-
-        def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-            gate, up = self.gate_up_proj.w[e].matmul(x).chunk(2, dim=-1)
-            return self.down_proj.w[e].matmul(F.silu(gate) * up)
-
-    return QuantExperts
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj.w[e].matmul(x).chunk(2, dim=-1)
+        return self.down_proj.w[e].matmul(F.silu(gate) * up)
 
 
 class _ExpertStack(_QuantBuffers):
@@ -285,178 +284,41 @@ class _ExpertStack(_QuantBuffers):
         self._init_buffers(*_shapes(N, K, spec, (E,)), spec)
         self.w: list[QuantWeight] = []
 
-    def prepare(self, dtype, source=None):
+    def prepare(self, dtype: torch.dtype, reader=None) -> None:
         E = self.qweight.shape[0]
         z = self.zeros if self.zeros is not None else [None] * E
-        src = source if source is not None else [None] * E
+        rows = _rows(reader, self)
+        src = rows if rows is not None else [None] * E
         self.w = [QuantWeight(q, s, zz, dtype, sq) for q, s, zz, sq in zip(self.qweight, self.scales, z, src)]
+
+
+def _rows(reader, module: _QuantBuffers):
+    """int4 weights are repacked from the checkpoint file's rows when the reader has them, so
+    their mmap'd portable copy is never paged in (int8 weights are used as they are)."""
+    if reader is None or module.zeros is None:
+        return None
+    return reader.rows("qweight")
 
 
 # ------------------------------------------------------------------------------ model surgery
 def swap_modules(model: nn.Module, spec: QuantSpec) -> nn.Module:
-    """Replace the quantizable modules of a (meta-device) ZayaForCausalLM with quantized ones."""
+    """Give the modules QUANTIZED_MODULES names (of a meta-device ZayaForCausalLM) their quantized
+    classes; each module's ``prepare`` builds its kernel layout once the buffers hold real data."""
     config = model.config
-    QuantExperts = quantized_experts_class()
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        for owner, names in ((attn.qkv_proj, ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed")),
-                             (attn, ("o_proj",))):
-            for n in names:
-                lin = getattr(owner, n)
-                setattr(owner, n, QuantLinear(lin.in_features, lin.out_features, spec, lin.bias is not None))
-        layer.mlp.experts = QuantExperts(config, spec)
-    emb = QuantEmbedding(config.vocab_size, config.hidden_size, spec)
-    model.model.embed_tokens = emb
-    if config.tie_word_embeddings:
-        model.lm_head = TiedQuantHead(emb)
-    else:
-        model.lm_head = QuantLinear(config.hidden_size, config.vocab_size, spec, config.lm_head_bias)
-    model.quantization = spec
+
+    def make(name: str, m: nn.Module):
+        if not QUANTIZED_MODULES.fullmatch(name):
+            return None
+        if isinstance(m, ZayaExperts):
+            return QuantExperts(config, spec)
+        if isinstance(m, nn.Embedding):
+            return QuantEmbedding(m.num_embeddings, m.embedding_dim, spec)
+        if name == "lm_head" and config.tie_word_embeddings:
+            return TiedQuantHead(model.model.embed_tokens)  # swapped before: the body precedes the head
+        if isinstance(m, nn.Linear):
+            return QuantLinear(m.in_features, m.out_features, spec, m.bias is not None)
+        raise TypeError(f"{name} is a {type(m).__name__}, which has no quantized counterpart")
+
+    with torch.device("meta"):
+        replace_modules(model, make)
     return model
-
-
-def prepare(model: nn.Module, dtype: torch.dtype, fetch=None) -> nn.Module:
-    """Build kernel layouts once the quantized buffers hold real data.
-
-    ``fetch(name)``, when given, returns a buffer's bytes read into fresh memory: int4 weights are
-    repacked from it, so their mmap'd portable copy is never paged in (only the embedding rows a
-    lookup touches are)."""
-    from zaya.packed import release_free_heap
-
-    for name, m in model.named_modules():
-        if isinstance(m, (QuantLinear, QuantEmbedding, _ExpertStack)):
-            own = fetch is not None and m.zeros is not None and not isinstance(m, QuantEmbedding)
-            m.prepare(dtype, fetch(f"{name}.qweight") if own else None)
-            if own:
-                release_free_heap()  # the fetched copy and repacking temporaries, before the next
-    for name, m in model.named_modules():
-        if isinstance(m, TiedQuantHead):  # after the embedding, whose dtype it follows
-            e = m._embedding[0]
-            src = fetch("model.embed_tokens.qweight") if fetch is not None and e.zeros is not None else None
-            m.prepare(dtype, src)
-    release_free_heap()
-    return model
-
-
-def read_aligned(file, name: str, index: int | slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor of a safetensors file (or with ``index``, its ``[index]`` along the first
-    dimension: one position or a step-1 slice) read with plain file I/O into fresh, 64-byte
-    aligned memory (or into ``out`` when it has the right shape and dtype: a reused buffer)."""
-    import json
-    import struct
-
-    dtypes = {"I8": torch.int8, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16,
-              "F32": torch.float32}
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        meta = json.loads(f.read(n))[name]
-        begin, end = meta["data_offsets"]
-        shape = meta["shape"]
-        if index is not None:
-            lo, hi, stride = index.indices(shape[0]) if isinstance(index, slice) else (index, index + 1, 1)
-            if stride != 1 or not 0 <= lo < hi <= shape[0]:
-                raise IndexError(f"{name} has {shape[0]} rows along its first dimension, asked for {index}")
-            row = (end - begin) // shape[0]
-            begin, end = begin + lo * row, begin + hi * row
-            shape = [hi - lo, *shape[1:]] if isinstance(index, slice) else shape[1:]
-        if out is None or list(out.shape) != list(shape) or out.dtype != dtypes[meta["dtype"]]:
-            out = torch.empty(shape, dtype=dtypes[meta["dtype"]])
-        f.seek(8 + n + begin)
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
-        if f.readinto(view) != end - begin:
-            raise OSError(f"{file} is truncated in tensor {name}")
-    return out
-
-
-class FileRows:
-    """A tensor of a safetensors file, read on demand: ``rows[i:j]`` and ``rows[e]`` (also by
-    iterating) read just those rows with plain file I/O. Repacking int4 weights from it never
-    holds more than a block of the source in memory."""
-
-    def __init__(self, file, name: str, shape: tuple[int, ...]):
-        self.file, self.name, self.shape = file, name, tuple(shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index):
-        return read_aligned(self.file, self.name, index)
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
-
-
-PREAD_BLOCK_ELEMENTS = 1 << 24  # large 2-D tensors are quantized in row blocks of about this size
-
-
-class PreadReader:
-    """Reads tensors to be quantized with pread(2) instead of through the mmap, so the float pages
-    never become resident: peak memory while quantizing at load is the quantized model plus one
-    float tensor (large 2-D tensors go in row blocks)."""
-
-    def __init__(self, source):
-        self.source, self.handles = source, {}
-
-    def _handle(self, file):
-        if file not in self.handles:
-            from safetensors import safe_open
-
-            try:
-                self.handles[file] = safe_open(str(file), framework="pt", device="cpu", backend="pread")
-            except TypeError:  # safetensors without the pread backend
-                self.handles[file] = None
-        return self.handles[file]
-
-    def quantize(self, name: str, load, spec: QuantSpec, scale_dtype) -> list[torch.Tensor]:
-        file = self.source.where.get(name)
-        handle = self._handle(file) if file is not None else None
-        if handle is None:
-            return quantize_tensor(load(), spec, scale_dtype)
-        shape = handle.get_slice(name).get_shape()
-        if len(shape) != 2 or shape[0] * shape[1] < PREAD_BLOCK_ELEMENTS:
-            return quantize_tensor(handle.get_tensor(name), spec, scale_dtype)
-        step = max(1, PREAD_BLOCK_ELEMENTS // shape[1])
-        # safetensors slices do not clamp at the end: the last block is cut to the rows left
-        parts = [quantize_tensor(handle.get_slice(name)[i:min(i + step, shape[0])], spec, scale_dtype)
-                 for i in range(0, shape[0], step)]
-        return [torch.cat(p) for p in zip(*parts)]
-
-
-# ---------------------------------------------------------------------------- saving / the CLI
-def save_quantized(src, dst, spec: QuantSpec, dtype=None) -> dict:
-    """Quantize a float checkpoint into ``dst`` (safetensors + config.json with a quantization section)."""
-    from pathlib import Path
-
-    from zaya.checkpoint import load_model, resolve, save, tokenizer_files
-
-    src = resolve(src)
-    model, config, _ = load_model(src, dtype=dtype, quantize=spec)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save(state, config, Path(dst), extra_files=tokenizer_files(src))
-    return {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
-
-
-def cmd_quantize(args) -> int:
-    from zaya import parse_dtype
-
-    spec = QuantSpec(args.bits, args.group_size)
-    QuantSpec.parse(spec.to_config() | {"group_size": args.group_size})  # validate
-    info = save_quantized(args.src, args.dst, spec, parse_dtype(args.dtype))
-    label = f"int{spec.bits}" + (f", group size {spec.group_size}" if spec.bits == 4 else "")
-    print(f"wrote {args.dst}: {label}, {info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint",
-                       description="Quantize attention projections, experts and the embedding/LM head; the "
-                                   "router, convs, norms and scales stay in floating point. The output loads "
-                                   "directly with `zaya.load` / --model.")
-    p.add_argument("src", help="float checkpoint directory or hub repo id")
-    p.add_argument("dst", help="output directory")
-    p.add_argument("--bits", type=int, choices=[8, 4], default=8)
-    p.add_argument("--group-size", type=int, default=64, help="int4 group size (32, 64, 128 or 256 for the "
-                                                              "CPU kernel; others use the portable path)")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="dtype of the float tensors and scales (default: the checkpoint's)")
-    p.set_defaults(func=cmd_quantize)

@@ -120,8 +120,18 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """Next token for one row of float logits (V,)."""
+    """Next token for one row of float logits (V,), penalties already applied."""
     if p.greedy:
         return int(torch.argmax(logits))
     probs = filter_logits(logits, p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, dict[int, float] | None]:
+    """log p(token) under the raw next-token distribution (before penalties, temperature and
+    truncation, as vLLM reports by default) and, when ``top`` > 0, the ``top`` most likely ids."""
+    lp = torch.log_softmax(logits, -1)
+    if not top:
+        return float(lp[token]), None
+    values, ids = torch.topk(lp, top)
+    return float(lp[token]), {int(i): float(v) for i, v in zip(ids, values)}

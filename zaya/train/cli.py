@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from zaya.train.config import load_config
+from zaya.train.loop import train
+from zaya.train.plot import plot_metrics
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="training config (.toml, or .yaml with PyYAML)")
@@ -33,21 +37,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from zaya.train.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     if args.no_progress:
         cfg.train.progress = False
     if args.plot_only:
-        from zaya.train.plot import plot_metrics
-
         if not args.plot:
             raise SystemExit("zaya train: --plot-only needs --plot PNG")
         print(plot_metrics(cfg.out_dir / "metrics.jsonl", args.plot))
         return 0
     if args.plot:
         cfg.train.plot = args.plot
-    from zaya.train.loop import train
-
     train(cfg, resume=args.resume)
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from zaya.errors import ConfigError
-from zaya.model import ZayaConfig
+from zaya.config import ZayaConfig
 
 PRECISIONS = ("fp32", "bf16")
 PACKINGS = ("stream", "bfd")

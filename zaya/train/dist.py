@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from zaya.errors import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -52,8 +54,6 @@ def init(device: str = "auto") -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        from zaya.errors import ConfigError
-
         raise ConfigError("train.device is 'cuda' but torch sees no CUDA device")
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -22,12 +22,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zaya.checkpoint import load_model
+from zaya.config import ZayaConfig
 from zaya.errors import ConfigError, ZayaError
+from zaya.model import ZayaForCausalLM
+from zaya.tokenizer import Tokenizer
 from zaya.train import checkpoints as ckpt
 from zaya.train import data as data_mod
 from zaya.train import dist as dist_mod
 from zaya.train.balance import BalanceController, load_stats
 from zaya.train.config import TrainConfig, check_files, tokenizer_dir
+from zaya.train.plot import plot_metrics
 
 # What must match for a resumed run to see the same data in the same order (besides the packed
 # tokens themselves, compared by fingerprint, which also catches changed files or tokenizers).
@@ -99,8 +104,6 @@ class Trainer:
                               f"({t.micro_batch}) x world size ({env.world})")
         self.accum = t.global_batch // (t.micro_batch * env.world)
 
-        from zaya.tokenizer import Tokenizer
-
         self.tok_dir = tokenizer_dir(cfg)
         self.tokenizer = Tokenizer.from_dir(self.tok_dir)
         self.template = Path(cfg.data.chat_template).read_text(encoding="utf-8") if cfg.data.chat_template else None
@@ -146,9 +149,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- setup
     def _build_model(self):
-        from zaya.checkpoint import load_model
-        from zaya.model import ZayaConfig, ZayaForCausalLM
-
         cfg, dev = self.cfg, self.env.device
         source = self.resume_from or (Path(cfg.model.init_from) if cfg.model.init_from else None)
         if source is not None:
@@ -327,8 +327,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         trainer = Trainer(cfg, env, resume, log)
         result = trainer.run(stop_after)
         if cfg.train.plot and env.is_main:
-            from zaya.train.plot import plot_metrics
-
             plot_metrics(result.metrics, Path(cfg.train.plot))
         return result
     finally:

@@ -1,0 +1,20 @@
+"""Checkpoints on disk: every file read and written by zaya's models goes through this package.
+
+* ``hub``: a local directory or a hub repo id (``resolve``);
+* ``files``: the safetensors index and plain (pread) reads;
+* ``layouts``: config.json and the native / legacy tensor names;
+* ``directory``: a checkpoint directory as the loader reads it;
+* ``loader``: ``load_model``, one pipeline of named steps;
+* ``writer``: ``save``, ``convert``, ``save_quantized``.
+"""
+
+from zaya.checkpoint.directory import SafetensorsCheckpoint
+from zaya.checkpoint.files import INDEX_FILE, SINGLE_FILE
+from zaya.checkpoint.hub import download, resolve
+from zaya.checkpoint.layouts import detect_layout, read_config
+from zaya.checkpoint.loader import load_model, open_checkpoint
+from zaya.checkpoint.writer import convert, save, save_quantized, state_for_saving, tokenizer_files
+
+__all__ = ["INDEX_FILE", "SINGLE_FILE", "SafetensorsCheckpoint", "convert", "detect_layout", "download",
+           "load_model", "open_checkpoint", "read_config", "resolve", "save", "save_quantized",
+           "state_for_saving", "tokenizer_files"]

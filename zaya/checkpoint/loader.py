@@ -1,0 +1,157 @@
+"""Loading a checkpoint: one pipeline of named steps, the same for every on-disk format.
+
+    open (config, tensor index) -> build on meta -> choose module classes -> assign weights
+    -> prepare kernels
+
+Loading is strict and lazy: tensors are memory-mapped (never unpickled), every expected tensor
+must be present exactly once with the right shape, and anything unexpected is an error that
+names the tensor and the file it came from.
+
+What the pipeline reads from a format (``SafetensorsCheckpoint`` today; a GGUF or a
+compressed-tensors reader would be another class with the same members): ``path``, ``config``,
+``layout``, ``tensors`` (native name -> loader), ``origin(name)``, ``shape(name)``, ``stored`` (None
+or the quantization its stored tensors carry: ``bits``, ``to_config()``), ``swap_modules(model)`` (the
+classes the stored tensors need), ``stored_quantized(name, t, device)``, ``quantize(name, load,
+spec, dtype)`` and ``reader()`` (plain reads for the kernels' own copies). Which module classes
+serve the device (prepacked bf16, a CPU decode-attention kernel) is chosen here, from the dtype
+and device alone. Modules with a ``prepare(name, dtype, reader)`` method build their kernel
+layouts in the last step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from zaya import cpu_attention, packed, quant
+from zaya.checkpoint.directory import SafetensorsCheckpoint
+from zaya.checkpoint.files import release_free_heap
+from zaya.config import ZayaConfig
+from zaya.errors import CheckpointError
+from zaya.model import ZayaForCausalLM
+
+FLOAT32_TENSORS = ("balancing_biases",)  # selection arithmetic is fp32 in the reference
+
+
+def open_checkpoint(path: Path) -> SafetensorsCheckpoint:
+    """The format reader for ``path`` (a directory with config.json and safetensors)."""
+    return SafetensorsCheckpoint(path)
+
+
+def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None
+               ) -> tuple[ZayaForCausalLM, ZayaConfig, str]:
+    """Build the model on the meta device and assign the checkpoint's tensors to it, strictly.
+
+    A checkpoint written by ``zaya quantize`` (a ``quantization`` section in config.json) loads
+    its quantized tensors directly; ``quantize`` quantizes a float checkpoint while loading."""
+    ckpt = open_checkpoint(path)
+    spec = quantize_at_load(ckpt, quantize)
+    dtype = dtype or getattr(torch, ckpt.config.dtype)
+    device = torch.device(device or "cpu")
+    model = build(ckpt)
+    expected = expected_tensors(ckpt, model)
+    choose_modules(model, spec, dtype, device)
+    assign_weights(model, read_weights(ckpt, expected, spec, dtype, device))
+    prepare_kernels(model, dtype, ckpt.reader())
+    quantization = ckpt.stored or spec
+    if quantization is not None:
+        model.config = dataclasses.replace(ckpt.config, quantization=quantization.to_config())
+        model.model.config = model.config
+    return model, model.config, ckpt.layout
+
+
+def quantize_at_load(ckpt, quantize) -> quant.QuantSpec | None:
+    """The quantization to apply while loading (None for an already-quantized checkpoint)."""
+    wanted = quant.QuantSpec.parse(quantize)
+    stored = ckpt.stored
+    if stored is not None and wanted is not None and stored.bits != wanted.bits:
+        raise CheckpointError(f"{ckpt.path} is already quantized to int{stored.bits}; it cannot be loaded as "
+                              f"int{wanted.bits} (quantize the float checkpoint instead)")
+    return None if stored is not None else wanted
+
+
+def build(ckpt) -> ZayaForCausalLM:
+    """The model on the meta device, with the module classes its stored tensors need."""
+    with torch.device("meta"):
+        model = ZayaForCausalLM(ckpt.config)
+    ckpt.swap_modules(model)
+    return model
+
+
+def expected_tensors(ckpt, model) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the checkpoint must hold; a missing or unexpected one is an error."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if ckpt.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    unexpected = sorted(set(ckpt.tensors) - set(expected))
+    if unexpected:
+        n, where = unexpected[0], ckpt.origin(unexpected[0])
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        hint = " (config says tie_word_embeddings=true)" if n == "lm_head.weight" else ""
+        raise CheckpointError(f"unexpected tensor {n}{' in ' + where.name if where else ''}{hint}{more}: "
+                              "it does not belong to this config")
+    missing = sorted(set(expected) - set(ckpt.tensors))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"tensor {missing[0]} is missing from the checkpoint in {ckpt.path}{more}")
+    return expected
+
+
+def choose_modules(model, spec: quant.QuantSpec | None, dtype: torch.dtype, device: torch.device) -> None:
+    """Module classes for quantizing at load and for the device's fast paths (on meta, before
+    any weight is read). Quantized modules are chosen first: packing takes the float ones left."""
+    if spec is not None:
+        quant.swap_modules(model, spec)
+    if packed.available(dtype, device):
+        packed.swap_modules(model)
+    if cpu_attention.available(dtype, device):
+        cpu_attention.swap_modules(model)
+
+
+def read_weights(ckpt, expected, spec, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor read, checked, cast to the load dtype and placed (quantized when ``spec`` asks)."""
+    state = {}
+    for name, load in ckpt.tensors.items():
+        shape = ckpt.shape(name)
+        if shape is not None and shape != expected[name]:
+            raise CheckpointError(f"tensor {name} in {ckpt.origin(name).name} has shape {list(shape)}, expected "
+                                  f"{list(expected[name])} from config.json")
+        if spec is not None and quant.is_target(name):
+            state.update({k: t.to(device=device) for k, t in ckpt.quantize(name, load, spec, dtype).items()})
+        else:
+            state[name] = _placed(ckpt, name, load(), expected[name], dtype, device)
+    return state
+
+
+def _placed(ckpt, name: str, t: torch.Tensor, shape, dtype, device) -> torch.Tensor:
+    if tuple(t.shape) != shape:
+        raise CheckpointError(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+    stored = ckpt.stored_quantized(name, t, device)
+    if stored is not None:
+        return stored
+    if not t.is_floating_point():
+        raise CheckpointError(f"tensor {name} in {ckpt.origin(name) or ckpt.path} has dtype {t.dtype}, "
+                              "expected floats")
+    return t.to(device=device, dtype=torch.float32 if name.endswith(FLOAT32_TENSORS) else dtype)
+
+
+def assign_weights(model, state: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict(state, strict=False, assign=True)  # completeness was checked by expected_tensors
+    model.tie_weights()
+    model.eval()
+
+
+def prepare_kernels(model, dtype: torch.dtype, reader) -> None:
+    """Let every module with kernel layouts of its own (quantized, prepacked) build them, then hand
+    the freed temporaries back to the OS after each one that read from the files."""
+    for name, module in model.named_modules():
+        prepare = getattr(module, "prepare", None)
+        if prepare is None:
+            continue
+        reads = reader.reads
+        prepare(dtype, reader.at(name))
+        if reader.reads != reads:
+            release_free_heap()
+    release_free_heap()

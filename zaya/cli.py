@@ -12,7 +12,7 @@ import sys
 # Modules that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
     "zaya.commands",
-    "zaya.rsa.cli",
+    "zaya.solve",
     "zaya.quant",
     "zaya.bench",
     "zaya.train.cli",

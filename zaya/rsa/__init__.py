@@ -32,8 +32,8 @@ from zaya.rsa.drivers import run_batched, sample_pool, solve
 from zaya.rsa.prompts import TEMPLATES, ZYPHRA, FormatTemplate, ZyphraTemplate
 
 __all__ = [
-    "solve", "run_batched", "sample_pool", "RSARun", "GenerateRequest", "RSAResult", "Member", "RSAConfig", "RSAError", "PROFILES", "DEFAULT_PROFILE",
-    "make_config", "Backend", "BackendError", "Candidate", "LocalBackend", "OpenAIBackend",
+    "solve", "run_batched", "sample_pool", "RSARun", "GenerateRequest", "RSAResult", "Member",
+    "RSAConfig", "RSAError", "PROFILES", "DEFAULT_PROFILE", "make_config", "Backend", "BackendError", "Candidate", "LocalBackend", "OpenAIBackend",
     "tokenizer_from_file", "Vote", "boxed_answer", "extract_boxed", "majority_vote",
     "normalize_answer", "TEMPLATES", "ZYPHRA", "ZyphraTemplate", "FormatTemplate",
 ]

@@ -296,6 +296,38 @@ def test_rsa_via_extra_body(server, client):
             assert resp.status_code == 400 and resp.json()["error"]["param"].startswith(("rsa", "n")), resp.text
 
 
+def test_api_error_maps_every_kind_of_failure():
+    from zaya.errors import ContextLengthError, ZayaError
+    from zaya.server.http import api_error
+    from zaya.server.protocol import ApiError
+    from zaya.server.scheduler import ShuttingDown
+
+    def shape(exc, **kw):
+        e = api_error(exc, **kw)
+        return e.status, e.body()["error"]["param"], e.body()["error"]["code"], e.body()["error"]["message"]
+
+    same = ApiError(418, "teapot")
+    assert api_error(same) is same and api_error(same, rsa=True) is same
+    assert shape(ShuttingDown("bye"))[:1] == shape(ShuttingDown("bye"), rsa=True)[:1] == (503,)
+    too_long = ContextLengthError("prompt + max_new_tokens exceeds the context limit")
+    assert shape(too_long) == (400, None, "context_length_exceeded", str(too_long))
+    assert shape(too_long, rsa=True) == (400, "rsa", "context_length_exceeded",
+                                         f"RSA: {too_long}; lower rsa budget or tail")
+    assert shape(ZayaError("bad"), rsa=True) == (400, "rsa", None, "RSA: bad")
+    assert shape(RuntimeError("boom"))[0] == shape(RuntimeError("boom"), rsa=True)[0] == 500
+
+
+def test_rsa_disconnect_cancels_its_jobs(slow_server):
+    server = slow_server
+    body = {"model": MODEL, "messages": HI, "seed": 1,
+            "rsa": {"profile": "cpu-tiny", "n": 2, "k": 2, "max_tokens": 300, "tail_tokens": 8}}
+    with server.http(timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=body)
+    assert _wait_idle(server, timeout=10), "the RSA run's rows were not freed after the client left"
+    with server.http() as http:
+        assert http.get("/health").json()["rsa_running"] == 0
+
+
 # -- auth, limits, errors -------------------------------------------------------------------------
 def test_api_key(scripted):
     with scripted.http() as http:

@@ -8,10 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+from zaya.commands import add_model_args, load_from_args
+from zaya.errors import ZayaError
+from zaya.server.app import ServerConfig, create_app
+
 
 def register(sub) -> None:
-    from zaya.commands import add_model_args
-
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching",
                        description="Serve a model over an OpenAI-compatible API (/v1/chat/completions, "
                                    "/v1/completions, /v1/models, /health, /metrics). See docs/server.md.")
@@ -36,11 +38,7 @@ def served_name(model: str | None) -> str:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
-    from zaya.commands import load_from_args
-    from zaya.errors import ZayaError
-    from zaya.server import ServerConfig, create_app
+    import uvicorn  # start-up time: only `zaya serve` needs the ASGI server
 
     for flag in ("max_batch", "max_queue", "max_body", "port"):
         if getattr(args, flag) < (0 if flag == "port" else 1):

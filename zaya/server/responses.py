@@ -165,3 +165,57 @@ def text_completion(rid: str, model: str, choices: list[dict], usage_: dict | No
     if usage_ is not None:
         out["usage"] = usage_
     return out
+
+
+class Reply:
+    """The choices of one request and the response objects built from them. Choices are
+    job-major: job j's sample i is ``choices[j * per_job + i]``."""
+
+    prefix = ""
+
+    def __init__(self, model: str, choices: list, prompt_tokens: int, per_job: int = 1):
+        self.id, self.created = new_id(self.prefix), int(time.time())
+        self.model, self.choices, self.prompt_tokens, self.per_job = model, choices, prompt_tokens, per_job
+
+    def feed(self, job: int, ev) -> dict | None:
+        """One engine event -> the choice object of a stream chunk, or None."""
+        return self.choices[job * self.per_job + ev.index].feed(ev)
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
+
+    def opening(self) -> list[list[dict]]:
+        """Choice lists of the chunks sent before the first token."""
+        return []
+
+    def chunk(self, choices: list[dict], **extra) -> dict:
+        raise NotImplementedError
+
+    def body(self) -> dict:
+        """The whole (non-streamed) response."""
+        raise NotImplementedError
+
+
+class ChatReply(Reply):
+    prefix = "chatcmpl"
+
+    def opening(self) -> list[list[dict]]:
+        return [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for i in range(len(self.choices))]]
+
+    def chunk(self, choices: list[dict], **extra) -> dict:
+        return chat_chunk(self.id, self.model, self.created, choices, **extra)
+
+    def body(self) -> dict:
+        return chat_completion(self.id, self.model, [c.message() for c in self.choices], self.usage())
+
+
+class TextReply(Reply):
+    prefix = "cmpl"
+
+    def chunk(self, choices: list[dict], **extra) -> dict:
+        return text_completion(self.id, self.model, choices, None, self.created) | extra
+
+    def body(self) -> dict:
+        return text_completion(self.id, self.model, [c.choice() for c in self.choices], self.usage(),
+                               self.created)

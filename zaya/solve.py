@@ -19,7 +19,8 @@ import json
 import os
 import sys
 
-from zaya.commands import add_model_args
+from zaya.commands import add_model_args, load_from_args, resolve_model_name
+from zaya.rsa import LocalBackend, OpenAIBackend, solve, tokenizer_from_file
 from zaya.rsa.config import PROFILES, SELECTIONS
 
 
@@ -57,25 +58,17 @@ def register(subparsers) -> None:
 
 
 def _backend(args):
-    from zaya.rsa.backends import LocalBackend, OpenAIBackend, tokenizer_from_file
-
     if args.backend_url:
-        from zaya.commands import resolve_model_name
-
         model = resolve_model_name(args.model)
         local = model if model and os.path.exists(model) else None
         path = args.tokenizer or local
         tokenizer = tokenizer_from_file(path) if path else None
         return OpenAIBackend(args.backend_url, api_key=args.api_key, model=args.served_model,
                              tokenizer=tokenizer, max_concurrency=args.concurrency)
-    from zaya.commands import load_from_args
-
     return LocalBackend(load_from_args(args))
 
 
 def run(args) -> int:
-    from zaya.rsa.algorithm import solve
-
     problem = sys.stdin.read() if args.problem == "-" else args.problem
     backend = _backend(args)
     try:

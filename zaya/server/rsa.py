@@ -25,6 +25,7 @@ from zaya.errors import ContextLengthError, ZayaError
 from zaya.rsa import PROFILES, RSAConfig, RSAError, make_config, solve
 from zaya.rsa.backends import Candidate, TokenTools, derive_seed
 from zaya.rsa.config import DEFAULT_PROFILE
+from zaya.rsa.fit import fit_for_model
 from zaya.sampling import MAX_N, SamplingParams
 from zaya.server import responses as R
 from zaya.server.app import ClientGone, watch_client
@@ -158,6 +159,14 @@ def rsa_config(req) -> RSAConfig:
     return cfg
 
 
+def _explicit(req) -> set[str]:
+    """The RSA lengths a request sets itself; the profile's others shrink to fit the context."""
+    names = {_ALIASES.get(key, key) for key in (req.rsa if isinstance(req.rsa, dict) else {})}
+    if req.max_completion_tokens is not None or req.max_tokens is not None:
+        names.add("budget")
+    return names & {"budget", "tail"}
+
+
 def _type_ok(value, kind: str) -> bool:
     if value is None:
         return "None" in kind
@@ -196,13 +205,11 @@ async def rsa_chat(state, request, req):
     for m in messages:
         if isinstance(m.get("content"), list):
             m["content"] = "".join(part["text"] for part in m["content"])
-    prompt = render(state.llm, messages, None, cfg.enable_thinking, {})
-    prompt_len = len(state.llm.tokenizer.encode(prompt, add_special_tokens=False))
-    need = prompt_len + cfg.budget + (min(cfg.k, cfg.n) * cfg.tail_limit if cfg.rounds else 0)
-    if need > state.max_context:
-        raise bad_request(f"this RSA setting needs about {need} tokens of context (prompt {prompt_len} + tails "
-                          f"K*tau + budget {cfg.budget}) but the server allows {state.max_context}; lower budget "
-                          f"or tail", param="rsa", code="context_length_exceeded")
+    render(state.llm, messages, None, cfg.enable_thinking, {})  # a message the template refuses is a 400 here
+    try:
+        cfg = fit_for_model(state.llm, messages, cfg, None, _explicit(req), max_context=state.max_context)
+    except RSAError as exc:
+        raise bad_request(f"rsa: {exc}", param="rsa", code="context_length_exceeded") from None
 
     progress = {"state": None, "seq": 0}
 

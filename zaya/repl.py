@@ -89,9 +89,9 @@ class Reply:
                 self.thinking = True
             self._write(reasoning, style=True)
         if content:
+            self.content.append(content)  # before writing: Ctrl-C may land while the text goes out
             self._end_thinking()
             self._write(content)
-            self.content.append(content)
         self.out.flush()
 
     def close(self, stopped: bool = False) -> None:
@@ -167,7 +167,7 @@ class Chat:
                 finish = event.finish_reason or finish
         except KeyboardInterrupt:
             reply.close(stopped=True)
-            self._keep(user, reply)
+            self._keep(user, reply, stopped=True)
             self.note("(stopped)")
             return
         reply.close()
@@ -177,11 +177,12 @@ class Chat:
         elif finish == "length":
             self.note(f"(the reply reached max_new_tokens={budget}; /set max_new_tokens to allow more)")
 
-    def _keep(self, user: str, reply: Reply) -> None:
-        """Keep the exchange when the answer has begun (an interrupted one too, as a chat UI's stop
-        button does); a reply stopped while still reasoning leaves no trace."""
+    def _keep(self, user: str, reply: Reply, stopped: bool = False) -> None:
+        """Add the exchange to the conversation (its answer; reasoning is not carried to later turns,
+        as the chat templates drop it). A stopped reply is kept when its answer had begun, as a
+        chat UI's stop button does; one stopped while still reasoning leaves no trace."""
         answer = "".join(reply.content).strip()
-        if answer:
+        if answer or not stopped:
             self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
     # -- commands -------------------------------------------------------------------------------

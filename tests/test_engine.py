@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import zaya
+from tests.tiny_model import make_tiny_model_dir
 from zaya.engine import Engine, Request
 from zaya.errors import ContextLengthError, ZayaError
-from zaya.sampling import DEFAULT_MAX_NEW_TOKENS, SamplingParams, apply_penalties, filter_logits, fit_max_new_tokens
+from zaya.sampling import (DEFAULT_MAX_NEW_TOKENS, SamplingParams, apply_penalties, filter_logits,
+                           fit_max_new_tokens)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import zaya
-from tiny_model import make_tiny_model_dir
+from tests.tiny_model import make_tiny_model_dir
 from zaya.rsa.config import RSAError, make_config
 from zaya.rsa.fit import fit_to_context
 

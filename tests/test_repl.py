@@ -10,18 +10,13 @@ import io
 import pytest
 
 import zaya
-from tiny_model import make_tiny_model_dir
+from tests.tiny_model import make_tiny_model_dir
 from zaya.repl import DIM, RESET, Chat, Reply, describe, read_message, repl, use_color
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("m"))
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir):
-    return zaya.load(model_dir)
+def llm(tiny_model_dir):
+    return zaya.load(tiny_model_dir)
 
 
 def make_chat(llm, **kwargs) -> tuple[Chat, io.StringIO, io.StringIO]:
@@ -95,8 +90,8 @@ def test_set_validates_and_show_reports(llm):
     assert chat.command("/exit") is False and chat.command("/bye") is False
 
 
-def test_full_context_is_one_line_and_keeps_the_conversation(model_dir):
-    small = zaya.load(model_dir, max_context=60)
+def test_full_context_is_one_line_and_keeps_the_conversation(tiny_model_dir):
+    small = zaya.load(tiny_model_dir, max_context=60)
     chat, _, err = make_chat(small)
     chat.history = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "reply"}]
     kept = list(chat.history)
@@ -169,8 +164,8 @@ def test_reasoning_is_dimmed_only_on_a_terminal(monkeypatch):
     assert not use_color(Terminal())
 
 
-def test_banner_says_what_the_model_is(llm, model_dir, tmp_path):
-    assert describe(llm).startswith(f"{model_dir.name}: a ZAYA1-architecture model, 3 layers, hidden 64")
+def test_banner_says_what_the_model_is(llm, tiny_model_dir, tmp_path):
+    assert describe(llm).startswith(f"{tiny_model_dir.name}: a ZAYA1-architecture model, 3 layers, hidden 64")
     assert "context 1024 tokens" in describe(llm)
     about = make_tiny_model_dir(tmp_path / "about")
     (about / "about.txt").write_text("A model that only says hello.\nsecond line ignored\n")

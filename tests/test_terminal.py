@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tiny_model import make_tiny_model_dir
+from tests.tiny_model import make_tiny_model_dir
 from zaya.cli import main
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect drives the pseudo-terminal (pip install '.[test]')")

@@ -24,6 +24,8 @@ import os
 import sys
 
 from zaya.commands import add_model_args, load_from_args, resolve_model_name
+from zaya.rsa.algorithm import solve
+from zaya.rsa.backends import OpenAIBackend, tokenizer_from_file
 from zaya.rsa.config import PROFILES, SELECTIONS
 
 
@@ -64,8 +66,6 @@ def register(subparsers) -> None:
 
 
 def _remote_backend(args):
-    from zaya.rsa.backends import OpenAIBackend, tokenizer_from_file
-
     model = resolve_model_name(args.model)
     local = model if model and os.path.exists(model) else None
     path = args.tokenizer or local
@@ -75,8 +75,6 @@ def _remote_backend(args):
 
 
 def run(args) -> int:
-    from zaya.rsa.algorithm import solve
-
     problem = sys.stdin.read() if args.problem == "-" else args.problem
     options = dict(profile=args.profile, template=args.template, audit_path=args.audit,
                    progress=not args.no_progress, n=args.n, k=args.k, rounds=args.rounds,

@@ -56,11 +56,14 @@ def use_color(stream) -> bool:
     return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
+def is_builtin(llm) -> bool:
+    return llm.path is not None and Path(llm.path).resolve() == DEFAULT_MODEL.resolve()
+
+
 def describe(llm) -> str:
     """One line saying what the model is: its about.txt, else a line built from its config."""
     path = Path(llm.path) if llm.path else None
-    builtin = path is not None and path.resolve() == DEFAULT_MODEL.resolve()
-    name = "the built-in model" if builtin else (path.name if path else "an in-memory model")
+    name = "the built-in model" if is_builtin(llm) else (path.name if path else "an in-memory model")
     about = model_about(path)
     if about:
         return f"{name}: {about}"
@@ -157,8 +160,7 @@ class Chat:
             self.note(f"context full: the conversation and this message take {len(ids)} of {limit} tokens; "
                       f"/reset starts over (the conversation is kept until then)")
             return
-        budget = fit_max_new_tokens(len(ids), limit, requested, default=CHAT_MAX_NEW_TOKENS,
-                                    name="max_new_tokens")
+        budget = fit_max_new_tokens(len(ids), limit, requested, default=CHAT_MAX_NEW_TOKENS)
         params = {k: v for k, v in self.sampling.items() if k != "max_new_tokens"}
         reply, finish = Reply(self.out, self.color, generation_starts_in_reasoning(text)), None
         try:
@@ -241,18 +243,19 @@ class Chat:
 
     def show(self) -> None:
         used = len(self.encode(self.messages(), generation_prompt=False)[1])
-        limit = self.llm.max_context
+        limit, exchanges = self.llm.max_context, len(self.history) // 2
         defaults = SamplingParams()
         values = {n: self.sampling.get(n, getattr(defaults, n)) for n in SETTINGS if n != "max_new_tokens"}
         cap = self.sampling.get("max_new_tokens", f"auto (up to {CHAT_MAX_NEW_TOKENS})")
         think = {None: "the template's default", True: "on", False: "off"}[self.thinking]
-        exchanges = len(self.history) // 2
-        self.note(f"model     {describe(self.llm)}\n"
-                  f"path      {self.llm.path or '(in memory)'}\n"
-                  f"context   {used} of {limit} tokens used, {limit - used} left "
-                  f"({exchanges} exchange{'' if exchanges == 1 else 's'})\n"
-                  f"sampling  {', '.join(f'{n} {str(v).lower()}' for n, v in values.items())}\n"
-                  f"reply     max_new_tokens {cap}; think {think}")
+        lines = [f"model     {describe(self.llm)}"]
+        if not is_builtin(self.llm):
+            lines.append(f"path      {self.llm.path or '(in memory)'}")
+        lines += [f"context   {used} of {limit} tokens used, {limit - used} left "
+                  f"({exchanges} exchange{'' if exchanges == 1 else 's'})",
+                  f"sampling  {', '.join(f'{n} {str(v).lower()}' for n, v in values.items())}",
+                  f"reply     max_new_tokens {cap}; think {think}"]
+        self.note("\n".join(lines))
 
 
 # -- input ----------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import zaya
+from tests.tiny_model import make_tiny_model_dir
 from zaya.engine import Engine, Request
 from zaya.errors import ContextLengthError, ZayaError
-from zaya.sampling import SamplingParams, apply_penalties, filter_logits
+from zaya.sampling import (DEFAULT_MAX_NEW_TOKENS, SamplingParams, apply_penalties, filter_logits,
+                           fit_max_new_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +120,32 @@ def test_errors_are_clear(llm):
         llm.generate(PROMPT, stop=[str(i) for i in range(17)])
     with pytest.raises(TypeError, match="unknown sampling argument"):
         llm.generate(PROMPT, temprature=1)
-    with pytest.raises(ContextLengthError, match="exceeds the context limit of 1024"):
+    with pytest.raises(ContextLengthError, match=r"max_new_tokens \(1020\) does not fit: .* so \d+ are left"):
         llm.generate(PROMPT, max_new_tokens=1020)
     with pytest.raises(ZayaError, match="token ids must be in"):
         llm.generate([[1, 2, 999999]])
+
+
+def test_max_new_tokens_rule():
+    assert fit_max_new_tokens(17, 1024) == DEFAULT_MAX_NEW_TOKENS          # unset: the default cap
+    assert fit_max_new_tokens(17, 1024, default=4096) == 1007               # ... or the context's end
+    assert fit_max_new_tokens(1000, 1024, default=4096) == 24
+    assert fit_max_new_tokens(17, 1024, 1007) == 1007                       # explicit and fits
+    with pytest.raises(ContextLengthError, match=r"--max-new-tokens \(1008\) does not fit: the prompt takes 17 of "
+                                                 r"the context's 1024 tokens, so 1007 are left"):
+        fit_max_new_tokens(17, 1024, 1008, name="--max-new-tokens")
+    with pytest.raises(ContextLengthError, match="fills the context of 1024 tokens"):
+        fit_max_new_tokens(1024, 1024)
+
+
+def test_unset_max_new_tokens_fits_each_prompt(tmp_path):
+    short = zaya.load(make_tiny_model_dir(tmp_path / "short", max_position_embeddings=64))
+    long_prompt, short_prompt = list(range(10, 60)), [10, 11, 12]
+    out = short.generate([long_prompt, short_prompt], temperature=0, ignore_eos=True)
+    assert [len(c.token_ids) for c in out] == [14, 61]                      # each runs to the context's end
+    assert all(c.finish_reason == "length" for c in out)
+    with pytest.raises(ZayaError, match="max_new_tokens must be a positive integer"):
+        short.generate([short_prompt], max_new_tokens=0)
 
 
 def test_continuous_batching_join_and_cancel(llm):

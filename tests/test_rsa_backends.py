@@ -196,15 +196,19 @@ def test_cli_solve_against_server(server, tmp_path, capsys):
     from zaya.cli import main
 
     audit = tmp_path / "cli.jsonl"
-    code = main(["solve", "What is 8+9?", "--backend-url", server.url, "--profile", "cpu-tiny",
-                 "--n", "2", "--k", "2", "--budget", "16", "--seed", "0", "--concurrency", "2",
-                 "--audit", str(audit), "--no-progress"])
+    args = ["solve", "What is 8+9?", "--backend-url", server.url, "--profile", "cpu-tiny", "--n", "2", "--k", "2",
+            "--budget", "16", "--seed", "0", "--concurrency", "2", "--no-progress"]
+    code = main(args + ["--audit", str(audit), "--json"])
     out = capsys.readouterr().out.strip().splitlines()
-    assert code == 0 and out[0] == "answer: 17"
+    assert code == 0 and out[0] == "answer: 17" and out[1].startswith("vote: 17 x2 (2 candidates")
     assert any(line.startswith("cost: ") for line in out)
-    summary = json.loads(out[-1])
+    summary = json.loads(out[-1])  # --json: the full summary, as the audit's last record holds it
     assert summary["answer"] == "17" and summary["requests"] == 4 and summary["config"]["n"] == 2
-    assert audit.exists()
+    assert json.loads(audit.read_text().splitlines()[-1])["summary"]["requests"] == 4
+    assert main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # without: one compact line for scripts
+    assert json.loads(last) == {"answer": "17", "votes": {"17": 2}, "completion_tokens": summary["completion_tokens"],
+                                "seconds": json.loads(last)["seconds"]} and len(last) < 120
     server.requests.clear()
     code = main(["solve", "please FAIL", "--backend-url", server.url, "--profile", "cpu-tiny",
                  "--no-progress"])

@@ -274,7 +274,9 @@ def test_chat_choice_stream_equals_whole():
 
 
 # -- RSA ------------------------------------------------------------------------------------------
-RSA = {"profile": "cpu-tiny", "n": 3, "k": 2, "max_tokens": 12, "tail_tokens": 8}
+# The aggregation template alone is ~480 tokens with the test tokenizer: budget + K*tau must fit the
+# 512-token context that is left (see zaya.rsa.fit).
+RSA = {"profile": "cpu-tiny", "n": 3, "k": 2, "max_tokens": 8, "tail_tokens": 4}
 
 
 def test_rsa_via_extra_body(server, client):
@@ -290,10 +292,23 @@ def test_rsa_via_extra_body(server, client):
     assert len(final.model_extra["rsa"]["rounds"]) == 2
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens  # same seed, same run
     with server.http() as http:
-        for body in ({"rsa": {"profile": "nope"}}, {"rsa": {"n": "4"}}, {"rsa": {"zzz": 1}}, {"rsa": True},
-                     {"rsa": RSA, "n": 2}):
+        for body in ({"rsa": {"profile": "nope"}}, {"rsa": {"n": "4"}}, {"rsa": {"zzz": 1}}, {"rsa": RSA, "n": 2},
+                     # an explicit budget that cannot fit; the default profile's K=4 empty tails fill the context
+                     {"rsa": dict(RSA, max_tokens=30)}, {"rsa": True}):
             resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, **body})
             assert resp.status_code == 400 and resp.json()["error"]["param"].startswith(("rsa", "n")), resp.text
+            too_long = resp.json()["error"]["code"] == "context_length_exceeded"
+            assert too_long == (body["rsa"] is True or body["rsa"].get("max_tokens") == 30), resp.text
+            assert not too_long or "tokens of context are left" in resp.json()["error"]["message"]
+
+
+def test_rsa_profile_lengths_fit_the_context(server, client):
+    """The default profile asks beta=16384, tau=4096; on a 512-token server both shrink to fit."""
+    r = client.chat.completions.create(model=MODEL, messages=HI, seed=4,
+                                       extra_body={"rsa": {"n": 2, "k": 2, "rounds": 1}})
+    cfg, context = r.model_extra["rsa"]["config"], r.model_extra["rsa"]["context"]
+    assert cfg["budget"] < 16384 and 0 < cfg["tail"] < 4096
+    assert context["max_sequence_tokens"] <= 512
 
 
 def test_api_error_maps_every_kind_of_failure():
@@ -320,7 +335,8 @@ def test_api_error_maps_every_kind_of_failure():
 def test_rsa_disconnect_cancels_its_jobs(slow_server):
     server = slow_server
     body = {"model": MODEL, "messages": HI, "seed": 1,
-            "rsa": {"profile": "cpu-tiny", "n": 2, "k": 2, "max_tokens": 300, "tail_tokens": 8}}
+            "rsa": {"profile": "cpu-tiny", "n": 2, "k": 2, "max_tokens": 12, "tail_tokens": 2}}
+    # two rounds of 12 steps at >= 50 ms a step: the client gives up long before the run ends
     with server.http(timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/chat/completions", json=body)
     assert _wait_idle(server, timeout=10), "the RSA run's rows were not freed after the client left"

@@ -1,4 +1,4 @@
-"""Core subcommands: generate, chat, convert, info."""
+"""Core subcommands: generate, convert, quantize, info (`zaya chat` is zaya.repl)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from zaya.chat import ReasoningParser, generation_starts_in_reasoning, parse_tool_calls
 from zaya.checkpoint import convert, open_checkpoint, resolve, save_quantized
 from zaya.llm import DEFAULT_MODEL, load, parse_dtype
 from zaya.model import ZayaForCausalLM
 from zaya.models_store import find_local
 from zaya.quant import QuantSpec
+from zaya.sampling import DEFAULT_MAX_NEW_TOKENS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,9 +26,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, help="refuse requests longer than this many tokens")
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+    """Sampling flags; an unset --max-new-tokens runs up to the context's end, at most ``max_new_tokens``."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: what the context leaves after the prompt, at most {max_new_tokens}")
     g.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy (default 1.0)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
@@ -78,62 +80,6 @@ def cmd_generate(args) -> int:
     print(f"[{tokens} tokens in {elapsed:.2f}s, {tokens / max(elapsed, 1e-9):.1f} tok/s, finish: {reason}]",
           file=sys.stderr)
     return 0
-
-
-# ---------------------------------------------------------------------------------------- chat
-DIM, RESET = "\033[2m", "\033[0m"
-
-
-def cmd_chat(args) -> int:
-    llm = load_from_args(args)
-    if llm.tokenizer is None:
-        print("zaya: error: this model has no tokenizer, so it cannot chat", file=sys.stderr)
-        return 1
-    color = sys.stdout.isatty()
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chatting with", llm.path or "the model", "- /reset clears the conversation, /exit quits.", file=sys.stderr)
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return 0
-        if not line.strip():
-            continue
-        if line.strip() in ("/exit", "/quit", "/bye"):
-            return 0
-        if line.strip() == "/reset":
-            history = history[:1] if args.system else []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        text = llm.render_chat(history, enable_thinking=False if args.no_think else None)
-        ids = llm.tokenizer.encode(text, add_special_tokens=False)
-        parser = ReasoningParser(generation_starts_in_reasoning(text))
-        reasoning, content, in_reasoning = [], [], False
-        for ev in llm.stream([ids], **sampling_kwargs(args)):
-            r, c = parser.feed(ev.text)
-            if ev.finish_reason:
-                r2, c2 = parser.flush()
-                r, c = r + r2, c + c2
-            if r:
-                if not in_reasoning:
-                    sys.stdout.write((DIM if color else "") + "thinking: ")
-                    in_reasoning = True
-                sys.stdout.write(r)
-                reasoning.append(r)
-            if c:
-                if in_reasoning:
-                    sys.stdout.write((RESET if color else "") + "\n\n")
-                    in_reasoning = False
-                sys.stdout.write(c)
-                content.append(c)
-            sys.stdout.flush()
-        if in_reasoning and color:
-            sys.stdout.write(RESET)
-        sys.stdout.write("\n")
-        answer, _ = parse_tool_calls("".join(content).strip())
-        history.append({"role": "assistant", "content": answer})
 
 
 # ------------------------------------------------------------------------------------- convert
@@ -219,13 +165,6 @@ def register(sub) -> None:
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as-is")
     p.add_argument("--no-think", action="store_true", help="ask the chat template to skip reasoning")
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("chat", help="interactive chat (streams tokens, shows reasoning apart)")
-    add_model_args(p)
-    add_sampling_args(p, max_new_tokens=1024)
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--no-think", action="store_true", help="ask the chat template to skip reasoning")
-    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="rewrite a (legacy) checkpoint in the native layout")
     p.add_argument("src", help="checkpoint directory or hub repo id")

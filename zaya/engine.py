@@ -17,8 +17,8 @@ from typing import Iterable, Iterator
 import torch
 
 from zaya.cache import Cache
-from zaya.errors import ContextLengthError, ZayaError
-from zaya.sampling import SamplingParams, apply_penalties, sample, token_logprobs
+from zaya.errors import ZayaError
+from zaya.sampling import SamplingParams, apply_penalties, fit_max_new_tokens, sample, token_logprobs
 from zaya.tokenizer import IncrementalDecoder
 
 
@@ -136,10 +136,7 @@ class Engine:
     def check(self, prompt_len: int, params: SamplingParams) -> None:
         if prompt_len < 1:
             raise ZayaError("the prompt is empty")
-        if prompt_len + params.max_new_tokens > self.max_context:
-            raise ContextLengthError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
-                f"limit of {self.max_context} tokens")
+        fit_max_new_tokens(prompt_len, self.max_context, params.max_new_tokens)
 
     @torch.inference_mode()
     def add(self, request: Request) -> list[Sequence]:

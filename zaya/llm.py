@@ -7,6 +7,7 @@ on itself (``solve``, zaya.rsa). It sits above rsa: rsa drives an LLM through th
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +18,8 @@ from zaya.chat import DEFAULT_CHAT_TEMPLATE, generation_starts_in_reasoning, par
 from zaya.checkpoint import load_model, resolve
 from zaya.engine import Completion, Engine, Request, TokenEvent
 from zaya.errors import CheckpointError, ZayaError
-from zaya.sampling import SamplingParams
+from zaya.rsa.fit import fit_for_model
+from zaya.sampling import SamplingParams, fit_max_new_tokens
 from zaya.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "zaya-tiny"
@@ -74,7 +76,10 @@ class LLM:
 
     # -- generation -----------------------------------------------------------------------------
     def _requests(self, prompts, kwargs) -> list[Request]:
+        """One Request per prompt. An unset ``max_new_tokens`` runs up to the context's end, at most
+        ``DEFAULT_MAX_NEW_TOKENS`` (``fit_max_new_tokens``), so it can differ between prompts."""
         params = SamplingParams.from_kwargs(**kwargs)
+        requested = kwargs.get("max_new_tokens")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -87,7 +92,8 @@ class LLM:
                 ids = self.tokenizer.encode_prompt(prompt)
             else:
                 ids = [int(t) for t in prompt]
-            out.append(Request(ids, params, i))
+            budget = fit_max_new_tokens(len(ids), self.max_context, requested)
+            out.append(Request(ids, dataclasses.replace(params, max_new_tokens=budget), i))
         return out
 
     def engine(self, **kwargs) -> Engine:
@@ -134,5 +140,17 @@ class LLM:
 
     # -- test-time compute ----------------------------------------------------------------------
     def solve(self, problem, profile: str | None = None, **overrides):
-        """Markovian RSA on this model (see zaya.rsa for the profiles and parameters)."""
-        return rsa.solve(rsa.LocalBackend(self), problem, profile=profile, **overrides)
+        """Markovian RSA on this model (see zaya.rsa for the profiles and parameters).
+
+        The profile's budget and tail shrink to fit this model's context; a ``budget`` or ``tail``
+        given here that cannot fit is an error (``zaya.rsa.fit``). A profile given as an
+        ``RSAConfig`` counts as given in full.
+        """
+        fields = {f.name for f in dataclasses.fields(rsa.RSAConfig)}
+        settings = {k: v for k, v in overrides.items() if k in fields}
+        explicit = {k for k, v in settings.items() if v is not None}
+        if isinstance(profile, rsa.RSAConfig):
+            explicit |= {"budget", "tail"}
+        cfg = fit_for_model(self, problem, rsa.make_config(profile, **settings), overrides.get("template"), explicit)
+        rest = {k: v for k, v in overrides.items() if k not in fields}
+        return rsa.solve(rsa.LocalBackend(self), problem, profile=cfg, **rest)

@@ -11,15 +11,37 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from zaya.errors import ZayaError
+from zaya.errors import ContextLengthError, ZayaError
 
 MAX_STOP_STRINGS = 16
 MAX_N = 64
+DEFAULT_MAX_NEW_TOKENS = 256  # the Python API's and `zaya generate`'s cap when max_new_tokens is unset
+
+
+def fit_max_new_tokens(prompt_len: int, max_context: int, requested: int | None = None, *,
+                       default: int = DEFAULT_MAX_NEW_TOKENS, name: str = "max_new_tokens") -> int:
+    """How many new tokens a request may generate: the one rule every entry point applies.
+
+    Unset (``requested`` None): up to the context's end, at most ``default``. Set: that many, or a
+    ``ContextLengthError`` that says how many tokens are left. A prompt that fills the context
+    leaves no room at all, which is an error either way. ``name`` is what the caller calls the
+    setting (``max_tokens`` on the server, ``--max-new-tokens`` on the command line).
+    """
+    left = max_context - prompt_len
+    if left < 1:
+        raise ContextLengthError(f"the prompt ({prompt_len} tokens) fills the context of {max_context} tokens: "
+                                 f"no room for new tokens")
+    if requested is None:
+        return min(default, left)
+    if isinstance(requested, int) and requested > left:
+        raise ContextLengthError(f"{name} ({requested}) does not fit: the prompt takes {prompt_len} of the "
+                                 f"context's {max_context} tokens, so {left} are left")
+    return requested
 
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

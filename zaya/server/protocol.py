@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zaya.errors import ContextLengthError, ZayaError
-from zaya.sampling import SamplingParams
+from zaya.sampling import SamplingParams, fit_max_new_tokens
 
 DEFAULT_MAX_TOKENS = 4096  # when a request sets none (capped by the context left after the prompt)
 MAX_TOP_LOGPROBS = 20
@@ -137,21 +137,16 @@ def sampling_params(req: _Generation, prompt_len: int, max_context: int, *, max_
     """SamplingParams for a request, with OpenAI-style errors for bad values and context overflow."""
     if req.n < 1 or req.n > max_n:
         raise bad_request(f"n must be between 1 and {max_n} on this server, got {req.n}", param="n")
-    if prompt_len >= max_context:
-        raise bad_request(f"the prompt has {prompt_len} tokens, which does not leave room for any output in this "
-                          f"server's context of {max_context} tokens", param="messages",
-                          code="context_length_exceeded")
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     if req.seed is not None and not -2**63 <= req.seed < 2**64:
         raise bad_request("seed must fit in 64 bits", param="seed")
-    room = max_context - prompt_len
-    if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, room)
-    elif max_tokens > room:
-        raise bad_request(f"max_tokens ({max_tokens}) + the prompt ({prompt_len} tokens) exceeds this server's "
-                          f"context of {max_context} tokens; at most {room} new tokens fit", param="max_tokens",
-                          code="context_length_exceeded")
+    try:
+        max_tokens = fit_max_new_tokens(prompt_len, max_context, max_tokens, default=DEFAULT_MAX_TOKENS,
+                                        name="max_tokens")
+    except ContextLengthError as exc:
+        raise bad_request(str(exc), param="messages" if prompt_len >= max_context else "max_tokens",
+                          code="context_length_exceeded") from None
     try:
         return SamplingParams.from_kwargs(
             max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,

@@ -25,9 +25,10 @@ from starlette.concurrency import run_in_threadpool
 
 from zaya.chat import generation_starts_in_reasoning
 from zaya.errors import ZayaError
-from zaya.rsa import PROFILES, GenerateRequest, RSAConfig, RSAResult, RSARun, make_config
+from zaya.rsa import PROFILES, GenerateRequest, RSAConfig, RSAError, RSAResult, RSARun, make_config
 from zaya.rsa.backends import Candidate, EventText, TokenTools, derive_seed
 from zaya.rsa.config import DEFAULT_PROFILE
+from zaya.rsa.fit import fit_for_model
 from zaya.sampling import MAX_N, SamplingParams
 from zaya.server import responses as R
 from zaya.server.generation import Submission
@@ -75,6 +76,14 @@ def rsa_config(req) -> RSAConfig:
     if cfg.n > MAX_N or cfg.rounds > MAX_ROUNDS:
         raise bad_request(f"rsa: n must be <= {MAX_N} and rounds <= {MAX_ROUNDS} on this server", param="rsa")
     return cfg
+
+
+def _explicit(req) -> set[str]:
+    """The RSA lengths a request sets itself; the profile's others shrink to fit the context."""
+    names = {_ALIASES.get(key, key) for key in (req.rsa if isinstance(req.rsa, dict) else {})}
+    if req.max_completion_tokens is not None or req.max_tokens is not None:
+        names.add("budget")
+    return names & {"budget", "tail"}
 
 
 def _type_ok(value, kind: str) -> bool:
@@ -154,7 +163,7 @@ def _render(llm, request: GenerateRequest) -> tuple[list[bool], list[list[int]]]
 async def rsa_chat(state, request, req):
     """A chat completion answered by a Markovian RSA run."""
     cfg = _admit(state, req)
-    messages = _problem(state, req, cfg)
+    messages, cfg = _problem(state, req, cfg)
     progress = Progress()
     task = asyncio.ensure_future(solve_on_scheduler(state, messages, cfg, progress))
     state.rsa_running.add(task)
@@ -192,20 +201,18 @@ def _admit(state, req) -> RSAConfig:
     return rsa_config(req)
 
 
-def _problem(state, req, cfg: RSAConfig) -> list[dict]:
+def _problem(state, req, cfg: RSAConfig) -> tuple[list[dict], RSAConfig]:
     """The request's messages as the run's problem, refused when the run cannot fit the context."""
     messages = chat_messages(req)
     for m in messages:
         if isinstance(m.get("content"), list):
             m["content"] = "".join(part["text"] for part in m["content"])
-    prompt = render(state.llm, messages, None, cfg.enable_thinking, {})
-    prompt_len = len(state.llm.tokenizer.encode(prompt, add_special_tokens=False))
-    need = prompt_len + cfg.budget + (min(cfg.k, cfg.n) * cfg.tail_limit if cfg.rounds else 0)
-    if need > state.max_context:
-        raise bad_request(f"this RSA setting needs about {need} tokens of context (prompt {prompt_len} + tails "
-                          f"K*tau + budget {cfg.budget}) but the server allows {state.max_context}; lower budget "
-                          f"or tail", param="rsa", code="context_length_exceeded")
-    return messages
+    render(state.llm, messages, None, cfg.enable_thinking, {})  # a message the template refuses is a 400 here
+    try:
+        cfg = fit_for_model(state.llm, messages, cfg, None, _explicit(req), max_context=state.max_context)
+    except RSAError as exc:
+        raise bad_request(f"rsa: {exc}", param="rsa", code="context_length_exceeded") from None
+    return messages, cfg
 
 
 def _answer(result: RSAResult) -> tuple[dict, str, dict, dict]:

@@ -4,7 +4,8 @@
     python benchmarks/compare_llamacpp.py --shape real4 --llama-python /work/bench/llama-venv/bin/python
 
 llama.cpp runs through llama-cpp-python, which zaya never installs: give the benchmark its own
-environment (a source build with native CPU flags, about 12 minutes on 2 cores):
+environment (llama.cpp is built from source with native CPU flags: about 12 minutes on 2 idle
+cores):
 
     python -m venv /work/bench/llama-venv
     CMAKE_ARGS="-DGGML_NATIVE=ON" /work/bench/llama-venv/bin/pip install llama-cpp-python==0.3.36 gguf numpy
@@ -39,8 +40,9 @@ sys.path.insert(0, str(HERE))
 from zaya_side import CHECKPOINTS, SHAPES, WORKLOADS, checkpoint_bytes_per_token  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"
-INSTALL = f"""llama-cpp-python is not importable by {{python}} ({{error}}).
-zaya does not install it; give the benchmark its own environment (a source build, ~12 minutes):
+INSTALL = f"""{{python}} cannot import llama-cpp-python, gguf and numpy ({{error}}).
+zaya does not install them; give the benchmark its own environment (llama-cpp-python builds
+llama.cpp from source: about 12 minutes on 2 idle cores):
 
     python -m venv /work/bench/llama-venv
     CMAKE_ARGS="-DGGML_NATIVE=ON" /work/bench/llama-venv/bin/pip install llama-cpp-python=={LLAMA_CPP_PYTHON} gguf numpy
@@ -81,9 +83,10 @@ def zaya_run(path: str, workloads: list[str], args, seed: int) -> dict:
 
 
 def bandwidth(threads: int) -> float:
+    """The read bandwidth `zaya bench` measures (a reduction over 512 MB), with ``threads`` threads."""
     import torch
 
-    from zaya_side import measure_bandwidth
+    from zaya.bench import measure_bandwidth
 
     torch.set_num_threads(threads)
     return measure_bandwidth()
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
                               "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--seed", str(rnd))
             for w in args.workloads:
                 samples[(w, name)].append(tok_s[w])
-            print(f"  {name:<13}" + "".join(f"{tok_s[w]:10.1f}" for w in args.workloads), flush=True)
+            print(f"  {name:<13}" + "".join(f"{tok_s[w]:10.2f}" for w in args.workloads), flush=True)
     results = summarize(args, runners, samples, per_token, bw)
     results.update(llama_cpp=info, bytes_by_type=detail, loadavg_before_rounds=loads, rounds_tok_s={
         f"{w}|{n}": v for (w, n), v in samples.items()})
@@ -187,14 +190,14 @@ def summarize(args, runners: dict, samples: dict, per_token: dict, bw: list[floa
             for k in PAIRS[p]:
                 ratio = z / med[w][f"llama {k}"]
                 ratios.setdefault(w, {})[f"{p}/{k}"] = ratio
-                print(f"{w:<20}{p:<6}{z:9.1f}   {k:<9}{med[w][f'llama {k}']:9.1f}{ratio:8.2f}x")
+                print(f"{w:<20}{p:<6}{z:9.2f}   {k:<9}{med[w][f'llama {k}']:9.2f}{ratio:8.2f}x")
     gb_s = {}
     if "decode_b1" in args.workloads:
         print(f"\ndecode_b1 weight reads (tok/s x bytes per token), against {bandwidth_med / 1e9:.1f} GB/s "
               f"measured (median of the rounds: {', '.join(f'{b / 1e9:.1f}' for b in bw)})")
         for n in runners:
             gb_s[n] = med["decode_b1"][n] * per_token[n] / 1e9
-            print(f"  {n:<13}{per_token[n] / 1e6:8.1f} MB/token  {gb_s[n]:6.1f} GB/s  ({gb_s[n] * 1e9 / bandwidth_med:.0%})")
+            print(f"  {n:<13}{per_token[n] / 1e6:8.1f} MB/token  {gb_s[n]:6.2f} GB/s  ({gb_s[n] * 1e9 / bandwidth_med:.0%})")
     return {"shape": args.shape, "rounds": args.rounds, "threads": args.threads, "new_tokens": args.new_tokens,
             "tok_s": med, "ratio_zaya_over_llama": ratios, "bytes_per_token": per_token, "decode_b1_gb_s": gb_s,
             "bandwidth_gb_s": bandwidth_med / 1e9, "bandwidth_rounds_gb_s": [b / 1e9 for b in bw]}

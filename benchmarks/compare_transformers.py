@@ -24,8 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zaya_side import (SHAPES, ZayaRunner, build, checkpoint_bytes_per_token, file_bytes,  # noqa: E402
-                       measure_bandwidth, prompts)
+from zaya_side import SHAPES, ZayaRunner, build, checkpoint_bytes_per_token, file_bytes, prompts  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ runners
@@ -60,9 +59,8 @@ class HFRunner:
 # ---------------------------------------------------------------------------------- peak RSS
 RSS_CHILD = r"""
 import json, sys
-sys.path.insert(0, "benchmarks")
 import zaya
-from zaya_side import peak_rss
+from zaya.bench import peak_rss
 base = peak_rss()
 llm = zaya.load(sys.argv[1], dtype="bf16", quantize=(sys.argv[2] if sys.argv[2] != "-" else None))
 llm.generate([list(range(3, 19))], max_new_tokens=4, temperature=0, ignore_eos=True)
@@ -128,6 +126,8 @@ def main(argv=None) -> int:
             cells.append(f"{med[n]:9.1f}" + (f" ({ratio:5.2f}x)" if ratio and n != "transformers" else " " * 9))
         print(f"{w:<18}" + "".join(f"{c:>22}" for c in cells))
     if "bf16" in runners:
+        from zaya.bench import measure_bandwidth
+
         bw = measure_bandwidth()
         results["bandwidth_gb_s"] = bw / 1e9
         results["mbu_b1"] = {}

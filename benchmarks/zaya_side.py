@@ -1,13 +1,13 @@
 """The zaya half of the comparison scripts (compare_transformers.py, compare_llamacpp.py): the
 model shapes, the random checkpoints built once under benchmarks/.checkpoints/, zaya timed through
-its public API, bytes read per decode token and a plain memory-bandwidth figure.
+its public API and the bytes of weights read per decode token.
 
     python benchmarks/zaya_side.py build --shape mini           # prints {"bf16": DIR, "int8": ..., "int4": ...}
     python benchmarks/zaya_side.py run DIR --workloads decode_b1,prefill_512 --threads 2 --seed 0
 
 zaya is driven only through ``zaya.load``, ``LLM.engine()``, ``Request``, ``SamplingParams`` and
 the ``zaya`` command, so the scripts keep measuring the same thing while the engine's insides
-change.
+change; the read bandwidth and peak RSS are the figures ``zaya bench`` reports (``zaya.bench``).
 """
 
 from __future__ import annotations
@@ -126,29 +126,6 @@ def set_threads(n: int) -> None:
         os.environ["ZAYA_DECODE_THREADS"] = str(n)
 
 
-def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
-    """Best-of read bandwidth (bytes/s) of a reduction over a buffer much larger than the caches,
-    with torch's current thread count."""
-    import torch
-
-    x = torch.ones(mbytes * (1 << 20) // 4)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process in bytes (Linux's VmHWM, which exec resets)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
-
-
 def prompts(batch: int, length: int, vocab: int, seed: int):
     import torch
 
@@ -207,6 +184,8 @@ class ZayaRunner:
 
 def run(path: Path, workloads: list[str], new_tokens: int, seed: int) -> dict:
     """Load, warm up and time each workload once; tok/s by workload plus the peak RSS."""
+    from zaya.bench import peak_rss
+
     runner = ZayaRunner(path)
     runner.warm_up()
     out = {w: runner.run(w, new_tokens, seed) for w in workloads}

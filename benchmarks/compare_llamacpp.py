@@ -49,6 +49,7 @@ llama.cpp from source: about 12 minutes on 2 idle cores):
 
 then pass --llama-python /work/bench/llama-venv/bin/python."""
 PAIRS = {"bf16": ("BF16", "F16"), "int8": ("Q8_0",), "int4": ("Q4_K_M", "Q4_0")}
+HEAD4 = ("Q4_K_M-h4", "Q4_0-h4")  # --head4: the 4-bit presets with the tied head in 4 bits too
 LLAMA_WORKLOADS = ("decode_b1", "prefill_512", "decode_b1_ctx1024")
 
 
@@ -105,6 +106,9 @@ def parse_args(argv):
     ap.add_argument("--workloads", default=",".join(LLAMA_WORKLOADS))
     ap.add_argument("--new-tokens", type=int, default=32, help="decode steps per measurement")
     ap.add_argument("--threads", type=int, default=2, help="threads on both sides")
+    ap.add_argument("--head4", action="store_true",
+                    help="also pair int4 with Q4_K_M / Q4_0 whose tied head is 4-bit (the presets keep it in Q6_K), "
+                         "matching zaya int4's bytes per token where the head dominates")
     args = ap.parse_args(argv)
     args.precisions, args.workloads = args.precisions.split(","), args.workloads.split(",")
     for p in args.precisions:
@@ -113,6 +117,7 @@ def parse_args(argv):
     for w in args.workloads:
         if w not in LLAMA_WORKLOADS:
             ap.error(f"unknown workload {w!r}; use {', '.join(LLAMA_WORKLOADS)}")
+    args.pairs = {p: PAIRS[p] + (HEAD4 if p == "int4" and args.head4 else ()) for p in args.precisions}
     return args
 
 
@@ -120,7 +125,7 @@ def prepare(args) -> tuple[dict, dict, dict]:
     """Build (once) both sides' files; the runners in round order, with the bytes each reads per token."""
     zaya_paths = _json_child([sys.executable, str(HERE / "zaya_side.py"), "build", "--shape", args.shape,
                               "--dir", str(args.dir)], "building the zaya checkpoints")
-    kinds = [k for p in args.precisions for k in PAIRS[p]]
+    kinds = [k for p in args.precisions for k in args.pairs[p]]
     spec = {**SHAPES[args.shape], "max_position_embeddings": 4096}
     gguf = llama(args.llama_python, "build", "--spec", json.dumps(spec), "--dir", str(args.dir / f"{args.shape}-gguf"),
                  "--types", ",".join(kinds), "--threads", str(args.threads))
@@ -128,7 +133,7 @@ def prepare(args) -> tuple[dict, dict, dict]:
     for p in args.precisions:
         runners[f"zaya {p}"] = ("zaya", zaya_paths[p])
         per_token[f"zaya {p}"] = checkpoint_bytes_per_token(Path(zaya_paths[p]))
-        for k in PAIRS[p]:
+        for k in args.pairs[p]:
             runners[f"llama {k}"] = ("llama", gguf[k]["path"])
             per_token[f"llama {k}"] = gguf[k]["bytes_per_token"]
             detail[f"llama {k}"] = gguf[k]["bytes_by_type"]
@@ -139,10 +144,10 @@ def print_bytes(args, per_token: dict, detail: dict) -> None:
     print(f"\n{args.shape}: weights read per decode token (one expert per layer, the tied head once)")
     for p in args.precisions:
         z = per_token[f"zaya {p}"]
-        for k in PAIRS[p]:
+        for k in args.pairs[p]:
             b = per_token[f"llama {k}"]
             types = ", ".join(f"{t} {n / 1e6:.1f}" for t, n in sorted(detail[f"llama {k}"].items(), key=lambda x: -x[1]))
-            print(f"  zaya {p:<5} {z / 1e6:8.1f} MB   llama {k:<7} {b / 1e6:8.1f} MB   "
+            print(f"  zaya {p:<5} {z / 1e6:8.1f} MB   llama {k:<9} {b / 1e6:8.1f} MB   "
                   f"(stand-in / zaya {b / z:.3f}; stand-in MB by type: {types})")
 
 
@@ -169,7 +174,7 @@ def main(argv=None) -> int:
                               "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--seed", str(rnd))
             for w in args.workloads:
                 samples[(w, name)].append(tok_s[w])
-            print(f"  {name:<13}" + "".join(f"{tok_s[w]:10.2f}" for w in args.workloads), flush=True)
+            print(f"  {name:<17}" + "".join(f"{tok_s[w]:10.2f}" for w in args.workloads), flush=True)
     results = summarize(args, runners, samples, per_token, bw)
     results.update(llama_cpp=info, bytes_by_type=detail, loadavg_before_rounds=loads, rounds_tok_s={
         f"{w}|{n}": v for (w, n), v in samples.items()})
@@ -182,22 +187,22 @@ def summarize(args, runners: dict, samples: dict, per_token: dict, bw: list[floa
     bandwidth_med = statistics.median(bw)
     print(f"\n{args.shape}: median tok/s over {args.rounds} alternated rounds, {args.threads} threads "
           f"(ratio = zaya / llama.cpp)")
-    print(f"{'workload':<20}{'zaya':<6}{'tok/s':>9}   {'llama.cpp':<9}{'tok/s':>9}{'ratio':>9}")
+    print(f"{'workload':<20}{'zaya':<6}{'tok/s':>9}   {'llama.cpp':<10}{'tok/s':>9}{'ratio':>9}")
     ratios = {}
     for w in args.workloads:
         for p in args.precisions:
             z = med[w][f"zaya {p}"]
-            for k in PAIRS[p]:
+            for k in args.pairs[p]:
                 ratio = z / med[w][f"llama {k}"]
                 ratios.setdefault(w, {})[f"{p}/{k}"] = ratio
-                print(f"{w:<20}{p:<6}{z:9.2f}   {k:<9}{med[w][f'llama {k}']:9.2f}{ratio:8.2f}x")
+                print(f"{w:<20}{p:<6}{z:9.2f}   {k:<10}{med[w][f'llama {k}']:9.2f}{ratio:8.2f}x")
     gb_s = {}
     if "decode_b1" in args.workloads:
         print(f"\ndecode_b1 weight reads (tok/s x bytes per token), against {bandwidth_med / 1e9:.1f} GB/s "
               f"measured (median of the rounds: {', '.join(f'{b / 1e9:.1f}' for b in bw)})")
         for n in runners:
             gb_s[n] = med["decode_b1"][n] * per_token[n] / 1e9
-            print(f"  {n:<13}{per_token[n] / 1e6:8.1f} MB/token  {gb_s[n]:6.2f} GB/s  ({gb_s[n] * 1e9 / bandwidth_med:.0%})")
+            print(f"  {n:<17}{per_token[n] / 1e6:8.1f} MB/token  {gb_s[n]:6.2f} GB/s  ({gb_s[n] * 1e9 / bandwidth_med:.0%})")
     return {"shape": args.shape, "rounds": args.rounds, "threads": args.threads, "new_tokens": args.new_tokens,
             "tok_s": med, "ratio_zaya_over_llama": ratios, "bytes_per_token": per_token, "decode_b1_gb_s": gb_s,
             "bandwidth_gb_s": bandwidth_med / 1e9, "bandwidth_rounds_gb_s": [b / 1e9 for b in bw]}

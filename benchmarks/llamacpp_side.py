@@ -14,7 +14,8 @@ so a decode token reads about the bytes zaya's model of that shape reads. Weight
 N(0, 0.02) like the zaya checkpoint, written with the ``gguf`` package in F16 and BF16; the
 quantized files come from llama.cpp's own quantizer (``llama_model_quantize``) run on the F16
 file, with its standard per-tensor choices (Q4_K_M keeps some attn_v / ffn_down rows in Q6_K; the
-tied embedding / head is Q6_K in the 4-bit presets, Q8_0 in Q8_0). The vocabulary is a minimal
+tied embedding / head is Q6_K in the 4-bit presets, Q8_0 in Q8_0) or, for the "-h4" kinds, with
+the head in the preset's 4-bit type. The vocabulary is a minimal
 SentencePiece-style one (control tokens, 256 byte tokens, filler pieces) so that llama.cpp loads
 the file; timings feed token ids directly.
 """
@@ -32,7 +33,12 @@ from pathlib import Path
 import numpy as np
 
 FLOAT_TYPES = ("F16", "BF16")
-FTYPES = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+# kind -> (llama.cpp preset, type of the tied embedding / head or None for the preset's choice).
+# The 4-bit presets keep the head in Q6_K; the "-h4" kinds put it in the body's 4-bit type, as
+# zaya int4 does, so that the bytes per token match where the head dominates (real4).
+FTYPES = {"Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", None), "Q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", None),
+          "Q4_K_M": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", None), "Q4_0-h4": ("LLAMA_FTYPE_MOSTLY_Q4_0", "GGML_TYPE_Q4_0"),
+          "Q4_K_M-h4": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", "GGML_TYPE_Q4_K")}
 INIT_STD = 0.02
 N_BATCH = 512
 
@@ -132,8 +138,11 @@ def write_float(spec: dict, path: Path, kind: str, seed: int = 0) -> None:
 def quantize(src: Path, dst: Path, kind: str, threads: int) -> None:
     import llama_cpp as L
 
+    preset, head = FTYPES[kind]
     params = L.llama_model_quantize_default_params()
-    params.ftype = getattr(L, FTYPES[kind])
+    params.ftype = getattr(L, preset)
+    if head:
+        params.output_tensor_type = getattr(L, head)
     params.nthread = threads
     if L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama_model_quantize {src} -> {dst} ({kind}) failed")

@@ -12,8 +12,8 @@ from tiny_model import make_tiny_model_dir
 
 import zaya
 from zaya.errors import CheckpointError, ConfigError
-from zaya.lora import (LoraExperts, LoraLinear, LoraSpec, adapter_names, apply_lora, init_adapters, load_adapter,
-                       merge_adapter, merge_lora, save_adapter)
+from zaya.checkpoint import load_adapter, merge_adapter, save_adapter
+from zaya.lora import LoraExperts, LoraLinear, LoraSpec, adapter_names, apply_lora, init_adapters, merge_lora
 
 IDS = torch.tensor([[5, 17, 300, 41, 9, 77, 200, 3, 12, 64, 128, 7], [2, 8, 99, 100, 101, 23, 45, 67, 89, 90, 91, 92]])
 
@@ -154,3 +154,29 @@ def test_an_adapter_for_another_base_is_refused(base, tmp_path):
         load_adapter(target, tmp_path / "adapter")
     with pytest.raises(CheckpointError, match="not a LoRA adapter directory"):
         load_adapter(target, tmp_path)
+
+
+@pytest.mark.parametrize("targets", [("attention", "experts"), ("k_proj",)])
+def test_load_with_an_adapter_serves_it_unmerged(base, tmp_path, targets):
+    """zaya.load(base, adapter=DIR) in bf16, where the other modules take the prepacked CPU
+    classes: the adapted ones must not (a packed q/k/v matrix would skip a k_proj adapter)."""
+    from zaya.cli import main
+    from zaya.packed import PACKED, PackedCCAProjection
+
+    spec = LoraSpec(4, alpha=8, targets=targets)
+    model = adapted(base, spec)
+    save_adapter(tmp_path / "adapter", {n: model.get_parameter(n) for n in adapter_names(model)}, spec, model)
+    llm = zaya.load(base, dtype="bf16", adapter=tmp_path / "adapter")
+    assert any(isinstance(m, PACKED) for m in llm.model.modules())  # the rest of the model is still packed
+    assert not any(isinstance(m, PackedCCAProjection) for m in llm.model.modules())
+    assert isinstance(llm.model.model.layers[0].self_attn.qkv_proj.k_proj, LoraLinear)
+    fp32 = logits(model)
+    assert (logits(llm.model) - fp32).abs().max().item() < 0.05 * fp32.abs().max().item()  # bf16 rounding
+    plain = zaya.load(base, dtype="fp32", adapter=tmp_path / "adapter")
+    assert (logits(plain.model) - fp32).abs().max().item() < 1e-5
+
+    assert main(["export", str(base), str(tmp_path / "merged"), "--merge-lora", str(tmp_path / "adapter")]) == 0
+    merged = zaya.load(tmp_path / "merged", dtype="fp32").model
+    assert (logits(merged) - fp32).abs().max().item() < 1e-4
+    with pytest.raises(CheckpointError, match="Merge it first"):
+        zaya.load(base, quantize="int8", adapter=tmp_path / "adapter")

@@ -11,7 +11,7 @@ from tiny_train import config_dict, losses
 
 import zaya
 from zaya.errors import CheckpointError, ConfigError
-from zaya.lora import load_adapter, merge_adapter
+from zaya.checkpoint import load_adapter, merge_adapter
 from zaya.train import dist as dist_mod
 from zaya.train import from_dict, memory, train
 from zaya.train.loop import Trainer
@@ -84,7 +84,8 @@ def test_bad_settings_are_refused_before_training(tmp_path, base, monkeypatch):
                    log=lambda *a: None).checkpoint
     refused(lora_config(tmp_path, base, lora={"adapter": str(theirs)}), "trained for another base model: it has "
             "hidden_size 32 .this base: 64", CheckpointError)
-    refused(lora_config(tmp_path, other, lora={"adapter": str(theirs), "r": 8}), "has r=4.*set .lora. to the same")
+    refused(lora_config(tmp_path, other, lora={"adapter": str(theirs), "r": 8}), "has r=4.*expected r=8",
+            CheckpointError)
 
     # more memory than the device has
     monkeypatch.setattr(memory, "device_memory", lambda device, ranks=None: (1000, "a test device"))

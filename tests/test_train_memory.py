@@ -13,7 +13,8 @@ from tiny_model import tiny_config
 from tiny_train import config_dict
 
 from zaya.lora import LoraSpec, apply_lora
-from zaya.model import ZayaConfig, ZayaForCausalLM
+from zaya.config import ZayaConfig
+from zaya.model import ZayaForCausalLM
 from zaya.train import from_dict, memory
 from zaya.train.config import load_config
 from zaya.train.loss import LossModel

@@ -19,8 +19,8 @@ specialisation the router balances for), and per-expert pairs are what PEFT's
 ``target_parameters`` stores for stacked experts, so the file loads with ``peft`` onto
 transformers' ``ZayaForCausalLM`` unchanged (``benchmarks/lora_experts.py`` measures both).
 
-Files: ``adapter_config.json`` (PEFT's ``LoraConfig``) and ``adapter_model.safetensors`` with
-PEFT's names (``base_model.model.<module>.lora_A.weight``; stacked experts flattened as PEFT's
+Files (read and written by ``zaya.checkpoint.adapters``): ``adapter_config.json`` (PEFT's
+``LoraConfig``) and ``adapter_model.safetensors`` with PEFT's names (``base_model.model.<module>.lora_A.weight``; stacked experts flattened as PEFT's
 ``ParamWrapper`` does, ``A`` as (E*r, in) and ``B`` as (out, r*E), the two stacks of one layer
 nested in registration order: ``gate_up_proj`` inside as ``experts.base_layer``). The base
 model's shape is recorded in the safetensors metadata so an adapter is never applied to another
@@ -29,7 +29,6 @@ architecture silently.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -40,14 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zaya.config import ZayaConfig
 from zaya.errors import CheckpointError, ConfigError
-from zaya.model import ZayaConfig, ZayaExperts
+from zaya.model import ZayaExperts
 
 ATTENTION = ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed", "o_proj")
 EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 ALIASES = {"attention": ATTENTION, "experts": EXPERTS}
 EXPERT_STACKS = ("gate_up_proj", "down_proj")  # registration order: PEFT nests the first innermost
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # config.json keys that fix every tensor shape: an adapter records them and checks them on load
 SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -300,7 +299,8 @@ def from_peft(tensors: dict[str, torch.Tensor], model: nn.Module, spec: LoraSpec
     return out
 
 
-def adapter_config(spec: LoraSpec, model: nn.Module, base: str | None) -> dict:
+def peft_config(spec: LoraSpec, model: nn.Module, base: str | None) -> dict:
+    """adapter_config.json: PEFT's ``LoraConfig`` for this spec on this model."""
     linears, experts = find_targets(model, spec)
     modules = [t for t in spec.expanded() if any(_matches(n, t) for n in linears)]
     params = [t for t in spec.expanded() if t not in modules]
@@ -314,54 +314,6 @@ def base_shape(config: ZayaConfig) -> dict:
     return {k: getattr(config, k) for k in SHAPE_KEYS}
 
 
-def save_adapter(out: Path, state: dict[str, torch.Tensor], spec: LoraSpec, model: nn.Module,
-                 base: str | None = None) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's names) into ``out``."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(adapter_config(spec, model, base), indent=2) + "\n")
-    meta = {"format": "pt", "zaya_base_shape": json.dumps(base_shape(model.config))}
-    save_file({k: v.detach().cpu() for k, v in to_peft(state, model, spec).items()}, str(out / WEIGHTS_FILE), metadata=meta)
-
-
-def read_adapter(path: Path) -> tuple[LoraSpec, dict, dict[str, torch.Tensor]]:
-    """(spec, adapter_config.json, PEFT-named tensors) of an adapter directory; a setting zaya
-    does not implement (DoRA, rsLoRA, per-layer ranks, extra modules) is an error that names it."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not cfg_file.is_file() or not weights.is_file():
-        raise CheckpointError(f"{path} is not a LoRA adapter directory (it needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from None
-    if raw.get("peft_type") != "LORA":
-        raise CheckpointError(f"{cfg_file}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
-    unsupported = {"use_dora": True, "use_rslora": True, "fan_in_fan_out": True}
-    for key, bad in unsupported.items():
-        if raw.get(key) == bad:
-            raise CheckpointError(f"{cfg_file}: {key}=true is not supported")
-    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
-        if raw.get(key):
-            raise CheckpointError(f"{cfg_file}: {key} is set; zaya applies one rank and alpha to every target")
-    if raw.get("bias", "none") != "none":
-        raise CheckpointError(f"{cfg_file}: bias={raw['bias']!r} is not supported (only 'none')")
-    modules = raw.get("target_modules") or []
-    if isinstance(modules, str):
-        raise CheckpointError(f"{cfg_file}: target_modules is a regular expression; zaya needs a list of names")
-    targets = tuple(modules) + tuple(raw.get("target_parameters") or ())
-    spec = LoraSpec(int(raw["r"]), float(raw["lora_alpha"]), float(raw.get("lora_dropout") or 0.0), targets)
-    with safe_open(str(weights), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = f.metadata() or {}
-    if "zaya_base_shape" in meta:
-        raw["zaya_base_shape"] = json.loads(meta["zaya_base_shape"])
-    return spec, raw, tensors
-
-
 def check_base(raw: dict, config: ZayaConfig, where: Path) -> None:
     """An adapter that records its base's shape must meet a base of that shape."""
     recorded = raw.get("zaya_base_shape")
@@ -373,70 +325,57 @@ def check_base(raw: dict, config: ZayaConfig, where: Path) -> None:
         raise CheckpointError(f"{where} was trained for another base model: it has {', '.join(diff)}")
 
 
+def spec_from_peft(raw: dict, where: Path) -> LoraSpec:
+    """The spec of an adapter_config.json; a setting zaya does not implement (DoRA, rsLoRA,
+    per-layer ranks, extra modules) is an error that names it."""
+    if raw.get("peft_type") != "LORA":
+        raise CheckpointError(f"{where}: peft_type is {raw.get('peft_type')!r}; only LORA adapters are supported")
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if raw.get(key):
+            raise CheckpointError(f"{where}: {key}=true is not supported")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
+        if raw.get(key):
+            raise CheckpointError(f"{where}: {key} is set; zaya applies one rank and alpha to every target")
+    if raw.get("bias", "none") != "none":
+        raise CheckpointError(f"{where}: bias={raw['bias']!r} is not supported (only 'none')")
+    modules = raw.get("target_modules") or []
+    if isinstance(modules, str):
+        raise CheckpointError(f"{where}: target_modules is a regular expression; zaya needs a list of names")
+    targets = tuple(modules) + tuple(raw.get("target_parameters") or ())
+    try:
+        return LoraSpec(int(raw["r"]), float(raw["lora_alpha"]), float(raw.get("lora_dropout") or 0.0), targets)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: r and lora_alpha must be numbers ({exc})") from None
+
+
+def _base_weight(model: nn.Module, adapter: str) -> torch.Tensor:
+    """The frozen weight an adapter tensor belongs to (its dtype and device are the adapter's)."""
+    owner_name, _, leaf = adapter.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    return owner.weight if isinstance(owner, LoraLinear) else getattr(owner, leaf.split("_lora_")[0] + "_proj")
+
+
 @torch.no_grad()
-def load_adapter(model: nn.Module, path: Path) -> LoraSpec:
-    """Apply the adapter in ``path`` (PEFT format) to ``model``, unmerged; its tensors take the
-    base weights' dtype and device. Everything is checked before the model is changed."""
-    path = Path(path)
-    spec, raw, tensors = read_adapter(path)
-    check_base(raw, model.config, path)
-    values = from_peft(tensors, model, spec, path)
-    apply_lora(model, spec)
-    for name, v in values.items():
+def assign_adapters(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Put adapter values (zaya's names) into a model that carries the adapter modules, in the
+    dtype and on the device of the weights they adapt, frozen (for inference)."""
+    for name, value in values.items():
+        base = _base_weight(model, name)
         owner, _, leaf = name.rpartition(".")
-        p = model.get_parameter(name)
-        setattr(model.get_submodule(owner), leaf, nn.Parameter(v.to(p.device, p.dtype), requires_grad=False))
-    return spec
+        setattr(model.get_submodule(owner), leaf, nn.Parameter(value.to(base.device, base.dtype), requires_grad=False))
 
 
-def merge_adapter(base: Path, adapter: Path, out: Path) -> Path:
-    """Write ``base`` + ``adapter`` as a plain checkpoint in ``out``, one safetensors file of the
-    base at a time (the model is never whole in memory); the base's files, names, dtypes and
-    tokenizer files are kept. Written into a temporary directory and renamed when complete."""
-    import shutil
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from zaya.checkpoint import INDEX_FILE, TensorSource, detect_layout, read_config, tokenizer_files
-    from zaya.model import ZayaForCausalLM
-
-    base, adapter, out = Path(base), Path(adapter), Path(out)
-    config, layout = read_config(base)
-    source = TensorSource(base)
-    if layout != "native" or detect_layout(source.where) != "native":
-        raise CheckpointError(f"{base} is in the legacy layout; convert it first (zaya convert)")
-    with torch.device("meta"):
-        skeleton = ZayaForCausalLM(config)
-    spec, raw, tensors = read_adapter(adapter)
-    check_base(raw, config, adapter)
-    values = from_peft(tensors, skeleton, spec, adapter)
-    linears, experts = find_targets(skeleton, spec)
-    if config.tie_word_embeddings and "lm_head" in linears:
+def weight_deltas(model: nn.Module, spec: LoraSpec, values: dict[str, torch.Tensor]) -> dict[str, Callable]:
+    """Base weight name -> a function giving the fp32 update the adapter adds to it (for merging)."""
+    linears, experts = find_targets(model, spec)
+    if model.config.tie_word_embeddings and "lm_head" in linears:
         raise CheckpointError("the adapter targets lm_head, which this base ties to the embedding table; merged, "
                               "it would change the embeddings too. Serve it unmerged instead")
-    deltas = {f"{n}.weight": (n, None) for n in linears}
-    deltas.update({f"{n}.{s}": (n, s) for n, stacks in experts.items() for s in stacks})
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for file in sorted(set(source.where.values())):
-        with safe_open(str(file), framework="pt") as f:
-            shard = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata()
-        for name in set(shard) & set(deltas):
-            module, stack = deltas.pop(name)
-            key = f"{module}.{_short(stack)}_lora" if stack else f"{module}.lora"
-            a, b = values[f"{key}_A"].float(), values[f"{key}_B"].float()
-            delta = (torch.bmm(b, a) if stack else b @ a) * spec.scaling
-            shard[name] = (shard[name].float() + delta).to(shard[name].dtype)
-        save_file(shard, str(tmp / file.name), metadata=meta)
-    if deltas:
-        raise CheckpointError(f"{base} holds no tensor {next(iter(deltas))}, which the adapter changes")
-    for extra in [base / "config.json", base / INDEX_FILE, *tokenizer_files(base)]:
-        if extra.is_file():
-            shutil.copyfile(extra, tmp / extra.name)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+
+    def delta(key: str, stacked: bool):
+        a, b = values[f"{key}_A"].float(), values[f"{key}_B"].float()
+        return lambda: (torch.bmm(b, a) if stacked else b @ a) * spec.scaling
+
+    out = {f"{n}.weight": delta(f"{n}.lora", False) for n in linears}
+    out.update({f"{n}.{s}": delta(f"{n}.{_short(s)}_lora", True) for n, stacks in experts.items() for s in stacks})
     return out

@@ -19,11 +19,13 @@ import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 
-from zaya.checkpoint import TensorSource, detect_layout, native_tensors, read_config
+from zaya.checkpoint import open_checkpoint, read_config
+from zaya.checkpoint.adapters import adapter_values as read_adapter_values
+from zaya.checkpoint.files import read_aligned
+from zaya.config import ZayaConfig
 from zaya.errors import CheckpointError, ConfigError
-from zaya.lora import apply_lora, check_base, from_peft, init_adapters, is_adapter, read_adapter
-from zaya.model import ZayaConfig, ZayaForCausalLM
-from zaya.quant import read_aligned
+from zaya.lora import apply_lora, init_adapters, is_adapter
+from zaya.model import ZayaForCausalLM
 from zaya.train import fsdp
 from zaya.train.config import TrainConfig, lora_spec
 from zaya.train.loss import LossModel
@@ -70,16 +72,9 @@ def skeleton(cfg: TrainConfig, config: ZayaConfig, *, sharded: bool) -> LossMode
 def adapter_values(cfg: TrainConfig, model: ZayaForCausalLM) -> dict[str, torch.Tensor] | None:
     """The tensors of ``lora.adapter``, checked against the (meta) model before any weight is read:
     trained with the same [lora] settings, for a base of this shape."""
-    path = Path(cfg.lora.adapter) if cfg.lora.adapter else None
-    if path is None:
+    if not cfg.lora.adapter:
         return None
-    spec, raw, tensors = read_adapter(path)
-    ours = lora_spec(cfg)
-    if (spec.r, spec.alpha, set(spec.expanded())) != (ours.r, ours.alpha, set(ours.expanded())):
-        raise ConfigError(f"{cfg.source}: lora.adapter {path} has r={spec.r}, alpha={spec.alpha}, targets "
-                          f"{list(spec.targets)}; set [lora] to the same to continue training it")
-    check_base(raw, model.config, path)
-    return from_peft(tensors, model, ours, path)
+    return read_adapter_values(Path(cfg.lora.adapter), model, lora_spec(cfg))[1]
 
 
 def materialise(model: ZayaForCausalLM, device, cfg: TrainConfig, weights: Path | None, *,
@@ -112,29 +107,27 @@ def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_weights(model: nn.Module, path: Path) -> None:
     """Fill the model from a checkpoint directory, strictly, one tensor (or one shard's rows) at a time."""
-    config, _ = read_config(path)
-    source = TensorSource(path)
-    loaders = native_tensors(source, config)
+    ckpt = open_checkpoint(path)
     targets = base_tensors(model)
-    unexpected = sorted(set(loaders) - set(targets))
-    missing = sorted(set(targets) - set(loaders))
+    unexpected = sorted(set(ckpt.tensors) - set(targets))
+    missing = sorted(set(targets) - set(ckpt.tensors))
     for names, what in ((unexpected, "is not part of this model"), (missing, "is missing from the checkpoint")):
         if names:
             more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
             raise CheckpointError(f"{path}: tensor {names[0]} {what}{more}")
-    native = detect_layout(source.where) == "native"
     for name, target in targets.items():
-        if native and source.shape(name) != tuple(target.shape):
-            raise CheckpointError(f"{path}: tensor {name} has shape {list(source.shape(name))}, the model needs "
+        stored = ckpt.shape(name)  # None: assembled from several tensors (legacy experts)
+        if stored is not None and stored != tuple(target.shape):
+            raise CheckpointError(f"{path}: tensor {name} has shape {list(stored)}, the model needs "
                                   f"{list(target.shape)}")
         rows = fsdp.local_rows(target)
         dest = fsdp.local(target)
         if rows is not None and rows.stop == rows.start:
             continue  # this rank holds no rows of a short tensor
-        if native:
-            value = read_aligned(source.where[name], name, rows)
-        else:  # legacy experts are stacked from per-expert tensors: read whole, keep our rows
-            value = loaders[name]()
+        if stored is not None:
+            value = read_aligned(ckpt.origin(name), name, rows)
+        else:  # stacked from per-expert tensors: read whole, keep our rows
+            value = ckpt.tensors[name]()
             value = value if rows is None else value[rows]
         if tuple(value.shape) != tuple(dest.shape):
             raise CheckpointError(f"{path}: tensor {name} has shape {list(value.shape)}, the model needs "

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from zaya.checkpoint import FLOAT32_TENSORS, INDEX_FILE, SINGLE_FILE, tokenizer_files
+from zaya.checkpoint import INDEX_FILE, SINGLE_FILE, tokenizer_files
+from zaya.checkpoint.loader import FLOAT32_TENSORS
 from zaya.train import fsdp
 from zaya.train.state import STATE_DIR, save_state
 

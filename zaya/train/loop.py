@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from zaya.errors import ConfigError, ZayaError
-from zaya.lora import adapter_names, save_adapter
+from zaya.checkpoint.adapters import save_adapter
+from zaya.lora import adapter_names
 from zaya.tokenizer import Tokenizer
 from zaya.train import build, fsdp, memory
 from zaya.train import checkpoints as ckpt

@@ -30,10 +30,13 @@ from pathlib import Path
 
 import torch
 
+from zaya.config import ZayaConfig
 from zaya.errors import ConfigError
 from zaya.lora import apply_lora
-from zaya.model import ZayaConfig, ZayaForCausalLM
-from zaya.train.config import TrainConfig, lora_spec
+from zaya.model import ZayaForCausalLM
+from zaya.tokenizer import Tokenizer
+from zaya.train.build import model_config
+from zaya.train.config import TrainConfig, lora_spec, tokenizer_dir
 from zaya.train.loss import LossModel, chunk_tokens
 
 GB = 1e9
@@ -244,10 +247,6 @@ def report(est: Estimate, cfg: TrainConfig, config: ZayaConfig, have: int, where
 def dry_run(cfg: TrainConfig, ranks: int, device_gb: float | None = None) -> tuple[str, bool]:
     """The report for a config on ``ranks`` ranks, and whether it fits (``device_gb`` overrides
     the memory of this machine's device, to plan for another one)."""
-    from zaya.tokenizer import Tokenizer
-    from zaya.train.build import model_config
-    from zaya.train.config import tokenizer_dir
-
     m = cfg.model
     if m.init_from and not (Path(m.init_from) / "config.json").is_file():
         raise ConfigError(f"{cfg.source}: model.init_from {m.init_from} has no config.json")

@@ -26,19 +26,22 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from zaya.checkpoint import read_config, save, state_for_saving  # noqa: E402
+from zaya.config import ZayaConfig  # noqa: E402
+from zaya.model import ZayaForCausalLM  # noqa: E402
+from zaya.train import load_config, train  # noqa: E402
+from zaya.train.memory import estimate  # noqa: E402
 
 SHAPE = dict(hidden_size=2048, num_attention_heads=8, num_key_value_heads=2, head_dim=128, moe_intermediate_size=2048,
              router_hidden_size=256, max_position_embeddings=4096, dtype="bfloat16")
 
 
 def write_base(path: Path, layers: int, experts: int, vocab: int) -> Path:
-    import torch
-
-    from zaya.checkpoint import save, state_for_saving
-    from zaya.model import ZayaConfig, ZayaForCausalLM
-
     if (path / "config.json").is_file():
         return path
     config = ZayaConfig.from_dict({**SHAPE, "num_hidden_layers": layers, "num_experts": experts, "vocab_size": vocab})
@@ -47,7 +50,8 @@ def write_base(path: Path, layers: int, experts: int, vocab: int) -> Path:
     model.to_empty(device="cpu")
     model.tie_weights()
     model.init_weights(0)
-    state = {k: v if k.endswith("balancing_biases") else v.to(torch.bfloat16) for k, v in state_for_saving(model).items()}
+    state = {k: v if k.endswith("balancing_biases") else v.to(torch.bfloat16)
+             for k, v in state_for_saving(model).items()}
     save(state, config, path)
     for f in (ROOT / "recipes" / "tokenizer-tiny").iterdir():
         shutil.copyfile(f, path / f.name)
@@ -82,8 +86,6 @@ strategy = "{strategy}"
 
 def worker(config: str) -> None:
     """One rank: train, then report the peak resident set."""
-    from zaya.train import load_config, train
-
     train(load_config(config), log=lambda *a, **k: None)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RSS " + json.dumps({"rank": int(os.environ["RANK"]), "peak_bytes": peak}), flush=True)
@@ -102,10 +104,6 @@ def launch(config: Path) -> tuple[list[int], float]:
 
 
 def estimates(config: Path) -> dict:
-    from zaya.checkpoint import read_config
-    from zaya.train import load_config
-    from zaya.train.memory import estimate
-
     cfg = load_config(config)
     est = estimate(cfg, read_config(Path(cfg.model.init_from))[0], 2)
     return {"state": est.state, "total": est.total}
@@ -134,9 +132,9 @@ def main() -> None:
             cfg = write_config(args.dir / f"{strategy}.toml", base, out, strategy, args.steps, args.seq_len)
             peaks, seconds = launch(cfg)
             results[strategy].append({"peak_bytes": peaks, "seconds": round(seconds, 1), "estimate": estimates(cfg)})
+            estimate = results[strategy][-1]["estimate"]["total"] / 1e9
             print(f"{strategy:>4}: peak RSS per rank {', '.join(f'{b / 1e9:.2f}' for b in peaks)} GB "
-                  f"(estimate {results[strategy][-1]['estimate']['total'] / 1e9:.2f} GB + the process), {seconds:.0f} s",
-                  flush=True)
+                  f"(estimate {estimate:.2f} GB + the process), {seconds:.0f} s", flush=True)
     worst = {s: max(max(r["peak_bytes"]) for r in rs) for s, rs in results.items()}
     ratio = worst["fsdp"] / worst["ddp"]
     print(f"FSDP / DDP peak RSS per rank: {ratio:.2f}")

@@ -1,7 +1,7 @@
 """LoRA on the experts: one low-rank pair per expert (what zaya.lora does) against one pair shared by
 all experts, and attention-only adapters for reference.
 
-    python benchmarks/lora_experts.py                      # the built-in model, fine-tuned on docs/*.md
+    python benchmarks/lora_experts.py                      # the built-in model, fine-tuned on the docs
     python benchmarks/lora_experts.py --steps 300 --r 8
 
 Each variant fine-tunes the same base (the built-in model unless --model) on the same data, batches
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "build" / "bench-lora"
 sys.path.insert(0, str(ROOT))
 
 from zaya import DEFAULT_MODEL, lora  # noqa: E402
@@ -50,13 +51,21 @@ class SharedPair(lora.LoraExperts):
         return y
 
 
+def snapshot_data(out: Path) -> Path:
+    """The repository's docs copied once, so every variant reads the same text even while they change."""
+    if not out.is_dir():
+        out.mkdir(parents=True)
+        for f in [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]:
+            (out / f.name).write_text(f.read_text())
+    return out
+
+
 def run(variant: str, args) -> dict:
     targets = ["attention"] if variant == "attention" else ["attention", "experts"]
     raw = {"model": {"init_from": str(args.model)},
-           "data": {"train": [str(ROOT / "docs" / "*.md"), str(ROOT / "README.md")], "seq_len": args.seq_len,
-                    "holdout": 0.15},
+           "data": {"train": [str(snapshot_data(OUT / "data") / "*.md")], "seq_len": args.seq_len, "holdout": 0.15},
            "optim": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": 10, "weight_decay": 0.0},
-           "train": {"out_dir": str(ROOT / "build" / "bench-lora" / variant), "steps": args.steps,
+           "train": {"out_dir": str(OUT / variant), "steps": args.steps,
                      "global_batch": 8, "micro_batch": 8, "progress": False, "eval_batches": 16},
            "lora": {"r": args.r, "alpha": 2 * args.r, "targets": targets}}
     real = lora.LoraExperts

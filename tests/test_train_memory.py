@@ -39,21 +39,25 @@ def counts(spec=None):
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
+def estimate(cfg, world):
+    return memory.estimate(cfg, CONFIG, world, activations=False)
+
+
 def test_state_bytes_follow_strategy_precision_and_lora(tmp_path):
     n, _ = counts()
-    rows = memory.estimate(cfg_for(tmp_path), CONFIG, 1).rows
+    rows = estimate(cfg_for(tmp_path), 1).rows
     assert (rows["parameters"], rows["gradients"], rows["optimizer"], rows["working set"]) == (4 * n, 4 * n, 8 * n, 0)
-    assert memory.estimate(cfg_for(tmp_path), CONFIG, 2).rows["gradients"] == 8 * n  # DDP's buckets
-    fsdp = memory.estimate(cfg_for(tmp_path, distributed={"strategy": "fsdp"}), CONFIG, 4)
+    assert estimate(cfg_for(tmp_path), 2).rows["gradients"] == 8 * n  # DDP's buckets
+    fsdp = estimate(cfg_for(tmp_path, distributed={"strategy": "fsdp"}), 4)
     assert fsdp.rows["parameters"] == -(-4 * n // 4) and fsdp.state == -(-4 * n // 4) * 2 + -(-8 * n // 4)
     assert fsdp.rows["working set"] > 0
-    bf16 = memory.estimate(cfg_for(tmp_path, train={"precision": "bf16"}), CONFIG, 1)
+    bf16 = estimate(cfg_for(tmp_path, train={"precision": "bf16"}), 1)
     assert bf16.rows["parameters"] == 4 * n and bf16.rows["working set"] > 0  # autocast's bf16 weight copies
 
     spec = LoraSpec(4, targets=("attention", "experts"))
     total, trained = counts(spec)
-    lora = memory.estimate(cfg_for(tmp_path, train={"precision": "bf16"},
-                                   lora={"r": 4, "targets": ["attention", "experts"]}), CONFIG, 1)
+    lora = estimate(cfg_for(tmp_path, train={"precision": "bf16"}, lora={"r": 4, "targets": ["attention", "experts"]}),
+                    1)
     assert (lora.params, lora.trained) == (total, trained)
     assert lora.rows["parameters"] == 2 * (total - trained) + 4 * trained  # frozen bf16 base, fp32 adapters
     assert (lora.rows["gradients"], lora.rows["optimizer"]) == (4 * trained, 8 * trained)
@@ -100,7 +104,7 @@ def test_dry_run_for_zaya1_8b_meets_the_targets(capsys):
 
     fsdp = load_config(ROOT / "recipes" / "finetune-zaya1-8b-fsdp.toml")
     config = ZayaConfig.from_dict(__import__("json").loads((ROOT / "recipes/zaya1-8b/config.json").read_text()))
-    est = memory.estimate(fsdp, config, 8)
+    est = memory.estimate(fsdp, config, 8, activations=False)
     assert round(est.params / 1e9, 2) == 8.84
     assert est.state <= 20e9  # parameters + gradients + AdamW per rank on 8 ranks
 

@@ -19,16 +19,26 @@ same update from all-reduced counts).
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor. DTensor's module is read from ``sys.modules`` rather than
+    imported: no tensor can be one before FSDP has imported it, and importing it costs about a
+    second that every zaya command would pay (the CLI imports the trainer)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def shard(root: nn.Module, blocks, *, bf16: bool, cpu_offload: bool) -> None:
     """Make every decoder block, then the root, an FSDP unit (on any device, meta included)."""
+    # start-up time: imported here, not with the module (see is_sharded)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                               reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
@@ -42,7 +52,7 @@ def shard(root: nn.Module, blocks, *, bf16: bool, cpu_offload: bool) -> None:
 def local_rows(t: torch.Tensor) -> slice | None:
     """The rows (dim 0) of the full tensor this rank holds, for a dim-0 sharded DTensor; None for
     a plain tensor (the rank holds it whole)."""
-    if not isinstance(t, DTensor):
+    if not is_sharded(t):
         return None
     mesh = t.device_mesh
     (placement,) = t.placements
@@ -68,10 +78,10 @@ def assign(param: torch.Tensor, full: torch.Tensor) -> None:
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole value of a (possibly sharded) tensor; a collective for sharded ones."""
-    if not isinstance(t, DTensor):
+    if not is_sharded(t):
         return t
     if t.device.type != t.device_mesh.device_type:  # shards offloaded to host memory gather on the device
-        t = DTensor.from_local(t.to_local().to(t.device_mesh.device_type), t.device_mesh, t.placements,
+        t = type(t).from_local(t.to_local().to(t.device_mesh.device_type), t.device_mesh, t.placements,
                                shape=t.shape, stride=t.stride())
     return t.full_tensor()
 
@@ -81,11 +91,11 @@ def clip_grad_norm(params, max_norm: float) -> float:
     The norm of sharded gradients is summed over ranks, so every rank clips by the same factor."""
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-    if isinstance(norm, DTensor):
+    if is_sharded(norm):
         norm = norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return float(norm)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_sharded(t) else t

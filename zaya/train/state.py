@@ -19,21 +19,24 @@ import warnings
 from pathlib import Path
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from zaya.errors import CheckpointError
 
 STATE_DIR = "train_state"
-_OPTIONS = StateDictOptions(ignore_frozen_params=True)
-# dcp.load has already filled every key get_state_dict asked for (it fails on a missing one); the
-# frozen base those keys leave out is not missing
-_SET_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _dcp():
+    # start-up time: torch.distributed.checkpoint takes about a second to import, which every zaya
+    # command would pay (the CLI imports the trainer); only saving and resuming need it
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict
+
+    return dcp, state_dict
 
 
 @contextlib.contextmanager
-def _dcp():
+def _world():
     """Keyword arguments for dcp.save / dcp.load: one process is a legitimate world of one here
     (not a forgotten init_process_group), so DCP's warning about it is silenced."""
     with warnings.catch_warnings():
@@ -43,8 +46,9 @@ def _dcp():
 
 def save_state(path: Path, model: nn.Module, optimizer) -> None:
     """Write this rank's shards of the weights and optimizer state (call on every rank)."""
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-    with _dcp() as kwargs:
+    dcp, sd = _dcp()
+    model_sd, optim_sd = sd.get_state_dict(model, optimizer, options=sd.StateDictOptions(ignore_frozen_params=True))
+    with _world() as kwargs:
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), **kwargs)
 
 
@@ -53,9 +57,12 @@ def load_state(path: Path, model: nn.Module, optimizer) -> None:
     if not (Path(path) / ".metadata").is_file():
         raise CheckpointError(f"{path} holds no sharded training state (.metadata is missing); a checkpoint "
                               "written by an older zaya cannot be resumed: fine-tune from it with model.init_from")
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    dcp, sd = _dcp()
+    model_sd, optim_sd = sd.get_state_dict(model, optimizer, options=sd.StateDictOptions(ignore_frozen_params=True))
     state = {"model": model_sd, "optim": optim_sd}
-    with _dcp() as kwargs:
+    with _world() as kwargs:
         dcp.load(state, checkpoint_id=str(path), **kwargs)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_SET_OPTIONS)
+    # dcp.load has filled every key get_state_dict asked for (it fails on a missing one); the frozen
+    # base those keys leave out is not missing, hence strict=False
+    sd.set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                      options=sd.StateDictOptions(ignore_frozen_params=True, strict=False))

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tiny_model import make_tiny_model_dir
+from tests.tiny_model import make_tiny_model_dir
 
 import zaya
 from zaya.errors import CheckpointError, ConfigError

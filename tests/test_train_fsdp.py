@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_model import make_tiny_model_dir
-from tiny_train import one_thread  # noqa: F401  (autouse fixture)
-from tiny_train import config_dict, finish, losses, torchrun, write_toml
+from tests.tiny_model import make_tiny_model_dir
+from tests.tiny_train import config_dict, finish, losses, torchrun, write_toml
 
 import zaya
 from zaya.train import from_dict, train

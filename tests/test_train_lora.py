@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_model import make_tiny_model_dir
-from tiny_train import one_thread  # noqa: F401  (autouse fixture)
-from tiny_train import config_dict, losses
+from tests.tiny_model import make_tiny_model_dir
+from tests.tiny_train import config_dict, losses
 
 import zaya
 from zaya.errors import CheckpointError, ConfigError

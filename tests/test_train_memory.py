@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_model import tiny_config
-from tiny_train import config_dict
+from tests.tiny_model import tiny_config
+from tests.tiny_train import config_dict
 
 from zaya.lora import LoraSpec, apply_lora
 from zaya.config import ZayaConfig

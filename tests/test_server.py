@@ -441,7 +441,8 @@ def test_disconnect_frees_the_slot(slow_server):
     body = {"model": MODEL, "messages": HI, "max_tokens": 450, "ignore_eos": True, "stream": True, "n": 2}
     with server.http() as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            for i, _ in enumerate(r.iter_lines()):
+            lines = r.iter_lines()  # held: closing the generator would close the connection
+            for i, _ in enumerate(lines):
                 if i == 6:
                     break
             assert http.get("/health").json()["active_sequences"] == 2

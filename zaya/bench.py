@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from zaya.cache import Cache
 from zaya.commands import add_model_args, resolve_model_name
 from zaya.engine import Engine, Request
+from zaya.engine.runner import ForwardBatch, forward
 from zaya.llm import load
 from zaya.sampling import SamplingParams
 
@@ -75,7 +75,7 @@ def weight_bytes_per_token(model) -> int:
 
 
 def _engine(model):
-    return Engine(model, None)
+    return Engine(model, None, prefix_caching=False)
 
 
 def decode_rate(model, batch: int, prompt_len: int = 32, new_tokens: int = 64, seed: int = 0) -> float:
@@ -86,22 +86,26 @@ def decode_rate(model, batch: int, prompt_len: int = 32, new_tokens: int = 64, s
     params = SamplingParams.from_kwargs(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     for i in range(batch):
         engine.add(Request(torch.randint(3, V, (prompt_len,), generator=g).tolist(), params, i))
-    engine.step()  # the first step only samples from the prefill's logits and runs one forward
+    while engine.waiting:  # prefill steps (each ends by sampling the first tokens)
+        engine.step()
     t, steps = time.perf_counter(), 0
-    while engine.active:
+    while engine.active:  # each step: one decode forward for every row, then sampling
         engine.step()
         steps += 1
-    return batch * max(1, steps - 1) / (time.perf_counter() - t)
+    return batch * max(1, steps) / (time.perf_counter() - t)
 
 
 def prefill_rate(model, tokens: int = 512, seed: int = 0) -> float:
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
-    engine = _engine(model)
-    cache = Cache(model.config, 1, tokens, dtype=engine.dtype, device=engine.device)
+    cache = _engine(model).cache
+    seq = cache.open(ids[0].tolist())
+    cache.reserve(seq, tokens)
     with torch.inference_mode():
         t = time.perf_counter()
-        model(ids.to(engine.device), cache=cache, last_only=True)
-    return tokens / (time.perf_counter() - t)
+        forward(model, ForwardBatch(cache, [seq], tokens), ids.to(cache.device))
+        elapsed = time.perf_counter() - t
+    cache.close(seq)
+    return tokens / elapsed
 
 
 def speed(model, *, prefill_tokens=512, new_tokens=64, batches=(1, 8), bandwidth=None, rounds=3) -> dict:

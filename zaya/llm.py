@@ -15,7 +15,7 @@ import torch
 from zaya import rsa
 from zaya.chat import DEFAULT_CHAT_TEMPLATE, generation_starts_in_reasoning, parse_assistant, render_chat
 from zaya.checkpoint import load_model, resolve
-from zaya.engine import Completion, Engine, Request, TokenEvent
+from zaya.engine import Completion, Engine, PagedCache, Request, TokenEvent, parse_memory
 from zaya.errors import CheckpointError, ZayaError
 from zaya.sampling import SamplingParams
 from zaya.tokenizer import Tokenizer
@@ -35,11 +35,14 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 
 def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: str | None = None,
-         max_context: int | None = None) -> LLM:
+         max_context: int | None = None, cache_memory=None, prefix_caching: bool = True) -> LLM:
     """Load a ZAYA checkpoint (a local directory or a hub repo id) as an `LLM`.
 
     With no ``model``, the small built-in model that ships with zaya is loaded (no download).
     ``dtype`` defaults to the checkpoint's; ``quantize`` is ``"int8"`` or ``"int4"`` (weight-only).
+    ``cache_memory`` is the KV cache budget (bytes, or a size such as ``"4GiB"``; default: from
+    the free memory and the model, see docs/engine.md); ``prefix_caching=False`` turns off the
+    reuse of cached prompt prefixes.
     """
     if model is None:
         if not (DEFAULT_MODEL / "config.json").is_file():
@@ -48,16 +51,22 @@ def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: 
     path = resolve(model)
     net, config, layout = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
-    return LLM(net, tokenizer, path=path, layout=layout, max_context=max_context)
+    return LLM(net, tokenizer, path=path, layout=layout, max_context=max_context, cache_memory=cache_memory,
+               prefix_caching=prefix_caching, identity=f"{path}|{layout}|{quantize or config.quantization}")
 
 
 class LLM:
     """A loaded model with its tokenizer: `generate`, `stream`, `chat`, `logits`, `solve`."""
 
-    def __init__(self, model, tokenizer=None, *, path=None, layout: str = "native", max_context: int | None = None):
+    def __init__(self, model, tokenizer=None, *, path=None, layout: str = "native", max_context: int | None = None,
+                 cache_memory=None, prefix_caching: bool = True, identity: str | None = None):
         self.model, self.tokenizer, self.path, self.layout = model, tokenizer, path, layout
         self.config = model.config
         self.max_context = max_context or self.config.max_position_embeddings
+        self.cache_memory = parse_memory(cache_memory)
+        self.prefix_caching = prefix_caching
+        self.identity = identity if identity is not None else f"{path}|{layout}"
+        self._cache: PagedCache | None = None
 
     def __repr__(self) -> str:
         return f"LLM({self.path or 'in-memory'}, layers={self.config.num_hidden_layers}, layout={self.layout})"
@@ -90,8 +99,21 @@ class LLM:
             out.append(Request(ids, params, i))
         return out
 
+    @property
+    def cache(self) -> PagedCache:
+        """The paged KV cache every engine of this LLM shares (built on first use), so a prefix
+        computed by one call is reused by the next."""
+        if self._cache is None:
+            param = next(self.model.parameters())
+            self._cache = PagedCache(self.config, dtype=param.dtype if param.is_floating_point() else torch.bfloat16,
+                                     device=param.device, memory=self.cache_memory, max_context=self.max_context,
+                                     identity=self.identity, prefix_caching=self.prefix_caching)
+        return self._cache
+
     def engine(self, **kwargs) -> Engine:
-        return Engine(self.model, self.tokenizer, max_context=kwargs.pop("max_context", self.max_context), **kwargs)
+        """An engine over this LLM's shared cache (the server's scheduler owns one)."""
+        kwargs.setdefault("max_context", self.max_context)
+        return Engine(self.model, self.tokenizer, cache=self.cache, **kwargs)
 
     def generate(self, prompts, **sampling) -> list[Completion]:
         """One Completion per prompt and sample, prompt-major (see docs/architecture.md)."""

@@ -177,6 +177,12 @@ class PagedCache:
         self.conv, self.vdelay = empty(L, self.max_seqs, C, W), empty(L, self.max_seqs, Hv)  # live slots
         self.conv_snap, self.vdelay_snap = empty(L, n, C, W), empty(L, n, Hv)  # beside group 0's blocks
         self.free_slots = list(range(self.max_seqs - 1, -1, -1))
+        # per-layer views, so a forward's per-layer work does no indexing of its own
+        self.layer_kv = [self.groups[g].kv[i] for g, i in self.group_of]       # (2, Hkv, slots, D)
+        self.layer_k = [kv[0][None] for kv in self.layer_kv]                   # (1, Hkv, slots, D)
+        self.layer_v = [kv[1][None] for kv in self.layer_kv]
+        self.layer_conv, self.layer_vdelay = list(self.conv), list(self.vdelay)
+        self.conv_width = W
 
     # -- sizes ----------------------------------------------------------------------------------
     @property

@@ -53,10 +53,14 @@ class ForwardBatch:
         if any(fresh) and not all(fresh):
             raise ValueError("a sequence with no cached positions is prefilled in a call of its own")
         self.fresh = fresh[0]
-        self.positions = torch.tensor(self.starts, device=device)[:, None] + torch.arange(S, device=device)
+        if S == 1:
+            self.positions = torch.tensor([[c] for c in self.starts], device=device)
+        else:
+            self.positions = torch.tensor(self.starts, device=device)[:, None] + torch.arange(S, device=device)
         self.slots = _index([s.slot for s in seqs], device)
         self.plans = [self._plan(g, [s.tables[g] for s in seqs]) for g in range(len(cache.groups))]
         self.offsets = {group.window: plan.offset for group, plan in zip(cache.groups, self.plans)}
+        self.layer_plans = [self.plans[g] for g, _ in cache.group_of]
         self.snapshots = self._snapshot_plan(seqs)
         # each layer's raw q‖k columns and delayed values, for `PagedCache.truncate`
         self.kept = [None] * cache.config.num_hidden_layers if keep_positions else None
@@ -75,13 +79,19 @@ class ForwardBatch:
                 return GroupPlan(offset, slice(first, first + S), slice(read.start * bs, read.start * bs + self.kv_len - offset))
         width = max(len(t) for t in tables)
         blocks = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=cache.device)
-        pos = self.positions
-        write = (blocks.gather(1, pos // bs) * bs + pos % bs).reshape(-1)
-        kv = torch.arange(offset, self.kv_len, device=cache.device)
-        read = blocks[:, kv // bs] * bs + kv % bs
-        lengths = torch.tensor(self.lengths, device=cache.device)
-        read = torch.where(kv[None, :] < lengths[:, None], read, 0).reshape(-1)
-        return GroupPlan(offset, write, read)
+        if S == 1:  # decode: one slot per row, cheaper on the host than as tensor ops
+            write = torch.tensor([t[c // bs] * bs + c % bs for t, c in zip(tables, self.starts)],
+                                 dtype=torch.long, device=cache.device)
+        else:
+            pos = self.positions
+            write = (blocks.gather(1, pos // bs) * bs + pos % bs).reshape(-1)
+        slots = (blocks[:, :, None] * bs + torch.arange(bs, device=cache.device)).view(self.B, -1)
+        read = slots[:, offset:self.kv_len]
+        if not self.uniform:  # a shorter row reads the null slot past its length (masked anyway)
+            kv = torch.arange(offset, self.kv_len, device=cache.device)
+            lengths = torch.tensor(self.lengths, device=cache.device)
+            read = torch.where(kv[None, :] < lengths[:, None], read, 0)
+        return GroupPlan(offset, write, read.reshape(-1))
 
     def _snapshot_plan(self, seqs: list[SeqCache]):
         """Rows and in-call positions whose token ends a block, and group 0's block there."""
@@ -106,47 +116,52 @@ class ForwardBatch:
         """(conv (B, C, conv_state_len), delayed value (B, Hkv*D/2)), or (None, None) for fresh rows."""
         if self.fresh:
             return None, None
-        cache = self.cache
+        conv, vdelay = self.cache.layer_conv[layer], self.cache.layer_vdelay[layer]
         if isinstance(self.slots, slice):
-            return cache.conv[layer, self.slots], cache.vdelay[layer, self.slots]
-        return cache.conv[layer].index_select(0, self.slots), cache.vdelay[layer].index_select(0, self.slots)
+            return conv[self.slots], vdelay[self.slots]
+        return conv.index_select(0, self.slots), vdelay.index_select(0, self.slots)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, qk: torch.Tensor, v_del: torch.Tensor):
         """Store the new keys/values (B, Hkv, S, D) and CCA state; return the keys and values the
-        layer attends to, (B, Hkv, L, D) each."""
-        g, i = self.cache.group_of[layer]
-        plan = self.plans[g]
-        K, V = self.cache.groups[g].kv[i]  # (Hkv, slots, D) each
+        layer attends to, (B, Hkv, L, D) each. (Written for few tensor ops: a decode step is
+        bound by their count on a CPU.)"""
+        cache, plan = self.cache, self.layer_plans[layer]
+        kv = cache.layer_kv[layer]  # (2, Hkv, slots, D)
         if isinstance(plan.write, slice):
-            K[:, plan.write] = k[0]
-            V[:, plan.write] = v[0]
+            kv[:, :, plan.write] = torch.cat((k, v))
         else:
-            Hkv, D = K.shape[0], K.shape[2]
-            K.index_copy_(1, plan.write, k.transpose(0, 1).reshape(Hkv, -1, D).to(K.dtype))
-            V.index_copy_(1, plan.write, v.transpose(0, 1).reshape(Hkv, -1, D).to(V.dtype))
+            _, Hkv, N, D = kv.shape
+            kv.view(2 * Hkv, N, D).index_copy_(
+                1, plan.write, _same_dtype(torch.cat((k, v), 1).transpose(0, 1).reshape(2 * Hkv, -1, D), kv))
         self._save_state(layer, qk, v_del)
         if isinstance(plan.read, slice):
-            return K[None, :, plan.read], V[None, :, plan.read]
-        Hkv, D, L = K.shape[0], K.shape[2], self.kv_len - plan.offset
-        return (K.index_select(1, plan.read).view(Hkv, self.B, L, D).transpose(0, 1),
-                V.index_select(1, plan.read).view(Hkv, self.B, L, D).transpose(0, 1))
+            keys, values = cache.layer_k[layer], cache.layer_v[layer]  # (1, Hkv, slots, D)
+            start, length = plan.read.start, plan.read.stop - plan.read.start
+            return keys.narrow(2, start, length), values.narrow(2, start, length)
+        _, Hkv, N, D = kv.shape
+        both = kv.view(2 * Hkv, N, D).index_select(1, plan.read).view(2, Hkv, self.B, -1, D).transpose(1, 2)
+        return both[0], both[1]
 
     def _save_state(self, layer: int, qk: torch.Tensor, v_del: torch.Tensor) -> None:
         cache = self.cache
-        width = cache.config.conv_state_len
-        conv, vdelay = qk[..., qk.shape[-1] - width:], v_del[:, -1]
+        conv, vdelay = qk[..., qk.shape[-1] - cache.conv_width:], v_del[:, -1]
+        live_conv, live_vdelay = cache.layer_conv[layer], cache.layer_vdelay[layer]
         if isinstance(self.slots, slice):
-            cache.conv[layer, self.slots] = conv
-            cache.vdelay[layer, self.slots] = vdelay
+            live_conv[self.slots] = conv
+            live_vdelay[self.slots] = vdelay
         else:
-            cache.conv[layer].index_copy_(0, self.slots, conv.to(cache.dtype))
-            cache.vdelay[layer].index_copy_(0, self.slots, vdelay.to(cache.dtype))
+            live_conv.index_copy_(0, self.slots, _same_dtype(conv, live_conv))
+            live_vdelay.index_copy_(0, self.slots, _same_dtype(vdelay, live_vdelay))
         if self.snapshots is not None:
             rows, cols, j, blocks = self.snapshots
             cache.conv_snap[layer].index_copy_(0, blocks, qk[rows[:, None], :, cols].transpose(1, 2).to(cache.dtype))
             cache.vdelay_snap[layer].index_copy_(0, blocks, v_del[rows, j].to(cache.dtype))
         if self.kept is not None:
             self.kept[layer] = (qk, v_del)
+
+
+def _same_dtype(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
 def forward(model, batch: ForwardBatch, tokens: torch.Tensor, *, last_only: bool = True) -> torch.Tensor:

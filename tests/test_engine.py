@@ -246,3 +246,8 @@ def test_budget_errors_are_clear(llm):
         eng.check(100, SamplingParams(max_new_tokens=50))
     with pytest.raises(ZayaError, match="too small for one sequence"):
         Engine(llm.model, llm.tokenizer, cache_memory=1000)
+    with pytest.raises(ZayaError, match="too small for one sequence.*cache_memory="):  # at load, not first use
+        zaya.LLM(llm.model, llm.tokenizer, cache_memory="1kB")
+    small = zaya.LLM(llm.model, llm.tokenizer, cache_memory=memory)
+    with pytest.raises(ContextLengthError, match="cache budget.*--cache-memory"):
+        small.generate([list(range(10, 110))], max_new_tokens=50)

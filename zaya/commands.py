@@ -24,6 +24,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="weight dtype (default: checkpoint's)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization at load time")
     p.add_argument("--max-context", type=int, default=None, help="refuse requests longer than this many tokens")
+    p.add_argument("--cache-memory", default=None, metavar="SIZE",
+                   help="KV cache budget, bytes or a size such as 4GiB or 512MB (default: a quarter of the free "
+                        "memory, at most what 32 full-context sequences need; printed at start by serve)")
+    p.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",
+                   help="do not reuse cached prompt prefixes across requests")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -48,7 +53,7 @@ def sampling_kwargs(args) -> dict:
 
 def load_from_args(args):
     return load(resolve_model_name(args.model), dtype=args.dtype, quantize=args.quantize,
-                     max_context=args.max_context)
+                max_context=args.max_context, cache_memory=args.cache_memory, prefix_caching=args.prefix_caching)
 
 
 def resolve_model_name(name):

@@ -16,6 +16,7 @@ from zaya import rsa
 from zaya.chat import DEFAULT_CHAT_TEMPLATE, generation_starts_in_reasoning, parse_assistant, render_chat
 from zaya.checkpoint import load_model, resolve
 from zaya.engine import Completion, Engine, PagedCache, Request, TokenEvent, parse_memory
+from zaya.engine.cache import pool_blocks
 from zaya.errors import CheckpointError, ZayaError
 from zaya.sampling import SamplingParams
 from zaya.tokenizer import Tokenizer
@@ -41,7 +42,7 @@ def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: 
     With no ``model``, the small built-in model that ships with zaya is loaded (no download).
     ``dtype`` defaults to the checkpoint's; ``quantize`` is ``"int8"`` or ``"int4"`` (weight-only).
     ``cache_memory`` is the KV cache budget (bytes, or a size such as ``"4GiB"``; default: from
-    the free memory and the model, see docs/engine.md); ``prefix_caching=False`` turns off the
+    the free memory and the model, see docs/server.md); ``prefix_caching=False`` turns off the
     reuse of cached prompt prefixes.
     """
     if model is None:
@@ -64,6 +65,8 @@ class LLM:
         self.config = model.config
         self.max_context = max_context or self.config.max_position_embeddings
         self.cache_memory = parse_memory(cache_memory)
+        if self.cache_memory is not None:  # a budget too small fails here, not at the first request
+            pool_blocks(self.config, self._cache_dtype(), self.cache_memory)
         self.prefix_caching = prefix_caching
         self.identity = identity if identity is not None else f"{path}|{layout}"
         self._cache: PagedCache | None = None
@@ -104,11 +107,15 @@ class LLM:
         """The paged KV cache every engine of this LLM shares (built on first use), so a prefix
         computed by one call is reused by the next."""
         if self._cache is None:
-            param = next(self.model.parameters())
-            self._cache = PagedCache(self.config, dtype=param.dtype if param.is_floating_point() else torch.bfloat16,
-                                     device=param.device, memory=self.cache_memory, max_context=self.max_context,
-                                     identity=self.identity, prefix_caching=self.prefix_caching)
+            device = next(self.model.parameters()).device
+            self._cache = PagedCache(self.config, dtype=self._cache_dtype(), device=device, memory=self.cache_memory,
+                                     max_context=self.max_context, identity=self.identity,
+                                     prefix_caching=self.prefix_caching)
         return self._cache
+
+    def _cache_dtype(self) -> torch.dtype:
+        param = next(self.model.parameters())
+        return param.dtype if param.is_floating_point() else torch.bfloat16
 
     def engine(self, **kwargs) -> Engine:
         """An engine over this LLM's shared cache (the server's scheduler owns one)."""

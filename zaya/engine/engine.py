@@ -20,14 +20,12 @@ from typing import Iterable, Iterator
 
 import torch
 
-from zaya.engine.cache import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SEQS, CacheFullError, PagedCache
+from zaya.engine.cache import CACHE_FLAGS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SEQS, CacheFullError, PagedCache
 from zaya.engine.runner import ForwardBatch, forward
 from zaya.engine.sequence import Request, Sequence, TokenEvent
 from zaya.errors import ContextLengthError, ZayaError
 from zaya.sampling import SamplingParams, apply_penalties, sample, token_logprobs
 from zaya.tokenizer import IncrementalDecoder
-
-CACHE_FLAGS = "--cache-memory (cache_memory= in Python)"
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -48,16 +48,23 @@ class ServerConfig:
     max_rsa_runs: int = 2                 # concurrent Markovian RSA requests
     keepalive_s: float = 10.0             # SSE keep-alive interval while RSA runs
     retry_after_s: int = 2
+    step_tokens: int = 512                # per engine step: decode rows plus prefill chunks
 
 
 class State:
     def __init__(self, llm, config: ServerConfig, engine_factory=None):
         self.llm, self.config = llm, config
         self.metrics = Metrics()
-        factory = engine_factory or (lambda: llm.engine())
+        factory = engine_factory or (lambda: llm.engine(step_tokens=config.step_tokens))
         self.scheduler = Scheduler(factory, max_batch=config.max_batch, max_queue=config.max_queue,
                                    metrics=self.metrics)
-        self.max_context = self.scheduler.engine.max_context
+        engine = self.scheduler.engine
+        self.max_context = engine.max_context
+        self.cache = getattr(engine, "cache", None)  # the LLM's pool, shared by every engine it makes
+        self.context_note = ""  # why the context is shorter than the model's, for error messages
+        if self.cache is not None and engine.max_context < engine.context_limit:
+            self.context_note = (f" (the KV cache budget of {self.cache.memory / 2**20:,.1f} MiB holds "
+                                 f"{self.cache.capacity_tokens:,} tokens; raise --cache-memory for more)")
         self.max_n = min(MAX_N, config.max_batch)
         self.model_names = {config.model_name, *config.aliases}
         self.token_text = R.TokenText(llm.tokenizer)
@@ -69,6 +76,8 @@ class State:
         m.gauge("zaya_batch_size", "Sequences (rows) being decoded now.", lambda: self.scheduler.active_rows)
         m.gauge("zaya_running_requests", "Requests being decoded now.", lambda: self.scheduler.active_requests)
         m.gauge("zaya_rsa_running", "Markovian RSA runs in progress.", lambda: len(self.rsa_running))
+        if self.cache is not None:
+            m.cache_gauges(self.cache)
 
     def check_model(self, name: str) -> None:
         if name not in self.model_names:
@@ -109,6 +118,11 @@ class Submission:
             else:
                 for ev in item:
                     yield i, ev
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens its jobs took from the prefix cache (known once their prefill started)."""
+        return sum(job.request.cached_tokens or 0 for job in self.jobs)
 
     def cancel(self) -> None:
         for job in self.jobs:
@@ -274,7 +288,7 @@ def create_app(llm, config: ServerConfig | None = None, *, engine_factory=None) 
         timing = _Timing(state, route, arrived)
 
         def finish_usage():
-            return R.usage(len(prep.ids), sum(c.tokens for c in choices))
+            return R.usage(len(prep.ids), sum(c.tokens for c in choices), sub.cached_tokens)
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -326,7 +340,7 @@ def create_app(llm, config: ServerConfig | None = None, *, engine_factory=None) 
         prompt_tokens = sum(len(ids) for ids, _ in prep.items)
 
         def finish_usage():
-            return R.usage(prompt_tokens, sum(c.tokens for c in choices))
+            return R.usage(prompt_tokens, sum(c.tokens for c in choices), sub.cached_tokens)
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

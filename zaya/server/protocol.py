@@ -133,13 +133,14 @@ def parse(model: type[BaseModel], body: bytes):
 
 
 def sampling_params(req: _Generation, prompt_len: int, max_context: int, *, max_tokens: int | None,
-                    logprobs: bool, top_logprobs: int, max_n: int) -> SamplingParams:
-    """SamplingParams for a request, with OpenAI-style errors for bad values and context overflow."""
+                    logprobs: bool, top_logprobs: int, max_n: int, context_note: str = "") -> SamplingParams:
+    """SamplingParams for a request, with OpenAI-style errors for bad values and context overflow
+    (``context_note`` says why the context is what it is, e.g. the cache budget)."""
     if req.n < 1 or req.n > max_n:
         raise bad_request(f"n must be between 1 and {max_n} on this server, got {req.n}", param="n")
     if prompt_len >= max_context:
         raise bad_request(f"the prompt has {prompt_len} tokens, which does not leave room for any output in this "
-                          f"server's context of {max_context} tokens", param="messages",
+                          f"server's context of {max_context} tokens{context_note}", param="messages",
                           code="context_length_exceeded")
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
@@ -150,8 +151,8 @@ def sampling_params(req: _Generation, prompt_len: int, max_context: int, *, max_
         max_tokens = min(DEFAULT_MAX_TOKENS, room)
     elif max_tokens > room:
         raise bad_request(f"max_tokens ({max_tokens}) + the prompt ({prompt_len} tokens) exceeds this server's "
-                          f"context of {max_context} tokens; at most {room} new tokens fit", param="max_tokens",
-                          code="context_length_exceeded")
+                          f"context of {max_context} tokens{context_note}; at most {room} new tokens fit",
+                          param="max_tokens", code="context_length_exceeded")
     try:
         return SamplingParams.from_kwargs(
             max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,

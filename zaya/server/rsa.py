@@ -201,8 +201,8 @@ async def rsa_chat(state, request, req):
     need = prompt_len + cfg.budget + (min(cfg.k, cfg.n) * cfg.tail_limit if cfg.rounds else 0)
     if need > state.max_context:
         raise bad_request(f"this RSA setting needs about {need} tokens of context (prompt {prompt_len} + tails "
-                          f"K*tau + budget {cfg.budget}) but the server allows {state.max_context}; lower budget "
-                          f"or tail", param="rsa", code="context_length_exceeded")
+                          f"K*tau + budget {cfg.budget}) but the server allows {state.max_context}"
+                          f"{state.context_note}; lower budget or tail", param="rsa", code="context_length_exceeded")
 
     progress = {"state": None, "seq": 0}
 

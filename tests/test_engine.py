@@ -192,6 +192,20 @@ def test_chat_turn_two_reuses_turn_one_up_to_the_dropped_reasoning(llm):
     assert common < len(a) and r2.completion.cached_tokens == common // llm.cache.block_size * llm.cache.block_size
 
 
+def test_rsa_round_prompts_share_the_template_and_question(llm):
+    from zaya.rsa.prompts import ZYPHRA
+
+    question = "Start with 22, then apply *2, -2, +6, *2, +2, -3 in order. What is the result?"
+    tails = ["22 * 2 = 44, 44 - 2 = 42", "so the result is 90", "first 44, then 42, 48", "I get 95 in the end"]
+    prompts = [llm.apply_chat_template([{"role": "user", "content": ZYPHRA(question, tails[i:] + tails[:i])}])
+               for i in range(len(tails))]
+    common = next(i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1)
+    bs = llm.cache.block_size
+    assert common >= 2 * bs  # the chat template's opening, the instruction and the question come first
+    done = llm.generate(prompts, max_new_tokens=2, temperature=0)
+    assert all(c.cached_tokens >= common // bs * bs for c in done[1:])
+
+
 def test_n_samples_share_the_prompt_blocks(llm):
     eng = Engine(llm.model, llm.tokenizer, block_size=16, cache_memory=4 << 20)
     ids = long_prompt(llm, 200, seed=2)

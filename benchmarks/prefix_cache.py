@@ -211,11 +211,9 @@ def run(requests):
         if start is None and len(firsts) == sum(r.params.n for r in requests):
             start = time.perf_counter()
         c = eng.cache
-        if hasattr(c, "blocks_used"):
-            from zaya.engine.cache import bytes_per_block, state_bytes
-            used = c.blocks_used() * bytes_per_block(c.config, c.dtype, c.block_size)
-            peak = max(peak, used + len(eng.rows) * state_bytes(c.config, c.dtype))
-        elif c is not None:
+        if hasattr(c, "used_bytes"):  # paged: the blocks, snapshots and state slots held
+            peak = max(peak, c.used_bytes())
+        elif c is not None:  # the dense cache of the reference: what it allocated
             peak = max(peak, c.nbytes())
     return tokens / (time.perf_counter() - start), peak
 

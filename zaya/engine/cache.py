@@ -208,6 +208,14 @@ class PagedCache:
     def blocks_free(self) -> int:
         return self.groups[0].pool.available
 
+    def used_bytes(self) -> int:
+        """Bytes holding the state of live sequences: the KV blocks in use in every group, the
+        snapshots beside the first group's, and the state slots taken."""
+        e = torch.empty((), dtype=self.dtype).element_size()
+        kv = sum(g.pool.used * (g.kv.numel() // self.num_blocks) * e for g in self.groups)
+        slots = self.max_seqs - len(self.free_slots)
+        return kv + (self.blocks_used() + slots) * state_bytes(self.config, self.dtype)
+
     def blocks_needed(self, tokens: int) -> int:
         """Blocks of the first group a sequence of ``tokens`` positions holds at most."""
         group = self.groups[0]

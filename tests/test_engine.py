@@ -164,14 +164,16 @@ def test_continuous_batching_join_and_cancel(llm):
     assert eng.active == 3
     eng.step()
     eng.cancel(c)  # a client went away: its row is freed
-    assert eng.active == 2 and eng.cache.batch_size == 2
+    assert eng.active == 2 and len(eng.rows) == 2
+    used = eng.cache.blocks_used()
     while eng.active:
         eng.step()
     assert a.sequences[0].token_ids == llm.generate([ids_a], max_new_tokens=12, temperature=0,
                                                     ignore_eos=True)[0].token_ids
     assert b.sequences[0].token_ids == llm.generate([ids_b], max_new_tokens=12, temperature=0,
                                                     ignore_eos=True)[0].token_ids
-    assert c.sequences[0].finish_reason == "cancelled" and eng.cache is None
+    assert c.sequences[0].finish_reason == "cancelled" and not eng.rows
+    assert eng.cache.blocks_used() == 0 and used > 0  # every block given back (full ones stay cached)
 
 
 def test_chat_returns_reasoning_and_content(llm):
@@ -186,3 +188,109 @@ def test_chat_returns_reasoning_and_content(llm):
     assert (out.reasoning or "", out.content) == (reasoning.strip(), content.strip())
     plain = llm.chat(messages, max_new_tokens=16, temperature=0, enable_thinking=False)
     assert plain.reasoning is None and plain.content == plain.completion.text.strip() != ""
+
+
+# -------------------------------------------------------------------------------- paged cache
+def long_prompt(llm, words: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [2] + torch.randint(10, llm.config.vocab_size, (words,), generator=g).tolist()
+
+
+def test_prefix_cache_across_calls(llm):
+    ids = long_prompt(llm, 150, seed=1)
+    kw = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
+    first, again = llm.generate([ids], **kw)[0], llm.generate([ids], **kw)[0]
+    bs = llm.cache.block_size
+    assert first.cached_tokens == 0 and again.cached_tokens == (len(ids) - 1) // bs * bs
+    assert again.token_ids == first.token_ids
+    plain = zaya.LLM(llm.model, llm.tokenizer, prefix_caching=False).generate([ids], **kw)[0]
+    assert plain.cached_tokens == 0 and plain.token_ids == first.token_ids
+
+
+def test_chat_turn_two_reuses_turn_one_up_to_the_dropped_reasoning(llm):
+    system = {"role": "system", "content": " ".join(f"rule {i}: be brief." for i in range(40))}
+    turn1 = [system, {"role": "user", "content": "What is 12 + 30?"}]
+    r1 = llm.chat(turn1, max_new_tokens=24, temperature=0)
+    turn2 = turn1 + [{"role": "assistant", "content": r1.content or "42", "reasoning_content": "adding"},
+                     {"role": "user", "content": "And 12 + 31?"}]
+    r2 = llm.chat(turn2, max_new_tokens=4, temperature=0)
+    a, b = llm.apply_chat_template(turn1), llm.apply_chat_template(turn2)
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    # the reasoning of an earlier turn is not rendered, so turn 2 differs from turn 1's prompt at its
+    # generation prompt: everything before is reused, to the block boundary
+    assert common < len(a) and r2.completion.cached_tokens == common // llm.cache.block_size * llm.cache.block_size
+
+
+def test_rsa_round_prompts_share_the_template_and_question(llm):
+    from zaya.rsa.prompts import ZYPHRA
+
+    question = "Start with 22, then apply *2, -2, +6, *2, +2, -3 in order. What is the result?"
+    tails = ["22 * 2 = 44, 44 - 2 = 42", "so the result is 90", "first 44, then 42, 48", "I get 95 in the end"]
+    prompts = [llm.apply_chat_template([{"role": "user", "content": ZYPHRA(question, tails[i:] + tails[:i])}])
+               for i in range(len(tails))]
+    common = next(i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1)
+    bs = llm.cache.block_size
+    assert common >= 2 * bs  # the chat template's opening, the instruction and the question come first
+    done = llm.generate(prompts, max_new_tokens=2, temperature=0)
+    assert all(c.cached_tokens >= common // bs * bs for c in done[1:])
+
+
+def test_n_samples_share_the_prompt_blocks(llm):
+    eng = Engine(llm.model, llm.tokenizer, block_size=16, cache_memory=4 << 20)
+    ids = long_prompt(llm, 200, seed=2)
+    r = Request(ids, SamplingParams(max_new_tokens=5, n=4, temperature=1.0, seed=1, ignore_eos=True))
+    eng.add(r)
+    eng.step()  # prefill, fork, first tokens
+    assert len(eng.rows) == 4
+    assert eng.cache.blocks_used() == len(ids) // 16 + 4  # shared full blocks, one own block each
+    assert [len(s.token_ids) for s in r.sequences] == [1] * 4
+    while eng.active:
+        eng.step()
+    assert len({tuple(s.token_ids) for s in r.sequences}) > 1
+
+
+def test_a_long_prompt_does_not_stall_running_rows(llm):
+    eng = Engine(llm.model, llm.tokenizer, step_tokens=64, prefill_chunk=64)
+    p = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    a = Request(llm.tokenizer.encode_prompt(PROMPT), p)
+    eng.add(a)
+    eng.step()
+    b = Request(long_prompt(llm, 300, seed=3), p, prompt_index=1)
+    eng.add(b)
+    for _ in range(4):  # b's prefill is spread over steps; a gets a token in every one of them
+        events = eng.step()
+        assert [e.prompt_index for e in events] == [0]
+    assert eng.waiting and eng.prompt_tokens_computed < len(a.prompt_ids) + 300
+
+
+def test_a_full_pool_preempts_and_recomputes_exactly(llm):
+    from zaya.engine.cache import bytes_per_block, state_bytes
+
+    prompts = [long_prompt(llm, 20, seed=10 + i) for i in range(4)]
+    kw = dict(max_new_tokens=60, temperature=0, ignore_eos=True)
+    want = [c.token_ids for c in llm.generate(prompts, **kw)]
+    blocks = 12  # 4 rows of 81 positions need 24 blocks of 16
+    memory = 8 * state_bytes(llm.config, torch.float32) + blocks * bytes_per_block(llm.config, torch.float32, 16)
+    eng = Engine(llm.model, llm.tokenizer, block_size=16, max_seqs=8, cache_memory=memory)
+    requests = [Request(p, SamplingParams(**kw), i) for i, p in enumerate(prompts)]
+    for _ in eng.run(requests):
+        assert eng.cache.blocks_used() <= blocks
+    assert eng.preemptions > 0
+    assert [r.sequences[0].token_ids for r in requests] == want
+
+
+def test_budget_errors_are_clear(llm):
+    from zaya.engine.cache import bytes_per_block, state_bytes
+
+    memory = 256 * state_bytes(llm.config, torch.float32) + 4 * bytes_per_block(llm.config, torch.float32, 32)
+    eng = Engine(llm.model, llm.tokenizer, cache_memory=memory)
+    assert eng.max_context == 128
+    with pytest.raises(ContextLengthError, match="cache budget holds: 128 tokens.*--cache-memory"):
+        eng.check(100, SamplingParams(max_new_tokens=50))
+    with pytest.raises(ZayaError, match="too small for one sequence"):
+        Engine(llm.model, llm.tokenizer, cache_memory=1000)
+    with pytest.raises(ZayaError, match="too small for one sequence.*cache_memory="):  # at load, not first use
+        zaya.LLM(llm.model, llm.tokenizer, cache_memory="1kB")
+    small = zaya.LLM(llm.model, llm.tokenizer, cache_memory=memory)
+    with pytest.raises(ContextLengthError, match="cache budget.*--cache-memory"):
+        small.generate([list(range(10, 110))], max_new_tokens=50)

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -159,6 +160,96 @@ def test_models_health_metrics(server, client):
                  "zaya_request_duration_seconds_bucket", "zaya_time_to_first_token_seconds_count"):
         assert name in text
     assert 'zaya_requests_total{route="/v1/chat/completions",status="200"}' in text
+    cache = server.state.cache
+    gauges = dict(line.split() for line in text.splitlines() if line.startswith(("zaya_cache", "zaya_prefix")))
+    assert int(gauges["zaya_cache_blocks_total"]) == cache.num_blocks - 1
+    assert int(gauges["zaya_cache_blocks_used"]) + int(gauges["zaya_cache_blocks_free"]) == cache.num_blocks - 1
+    assert 0 <= float(gauges["zaya_prefix_cache_hit_rate"]) <= 1
+    assert "# TYPE zaya_prefix_cache_hit_tokens_total counter" in text
+
+
+def _random_ids(seed, n=120):
+    return torch.randint(10, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cached_tokens_in_usage(server, client, stream):
+    bs = server.state.cache.block_size
+    ids = _random_ids(seed=7 + stream)
+
+    def completion_usage():
+        if not stream:
+            return client.completions.create(model=MODEL, prompt=ids, max_tokens=2).usage
+        chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=2, stream=True,
+                                                stream_options={"include_usage": True}))
+        return chunks[-1].usage
+
+    first, again = completion_usage(), completion_usage()
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert again.prompt_tokens_details.cached_tokens == (len(ids) - 1) // bs * bs
+    messages = [{"role": "system", "content": f"Rules {stream}: " + "be brief and exact. " * 30}] + HI
+    kw = dict(model=MODEL, messages=messages, max_tokens=2)
+    if stream:
+        usages = [list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))[-1]
+                  .usage for _ in range(2)]
+    else:
+        usages = [client.chat.completions.create(**kw).usage for _ in range(2)]
+    assert usages[0].prompt_tokens_details.cached_tokens == 0
+    assert usages[1].prompt_tokens_details.cached_tokens == (usages[1].prompt_tokens - 1) // bs * bs > 0
+
+
+def test_cache_budget_limits_and_names_the_flag(llm, tiny_model_dir, capsys):
+    from zaya.cli import main
+    from zaya.engine.cache import bytes_per_block, state_bytes
+
+    memory = 256 * state_bytes(llm.config, torch.float32) + 6 * bytes_per_block(llm.config, torch.float32, 32)
+    small = zaya.LLM(llm.model, llm.tokenizer, cache_memory=memory, max_context=512)
+    live = LiveServer(create_app(small, ServerConfig(model_name=MODEL)))
+    try:
+        assert live.state.max_context == 6 * 32
+        with live.http() as http:
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": _random_ids(1, 150), "max_tokens": 100})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+            message = r.json()["error"]["message"]
+            assert "KV cache budget" in message and "--cache-memory" in message
+            ok = http.post("/v1/completions", json={"model": MODEL, "prompt": _random_ids(1, 150), "max_tokens": 5})
+            assert ok.status_code == 200
+    finally:
+        live.stop()
+    assert main(["serve", "--model", str(tiny_model_dir), "--cache-memory", "1000"]) == 1
+    err = capsys.readouterr().err
+    assert "too small for one sequence" in err and "--cache-memory" in err
+
+
+def test_a_full_pool_queues_requests_and_loses_none(llm):
+    from zaya.engine.cache import bytes_per_block, state_bytes
+
+    memory = 256 * state_bytes(llm.config, torch.float32) + 8 * bytes_per_block(llm.config, torch.float32, 32)
+    small = zaya.LLM(llm.model, llm.tokenizer, cache_memory=memory, max_context=512)
+    prompts = [_random_ids(20 + i, 100) for i in range(4)]
+    want = [c.token_ids for c in llm.generate(prompts, max_new_tokens=60, temperature=0, ignore_eos=True)]
+    live = LiveServer(create_app(small, ServerConfig(model_name=MODEL, step_tokens=64)))
+    try:
+        assert live.state.scheduler.engine.step_tokens == 64
+        results = [None] * len(prompts)
+
+        def call(i):  # each needs 5 of the 8 blocks: they run one or two at a time, the rest wait
+            with live.http() as http:
+                body = {"model": MODEL, "prompt": prompts[i], "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+                        "logprobs": 0}
+                results[i] = http.post("/v1/completions", json=body).json()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r, ids in zip(results, want):
+            tokens = r["choices"][0]["logprobs"]["tokens"]
+            assert len(tokens) == 60 and tokens == [live.state.token_text(t) for t in ids]
+        assert small.cache.blocks_used() == 0
+    finally:
+        live.stop()
 
 
 def test_chat_reasoning_split_live(client):
@@ -487,7 +578,8 @@ def test_disconnect_frees_the_slot(slow_server):
     body = {"model": MODEL, "messages": HI, "max_tokens": 450, "ignore_eos": True, "stream": True, "n": 2}
     with server.http() as http:
         with http.stream("POST", "/v1/chat/completions", json=body) as r:
-            for i, _ in enumerate(r.iter_lines()):
+            lines = r.iter_lines()  # held: closing the generator would close the connection
+            for i, _ in enumerate(lines):
                 if i == 6:
                     break
             assert http.get("/health").json()["active_sequences"] == 2
@@ -616,6 +708,9 @@ def test_sigterm_graceful(tiny_model_dir, tmp_path):
         assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
         # uvicorn re-raises the signal after its graceful shutdown, so the exit status is -SIGTERM
         assert proc.wait(20) in (0, -signal.SIGTERM)
+        reader.join(10)
+        started = "".join(log)
+        assert "KV cache" in started and "(default: from" in started and "prefix caching on" in started
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -26,6 +26,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=None, help="refuse requests longer than this many tokens")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a LoRA adapter (PEFT format, e.g. a zaya train checkpoint) applied unmerged")
+    p.add_argument("--cache-memory", default=None, metavar="SIZE",
+                   help="KV cache budget, bytes or a size such as 4GiB or 512MB (default: a quarter of the free "
+                        "memory, at most what 32 full-context sequences need; printed at start by serve)")
+    p.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",
+                   help="do not reuse cached prompt prefixes across requests")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
@@ -52,7 +57,8 @@ def sampling_kwargs(args) -> dict:
 
 def load_from_args(args):
     return load(resolve_model_name(args.model), dtype=args.dtype, quantize=args.quantize,
-                max_context=args.max_context, adapter=args.adapter)
+                max_context=args.max_context, adapter=args.adapter, cache_memory=args.cache_memory,
+                prefix_caching=args.prefix_caching)
 
 
 def resolve_model_name(name):

@@ -22,61 +22,61 @@ def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: 
 
 
 class ForwardContext:
-    """Per-call values every layer shares: rope tables, masks, the cache and its write positions."""
+    """Per-call values every layer shares: rope tables, masks and the cache.
+
+    Without a cache the call is a whole (optionally left-padded) batch. With one, each row is a
+    sequence continuing from its own length; the cache (duck-typed, ``zaya.engine.cache``) says
+    where: ``positions`` (B, S) the absolute position of each query, ``kv_len`` the longest row's
+    length after this call, ``uniform`` whether every row has that length, and ``kv_offset(window)``
+    the position of the first key its ``update`` returns for a layer with that window (keys are
+    positions ``kv_offset .. kv_len - 1`` for every row; a shorter row's missing keys are masked).
+    """
 
     def __init__(self, config: ZayaConfig, B: int, S: int, device, dtype, attention_mask, cache):
-        self.cache, self.fresh, self.write_start = cache, False, None
+        self.cache, self.conv_mask = cache, None
         if cache is None:
-            kv_len, q_index = S, torch.arange(S, device=device).expand(B, S)
+            self.kv_len, self.uniform = S, True
+            q_index = torch.arange(S, device=device).expand(B, S)
             starts = torch.zeros(B, dtype=torch.long, device=device)
             if attention_mask is not None:
-                starts = (attention_mask == 0).sum(-1) if _is_left_padded(attention_mask) else None
-                if starts is None:
-                    raise ValueError("attention_mask must be left-padded (zeros only before the first 1)")
-        else:
-            lo, hi = (int(v) for v in torch.stack([cache.lengths.min(), cache.lengths.max()]).tolist())
-            self.fresh = hi == 0
-            if attention_mask is not None:
-                if not self.fresh:
-                    raise ValueError("attention_mask is only accepted for the first chunk of a sequence")
                 if not _is_left_padded(attention_mask):
                     raise ValueError("attention_mask must be left-padded (zeros only before the first 1)")
-                cache.starts.copy_((attention_mask == 0).sum(-1))
-            starts = cache.starts
-            q_index = cache.lengths[:, None] + torch.arange(S, device=device)
-            kv_len = hi + S
-            cache.reserve(kv_len)
-            self.write_start = lo if lo == hi else None  # rows aligned: one slice write per layer
-        self.kv_len = kv_len
-        self.padded = bool(starts.any()) if attention_mask is not None or cache is not None else False
-        self.q_index = q_index                            # (B, S) absolute slot of each query
-        self.kv_index = torch.arange(kv_len, device=device)
-        self.starts = starts
-        positions = (q_index - starts[:, None]).clamp_min(0)
+                starts = (attention_mask == 0).sum(-1)
+                if S > 1 and not bool((attention_mask == 1).all()):
+                    self.conv_mask = attention_mask[:, -S:]
+            self.padded = attention_mask is not None and bool(starts.any())
+            positions = (q_index - starts[:, None]).clamp_min(0)
+        else:
+            if attention_mask is not None:
+                raise ValueError("attention_mask is not accepted with a cache: its rows carry their own lengths")
+            self.kv_len, self.uniform, self.padded = cache.kv_len, cache.uniform, False
+            q_index = positions = cache.positions
+            starts = None
+        self.q_index, self.starts = q_index, starts  # (B, S) absolute slot of each query; left padding per row
         self.rope = {t: rope_cos_sin(positions, config.rotary_dim(t), config.rope_parameters[t]["rope_theta"], dtype)
                      for t in set(config.layer_types)}
-        self.conv_mask = None
-        if attention_mask is not None and S > 1 and not bool((attention_mask == 1).all()):
-            self.conv_mask = attention_mask[:, -S:]
         self._masks: dict = {}
 
     def mask(self, window: int | None):
-        """Boolean (B, 1, S, kv_len): causal, after the row's padding, inside the sliding window.
+        """Boolean (B, 1, S, L) over the keys a layer attends to: causal, after the row's padding,
+        inside the sliding window.
 
         A pad query row attends to itself only, which keeps it finite (it is never read). Returns
-        None when nothing is masked (one unpadded query row that sees the whole cache) and
-        "causal" when plain causal masking over an unpadded fresh sequence is all there is."""
+        None when nothing is masked (one query row per sequence, every row seeing all L keys) and
+        "causal" when plain causal masking over a fresh, unpadded batch is all there is."""
         S = self.q_index.shape[1]
-        aligned = self.cache is None or self.write_start is not None  # every row has the same length
-        if aligned and not self.padded and (window is None or self.kv_len <= window):
+        offset = 0 if self.cache is None else self.cache.kv_offset(window)
+        if self.uniform and not self.padded and offset == 0 and (window is None or self.kv_len <= window):
             if S == 1:
                 return None
             if S == self.kv_len:
                 return "causal"
         if window not in self._masks:
             q = self.q_index[:, :, None]
-            kv = self.kv_index[None, None, :]
-            allowed = (kv <= q) & (kv >= self.starts[:, None, None])
+            kv = torch.arange(offset, self.kv_len, device=q.device)[None, None, :]
+            allowed = kv <= q
+            if self.starts is not None:
+                allowed &= kv >= self.starts[:, None, None]
             if window is not None:
                 allowed &= kv > q - window
             allowed |= kv == q

@@ -16,7 +16,8 @@ import torch
 from zaya import rsa
 from zaya.chat import DEFAULT_CHAT_TEMPLATE, generation_starts_in_reasoning, parse_assistant, render_chat
 from zaya.checkpoint import load_model, resolve
-from zaya.engine import Completion, Engine, Request, TokenEvent
+from zaya.engine import Completion, Engine, PagedCache, Request, TokenEvent, parse_memory
+from zaya.engine.cache import pool_blocks
 from zaya.errors import CheckpointError, ZayaError
 from zaya.rsa.fit import fit_for_model
 from zaya.sampling import SamplingParams, fit_max_new_tokens
@@ -37,7 +38,8 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 
 def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: str | None = None,
-         max_context: int | None = None, adapter: str | Path | None = None) -> LLM:
+         max_context: int | None = None, adapter: str | Path | None = None, cache_memory=None,
+         prefix_caching: bool = True) -> LLM:
     """Load a ZAYA checkpoint (a local directory or a hub repo id) as an `LLM`.
 
     With no ``model``, the small built-in model that ships with zaya is loaded (no download).
@@ -45,6 +47,9 @@ def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: 
     ``adapter`` (a directory or hub repo id with a LoRA adapter in PEFT's format) is applied
     unmerged; the tokenizer and chat template come from it when it carries them (a checkpoint of
     ``zaya train`` does), else from the base.
+    ``cache_memory`` is the KV cache budget (bytes, or a size such as ``"4GiB"``; default: from
+    the free memory and the model, see docs/server.md); ``prefix_caching=False`` turns off the
+    reuse of cached prompt prefixes.
     """
     if model is None:
         if not (DEFAULT_MODEL / "config.json").is_file():
@@ -55,16 +60,26 @@ def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: 
     net, config, layout = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize, adapter=extra)
     text = next((p for p in (extra, path) if p is not None and (p / "tokenizer.json").is_file()), None)
     tokenizer = Tokenizer.from_dir(text) if text is not None else None
-    return LLM(net, tokenizer, path=path, layout=layout, max_context=max_context)
+    # the prefix cache's identity: anything that changes a token's keys and values
+    identity = f"{path}|{layout}|{quantize or config.quantization}|{extra}"
+    return LLM(net, tokenizer, path=path, layout=layout, max_context=max_context, cache_memory=cache_memory,
+               prefix_caching=prefix_caching, identity=identity)
 
 
 class LLM:
     """A loaded model with its tokenizer: `generate`, `stream`, `chat`, `logits`, `solve`."""
 
-    def __init__(self, model, tokenizer=None, *, path=None, layout: str = "native", max_context: int | None = None):
+    def __init__(self, model, tokenizer=None, *, path=None, layout: str = "native", max_context: int | None = None,
+                 cache_memory=None, prefix_caching: bool = True, identity: str | None = None):
         self.model, self.tokenizer, self.path, self.layout = model, tokenizer, path, layout
         self.config = model.config
         self.max_context = max_context or self.config.max_position_embeddings
+        self.cache_memory = parse_memory(cache_memory)
+        if self.cache_memory is not None:  # a budget too small fails here, not at the first request
+            pool_blocks(self.config, self._cache_dtype(), self.cache_memory)
+        self.prefix_caching = prefix_caching
+        self.identity = identity if identity is not None else f"{path}|{layout}"
+        self._cache: PagedCache | None = None
 
     def __repr__(self) -> str:
         return f"LLM({self.path or 'in-memory'}, layers={self.config.num_hidden_layers}, layout={self.layout})"
@@ -101,8 +116,25 @@ class LLM:
             out.append(Request(ids, dataclasses.replace(params, max_new_tokens=budget), i))
         return out
 
+    @property
+    def cache(self) -> PagedCache:
+        """The paged KV cache every engine of this LLM shares (built on first use), so a prefix
+        computed by one call is reused by the next."""
+        if self._cache is None:
+            device = next(self.model.parameters()).device
+            self._cache = PagedCache(self.config, dtype=self._cache_dtype(), device=device, memory=self.cache_memory,
+                                     max_context=self.max_context, identity=self.identity,
+                                     prefix_caching=self.prefix_caching)
+        return self._cache
+
+    def _cache_dtype(self) -> torch.dtype:
+        param = next(self.model.parameters())
+        return param.dtype if param.is_floating_point() else torch.bfloat16
+
     def engine(self, **kwargs) -> Engine:
-        return Engine(self.model, self.tokenizer, max_context=kwargs.pop("max_context", self.max_context), **kwargs)
+        """An engine over this LLM's shared cache (the server's scheduler owns one)."""
+        kwargs.setdefault("max_context", self.max_context)
+        return Engine(self.model, self.tokenizer, cache=self.cache, **kwargs)
 
     def generate(self, prompts, **sampling) -> list[Completion]:
         """One Completion per prompt and sample, prompt-major (see docs/architecture.md)."""

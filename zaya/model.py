@@ -93,7 +93,11 @@ class ZayaCCAProjection(nn.Module):
 
         conv_state (B, C, conv_state_len) raw q‖k columns preceding x (None: a fresh sequence);
         v_state (B, kv_size/2) the previous token's delayed value (None: a fresh sequence).
-        Returns query (B, S, Hq, D), key (B, S, Hkv, D), value (B, S, Hkv, D) and the new states.
+        Returns query (B, S, Hq, D), key (B, S, Hkv, D), value (B, S, Hkv, D), the raw q‖k columns
+        (B, C, conv_state_len + S) with the state's in front, and the delayed value halves
+        (B, S, kv_size/2). The CCA state after position j of x is columns j+1 .. j+conv_state_len
+        and delayed value j, so a cache can keep the state at any position (block boundaries,
+        an accepted draft), not only the last.
         """
         B, S, _ = x.shape
         q_size = self.num_heads * self.head_dim
@@ -113,7 +117,6 @@ class ZayaCCAProjection(nn.Module):
             qk = F.pad(qk, (self.conv_state_len, 0))
         else:
             qk = torch.cat([conv_state.to(qk.dtype), qk], dim=-1)
-        new_conv_state = qk[..., qk.shape[-1] - self.conv_state_len:]
         if S == 1:
             mixed = self._conv_one_column(qk)  # (B, 1, C)
         else:
@@ -127,7 +130,7 @@ class ZayaCCAProjection(nn.Module):
             prev = v_state.to(v_del.dtype).unsqueeze(1)
         v_shifted = torch.cat([prev, v_del[:, :-1]], dim=1)
         value = torch.cat([v_cur, v_shifted], dim=-1).view(B, S, self.num_kv_heads, self.head_dim)
-        return query, key, value, new_conv_state, v_del[:, -1]
+        return query, key, value, qk, v_del
 
     def _conv_one_column(self, qk: torch.Tensor) -> torch.Tensor:
         """Both convs for the newest column only, as two small contractions in fp32.
@@ -210,18 +213,16 @@ class ZayaAttention(nn.Module):
         B, S, _ = x.shape
         cache = ctx.cache
         conv_state = v_state = None
-        if cache is not None and not ctx.fresh:
-            conv_state, v_state = cache.conv[self.layer_idx], cache.vdelay[self.layer_idx]
-        q, k, v, new_conv, new_v = self.qkv_proj(x, conv_state, v_state)
+        if cache is not None:
+            conv_state, v_state = cache.read_state(self.layer_idx)
+        q, k, v, qk_columns, v_delayed = self.qkv_proj(x, conv_state, v_state)
         q, k = self.qk_norm(q, k)
         cos, sin = ctx.rope[self.layer_type]
         q = apply_partial_rope(q.transpose(1, 2), cos, sin)  # (B, Hq, S, D)
         k = apply_partial_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, S, D)
         v = v.transpose(1, 2)
         if cache is not None:
-            cache.conv[self.layer_idx].copy_(new_conv)
-            cache.vdelay[self.layer_idx].copy_(new_v)
-            k, v = cache.write_kv(self.layer_idx, k, v, start=ctx.write_start, kv_len=ctx.kv_len)
+            k, v = cache.update(self.layer_idx, k, v, qk_columns, v_delayed)  # (B, Hkv, L, D) each
         o = self.attend(q, k, v, ctx.mask(self.sliding_window))  # (B, Hq, S, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
@@ -374,8 +375,6 @@ class ZayaModel(nn.Module):
             if expert_counts:
                 picked = index if attention_mask is None else index[attention_mask[:, -S:].bool()]
                 counts.append(torch.bincount(picked.reshape(-1), minlength=self.config.num_experts + 1))
-        if cache is not None:
-            cache.lengths += S
         h = self.norm(h.to(self.norm.weight.dtype))
         return h, (torch.stack(counts) if expert_counts else None)
 

@@ -51,6 +51,7 @@ class ServerConfig:
     max_rsa_runs: int = 2                 # concurrent Markovian RSA requests
     keepalive_s: float = 10.0             # SSE keep-alive interval while RSA runs
     retry_after_s: int = 2
+    step_tokens: int = 512                # per engine step: decode rows plus prefill chunks
 
 
 class State:
@@ -59,10 +60,16 @@ class State:
     def __init__(self, llm, config: ServerConfig, engine_factory=None):
         self.llm, self.config = llm, config
         self.metrics = Metrics()
-        factory = engine_factory or (lambda: llm.engine())
+        factory = engine_factory or (lambda: llm.engine(step_tokens=config.step_tokens))
         self.scheduler = Scheduler(factory, max_batch=config.max_batch, max_queue=config.max_queue,
                                    metrics=self.metrics)
-        self.max_context = self.scheduler.engine.max_context
+        engine = self.scheduler.engine
+        self.max_context = engine.max_context
+        self.cache = getattr(engine, "cache", None)  # the LLM's pool, shared by every engine it makes
+        self.context_note = ""  # why the context is shorter than the model's, for error messages
+        if self.cache is not None and engine.max_context < engine.context_limit:
+            self.context_note = (f" (the KV cache budget of {self.cache.memory / 2**20:,.1f} MiB holds "
+                                 f"{self.cache.capacity_tokens:,} tokens; raise --cache-memory for more)")
         self.max_n = min(MAX_N, config.max_batch)
         self.model_names = {config.model_name, *config.aliases}
         self.token_text = R.TokenText(llm.tokenizer)
@@ -73,6 +80,8 @@ class State:
         m.gauge("zaya_batch_size", "Sequences (rows) being decoded now.", lambda: self.scheduler.active_rows)
         m.gauge("zaya_running_requests", "Requests being decoded now.", lambda: self.scheduler.active_requests)
         m.gauge("zaya_rsa_running", "Markovian RSA runs in progress.", lambda: len(self.rsa_running))
+        if self.cache is not None:
+            m.cache_gauges(self.cache)
 
     def check_model(self, name: str) -> None:
         if name not in self.model_names:

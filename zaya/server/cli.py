@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default 64)")
+    p.add_argument("--step-tokens", type=int, default=512,
+                   help="tokens one engine step computes: the decoding rows plus chunks of waiting prompts, so a "
+                        "long prompt delays running streams by at most this much work per token (default 512)")
     p.add_argument("--max-body", type=int, default=4 << 20, help="largest request body in bytes (default 4 MiB)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
@@ -40,7 +43,7 @@ def served_name(model: str | None) -> str:
 def cmd_serve(args) -> int:
     import uvicorn  # start-up time: only `zaya serve` needs the ASGI server
 
-    for flag in ("max_batch", "max_queue", "max_body", "port"):
+    for flag in ("max_batch", "max_queue", "max_body", "step_tokens", "port"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ZayaError(f"--{flag.replace('_', '-')} must be positive")
     if args.max_context is not None and args.max_context < 2:
@@ -53,8 +56,9 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or served_name(args.model)
     aliases = tuple(a for a in {args.model, str(llm.path) if llm.path else None} if a and a != name)
     config = ServerConfig(model_name=name, aliases=aliases, api_key=args.api_key, max_batch=args.max_batch,
-                          max_queue=args.max_queue, max_body_bytes=args.max_body)
-    app = create_app(llm, config)
+                          max_queue=args.max_queue, max_body_bytes=args.max_body, step_tokens=args.step_tokens)
+    app = create_app(llm, config)  # allocates the KV cache: a budget too small for one sequence fails here
+    print(f"zaya: {llm.cache.describe()}; longest request {app.state.zaya.max_context:,} tokens", file=sys.stderr)
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets open requests finish (up to the
     # timeout), then runs the app's shutdown, which stops the scheduler thread.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)

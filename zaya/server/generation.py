@@ -60,6 +60,11 @@ class Submission:
                 for ev in item:
                     yield i, ev
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens its jobs took from the prefix cache (known once their prefill started)."""
+        return sum(job.request.cached_tokens or 0 for job in self.jobs)
+
     def cancel(self) -> None:
         for job in self.jobs:
             self.state.scheduler.cancel(job)
@@ -94,6 +99,7 @@ async def _collect(sub: Submission, reply: R.Reply, timing: Timing) -> None:
     async for job, ev in sub.events():
         timing.token()
         reply.feed(job, ev)
+    reply.cached_tokens = sub.cached_tokens
     timing.done()
 
 
@@ -107,6 +113,7 @@ async def _chunks(sub: Submission, reply: R.Reply, timing: Timing, include_usage
             choice = reply.feed(job, ev)
             if choice is not None:
                 yield R.sse(reply.chunk([choice], **null_usage))
+        reply.cached_tokens = sub.cached_tokens
         if include_usage:
             yield R.sse(reply.chunk([], usage=reply.usage()))
         timing.done()

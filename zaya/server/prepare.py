@@ -89,7 +89,8 @@ def prepare_chat(state, req: ChatCompletionRequest) -> ChatPrep:
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, len(ids), state.max_context, max_tokens=max_tokens, logprobs=req.logprobs,
-                             top_logprobs=req.top_logprobs or 0, max_n=state.max_n)
+                             top_logprobs=req.top_logprobs or 0, max_n=state.max_n,
+                             context_note=state.context_note)
     # tool_choice "required" or a named function cannot be enforced without constrained decoding;
     # they are parsed like "auto". "none" keeps the tools in the prompt and parses nothing.
     parse_tools = bool(tools) and req.tool_choice != "none"
@@ -128,6 +129,6 @@ def prepare_completion(state, req: CompletionRequest) -> CompletionPrep:
             raise bad_request("prompt is empty", param="prompt")
         params = sampling_params(req, len(ids), state.max_context, max_tokens=req.max_tokens,
                                  logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
-                                 max_n=state.max_n)
+                                 max_n=state.max_n, context_note=state.context_note)
         items.append((ids, params))
     return CompletionPrep(items, req.logprobs is not None)

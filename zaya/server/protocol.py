@@ -133,8 +133,9 @@ def parse(model: type[BaseModel], body: bytes):
 
 
 def sampling_params(req: _Generation, prompt_len: int, max_context: int, *, max_tokens: int | None,
-                    logprobs: bool, top_logprobs: int, max_n: int) -> SamplingParams:
-    """SamplingParams for a request, with OpenAI-style errors for bad values and context overflow."""
+                    logprobs: bool, top_logprobs: int, max_n: int, context_note: str = "") -> SamplingParams:
+    """SamplingParams for a request, with OpenAI-style errors for bad values and context overflow
+    (``context_note`` says why the context is what it is, e.g. the cache budget)."""
     if req.n < 1 or req.n > max_n:
         raise bad_request(f"n must be between 1 and {max_n} on this server, got {req.n}", param="n")
     if max_tokens is not None and max_tokens < 1:
@@ -145,7 +146,7 @@ def sampling_params(req: _Generation, prompt_len: int, max_context: int, *, max_
         max_tokens = fit_max_new_tokens(prompt_len, max_context, max_tokens, default=DEFAULT_MAX_TOKENS,
                                         name="max_tokens")
     except ContextLengthError as exc:
-        raise bad_request(str(exc), param="messages" if prompt_len >= max_context else "max_tokens",
+        raise bad_request(f"{exc}{context_note}", param="messages" if prompt_len >= max_context else "max_tokens",
                           code="context_length_exceeded") from None
     try:
         return SamplingParams.from_kwargs(

@@ -46,9 +46,14 @@ class TokenText:
                                  for i, lp in (top or {}).items()]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; ``cached_tokens`` (prompt tokens taken from the prefix cache) goes in
+    ``prompt_tokens_details`` when it is known."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 class ChatChoice:
@@ -176,13 +181,14 @@ class Reply:
     def __init__(self, model: str, choices: list, prompt_tokens: int, per_job: int = 1):
         self.id, self.created = new_id(self.prefix), int(time.time())
         self.model, self.choices, self.prompt_tokens, self.per_job = model, choices, prompt_tokens, per_job
+        self.cached_tokens: int | None = None  # prompt tokens the prefix cache gave, once known
 
     def feed(self, job: int, ev) -> dict | None:
         """One engine event -> the choice object of a stream chunk, or None."""
         return self.choices[job * self.per_job + ev.index].feed(ev)
 
     def usage(self) -> dict:
-        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
+        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices), self.cached_tokens)
 
     def opening(self) -> list[list[dict]]:
         """Choice lists of the chunks sent before the first token."""

@@ -211,7 +211,7 @@ def _problem(state, req, cfg: RSAConfig) -> tuple[list[dict], RSAConfig]:
     try:
         cfg = fit_for_model(state.llm, messages, cfg, None, _explicit(req), max_context=state.max_context)
     except RSAError as exc:
-        raise bad_request(f"rsa: {exc}", param="rsa", code="context_length_exceeded") from None
+        raise bad_request(f"rsa: {exc}{state.context_note}", param="rsa", code="context_length_exceeded") from None
     return messages, cfg
 
 

@@ -18,7 +18,7 @@ import torch
 
 from zaya.cache import Cache
 from zaya.errors import ZayaError
-from zaya.sampling import SamplingParams, apply_penalties, fit_max_new_tokens, sample, token_logprobs
+from zaya.sampling import Constraint, SamplingParams, apply_penalties, fit_max_new_tokens, sample, token_logprobs
 from zaya.tokenizer import IncrementalDecoder
 
 
@@ -73,6 +73,7 @@ class Sequence:
     top_logprobs: list[dict[int, float]] | None = None
     counts: torch.Tensor | None = None
     seen: torch.Tensor | None = None
+    constraint: Constraint | None = None
 
     def completion(self) -> Completion:
         return Completion(self.text, list(self.token_ids), self.finish_reason or "length",
@@ -161,6 +162,9 @@ class Engine:
         if p.logprobs:
             for s in seqs:
                 s.logprobs, s.top_logprobs = [], []
+        if p.constraint is not None:
+            for s in seqs:
+                s.constraint = p.constraint.start()
         request.sequences = seqs
         self.rows += seqs
         self.cache = cache if self.cache is None else Cache.merge([self.cache, cache])
@@ -218,7 +222,11 @@ class Engine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, TokenEvent]:
         p = seq.request.params
         scored = logits if seq.counts is None else apply_penalties(logits, seq.counts, seq.seen, p)
+        if seq.constraint is not None:  # the one place constraints act: mask before, advance after
+            scored = seq.constraint.restrict(scored)
         token = sample(scored, p, seq.request.generator)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         logprob = top = None
         if seq.logprobs is not None:
             logprob, top = token_logprobs(logits, token, p.top_logprobs)

@@ -380,8 +380,15 @@ BAD = [
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "fox " * 600}]}).encode(), 400, "messages"),
     (json.dumps({"model": MODEL, "messages": HI, "top_logprobs": 3}).encode(), 400, "top_logprobs"),
     (json.dumps({"model": MODEL, "messages": HI, "logprobs": True, "top_logprobs": 50}).encode(), 400, "top_logprobs"),
-    (json.dumps({"model": MODEL, "messages": HI, "response_format": {"type": "json_object"}}).encode(), 400,
+    (json.dumps({"model": MODEL, "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "foo"}}}}).encode(), 400, "response_format"),
+    (json.dumps({"model": MODEL, "messages": HI, "response_format": {"type": "grammar"}}).encode(), 400,
      "response_format"),
+    (json.dumps({"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
+                 "tool_choice": {"type": "function", "function": {"name": "g"}}}).encode(), 400, "tool_choice"),
+    (json.dumps({"model": MODEL, "messages": HI, "tool_choice": "required"}).encode(), 400, "tool_choice"),
+    (json.dumps({"model": MODEL, "messages": HI, "thinking_budget": -1}).encode(), 400, "thinking_budget"),
+    (json.dumps({"model": MODEL, "messages": HI, "reasoning_effort": "max"}).encode(), 400, "reasoning_effort"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(),
      400, "messages.0.content"),
     (json.dumps({"model": MODEL, "messages": HI, "chat_template_kwargs": {"messages": 1}}).encode(), 400,
@@ -424,7 +431,8 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st
                      st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=12)
 _FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed",
            "logprobs", "top_logprobs", "stream", "stream_options", "tools", "tool_choice", "chat_template_kwargs",
-           "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format", "echo"]
+           "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format", "echo", "thinking_budget",
+           "reasoning_effort", "parallel_tool_calls"]
 _bodies = st.one_of(
     _json,
     st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=5),

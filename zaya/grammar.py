@@ -43,7 +43,12 @@ REASONING_EFFORT = {"minimal": 256, "low": 1024, "medium": 4096, "high": 16384} 
 
 
 class GrammarError(ZayaError):
-    """A schema, tool list or tool choice that cannot be turned into a grammar (a 400)."""
+    """A schema, tool list or tool choice that cannot be turned into a grammar (a 400). ``field``
+    says which: "schema", "tools" or "tool_choice"."""
+
+    def __init__(self, message: str, field: str = "schema"):
+        super().__init__(message)
+        self.field = field
 
 
 # -- the tokenizer index ------------------------------------------------------------------------
@@ -76,13 +81,19 @@ def _tag(tokenizer, text: str) -> str:
     return f"<[{ids[0]}]>" if len(ids) == 1 else _lit(text)
 
 
-def json_rule(schema) -> str:
-    """``%json {...}`` for a JSON schema, in zaya's one JSON layout."""
+def json_rule(schema, field: str = "schema") -> str:
+    """``%json {...}`` for a JSON schema, in zaya's one JSON layout; `GrammarError` (naming
+    ``field``) for a schema llguidance cannot enforce, with its reason."""
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
-        raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
+        raise GrammarError(f"a JSON schema must be an object, got {type(schema).__name__}", field)
+    text = json.dumps({**schema, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
+    try:
+        llguidance.JsonCompiler().compile(text)
+    except ValueError as exc:
+        raise GrammarError(f"unsupported or invalid JSON schema: {exc}", field) from None
+    return "%json " + text
 
 
 def schema_of_response_format(fmt) -> dict | None:
@@ -112,32 +123,32 @@ def schema_of_response_format(fmt) -> dict | None:
 def _function(tool) -> tuple[str, dict, list]:
     fn = tool.get("function", tool) if isinstance(tool, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise GrammarError("every tool needs a function name")
+        raise GrammarError("every tool needs a function name", "tools")
     name = fn["name"]
     if any(c in name for c in "<>\n"):
-        raise GrammarError(f"tool name {name!r} may not contain '<', '>' or a newline")
+        raise GrammarError(f"tool name {name!r} may not contain '<', '>' or a newline", "tools")
     params = fn.get("parameters") or fn.get("input_schema") or {}
     props = params.get("properties") or {} if isinstance(params, dict) else None
     required = params.get("required") or [] if isinstance(params, dict) else None
     if not isinstance(props, dict) or not isinstance(required, list):
-        raise GrammarError(f"tool {name!r}: parameters must be a JSON schema object with 'properties'")
+        raise GrammarError(f"tool {name!r}: parameters must be a JSON schema object with 'properties'", "tools")
     return name, props, required
 
 
 def _parameter_value(rule: str, schema) -> list[str]:
     """Rules for one parameter's value: raw text for strings, JSON for everything else."""
     if not isinstance(schema, dict):
-        raise GrammarError(f"parameter schema must be an object, got {type(schema).__name__}")
+        raise GrammarError(f"parameter schema must be an object, got {type(schema).__name__}", "tools")
     try:
         types = schema_types(schema)
     except TypeError:
-        raise GrammarError(f"malformed parameter schema: {json.dumps(schema)[:200]}") from None
+        raise GrammarError(f"malformed parameter schema: {json.dumps(schema)[:200]}", "tools") from None
     if types == {"string"} and "enum" not in schema and "const" not in schema:
         return [f"{rule}[lazy]: /(?s:.*)\\n<\\/parameter>/"]
     if types == {"string"}:  # a closed set of raw strings
         values = schema.get("enum", [schema.get("const")])
         return [f"{rule}: " + " | ".join(_lit(f"{v}\n</parameter>") for v in values if isinstance(v, str))]
-    return [f"{rule}: {rule}_json \"\\n</parameter>\"", f"{rule}_json: {json_rule(schema)}"]
+    return [f"{rule}: {rule}_json \"\\n</parameter>\"", f"{rule}_json: {json_rule(schema, 'tools')}"]
 
 
 def tool_calls_grammar(tokenizer, tools, *, only: str | None = None, parallel: bool = True) -> tuple[str, list[str]]:
@@ -147,9 +158,9 @@ def tool_calls_grammar(tokenizer, tools, *, only: str | None = None, parallel: b
     names = [f[0] for f in functions]
     if only is not None and only not in names:
         raise GrammarError(f"tool_choice names the function {only!r}, which is not among the tools "
-                           f"({', '.join(names) or 'none given'})")
+                           f"({', '.join(names) or 'none given'})", "tool_choice")
     if not functions:
-        raise GrammarError("tool_choice asks for a tool call but no tools are given")
+        raise GrammarError("tool_choice asks for a tool call but no tools are given", "tool_choice")
     rules, alternatives = [], []
     for i, (name, props, required) in enumerate(functions):
         if only is not None and name != only:
@@ -157,7 +168,8 @@ def tool_calls_grammar(tokenizer, tools, *, only: str | None = None, parallel: b
         items = []
         for j, (param, schema) in enumerate(props.items()):
             if any(c in param for c in "<>\n"):
-                raise GrammarError(f"tool {name!r}: parameter name {param!r} may not contain '<', '>' or a newline")
+                raise GrammarError(f"tool {name!r}: parameter name {param!r} may not contain '<', '>' or a newline",
+                                   "tools")
             rule = f"f{i}_p{j}"
             rules.append(f"{rule}: {_lit(f'<parameter={param}>' + chr(10))} {rule}_v \"\\n\"")
             rules += _parameter_value(f"{rule}_v", schema)
@@ -297,7 +309,7 @@ def make_guide(tokenizer, vocab_size: int, *, starts_in_reasoning: bool, thinkin
     """The constraint of a request, or None when nothing is constrained. Raises `GrammarError`
     for a schema, tool list or tool choice that cannot be enforced."""
     if thinking_budget is not None and (not isinstance(thinking_budget, int) or thinking_budget < 0):
-        raise GrammarError(f"thinking_budget must be an integer >= 0, got {thinking_budget!r}")
+        raise GrammarError(f"thinking_budget must be an integer >= 0, got {thinking_budget!r}", "thinking_budget")
     grammar = answer_grammar(tokenizer, schema=schema, tools=tools, tool_choice=tool_choice,
                              parallel=parallel_tool_calls)
     banned = None
@@ -310,7 +322,8 @@ def make_guide(tokenizer, vocab_size: int, *, starts_in_reasoning: bool, thinkin
     if grammar is not None:
         matcher = llguidance.LLMatcher(token_index(tokenizer, vocab_size), grammar, log_level=0)
         if matcher.is_error():
-            raise GrammarError(f"cannot enforce this schema or tool list: {matcher.get_error().strip()}")
+            raise GrammarError(f"cannot enforce this schema or tool list: {matcher.get_error().strip()}",
+                               "tools" if tools else "schema")
     think_close = tuple(tokenizer.encode(THINK_CLOSE, add_special_tokens=False))
     return Guide(vocab_size, starts_in_reasoning, budget, think_close, tuple(sorted(tokenizer.eos_ids)),
                  matcher, banned)

@@ -31,8 +31,9 @@ from zaya.server import responses as R
 from zaya.server.generation import Submission, Timing, respond
 from zaya.server.http import Guard, install_error_handlers, read_body
 from zaya.server.metrics import Metrics
-from zaya.server.prepare import prepare_chat, prepare_completion
-from zaya.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, bad_request, parse
+from zaya.server.prepare import chat_messages, prepare_chat, prepare_completion, render, template_kwargs
+from zaya.server.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                  TokenizeRequest, bad_request, parse)
 from zaya.server.rsa import rsa_chat
 from zaya.server.scheduler import Scheduler
 
@@ -50,6 +51,7 @@ class ServerConfig:
     max_prompts: int = 32                 # prompts per /v1/completions request
     max_rsa_runs: int = 2                 # concurrent Markovian RSA requests
     keepalive_s: float = 10.0             # SSE keep-alive interval while RSA runs
+    thinking_budget: int | None = None    # reasoning tokens before </think> is forced (None: no limit)
     retry_after_s: int = 2
 
 
@@ -149,11 +151,53 @@ async def completions(request: Request):
                          include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
+async def tokenize(request: Request):
+    """vLLM's /tokenize: ``prompt`` (special tokens added unless ``add_special_tokens`` is false) or
+    chat ``messages`` (rendered with the template, encoded without adding any)."""
+    state = request.app.state.zaya
+    req = parse(TokenizeRequest, await read_body(request, state.config.max_body_bytes))
+    if req.model is not None:
+        state.check_model(req.model)
+    tok = state.llm.tokenizer
+    if tok is None:
+        raise bad_request("this model has no tokenizer")
+    if (req.prompt is None) == (req.messages is None):
+        raise bad_request("send either 'prompt' or 'messages'", param="prompt")
+    if req.messages is not None:
+        chat = ChatCompletionRequest(model=state.config.model_name, messages=req.messages, tools=req.tools,
+                                     chat_template_kwargs=req.chat_template_kwargs)
+        thinking, kwargs = template_kwargs(chat)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        text = await run_in_threadpool(render, state.llm, chat_messages(chat), tools, thinking,
+                                       {**kwargs, "add_generation_prompt": req.add_generation_prompt})
+        special = bool(req.add_special_tokens)
+    else:
+        text, special = req.prompt, req.add_special_tokens is not False
+    ids = await run_in_threadpool(tok.encode, text, special)
+    return {"count": len(ids), "max_model_len": state.max_context, "tokens": ids,
+            "token_strs": [tok.id_to_token(i) for i in ids] if req.return_token_strs else None}
+
+
+async def detokenize(request: Request):
+    state = request.app.state.zaya
+    req = parse(DetokenizeRequest, await read_body(request, state.config.max_body_bytes))
+    if req.model is not None:
+        state.check_model(req.model)
+    vocab = state.llm.config.vocab_size
+    if state.llm.tokenizer is None:
+        raise bad_request("this model has no tokenizer")
+    if any(not 0 <= t < vocab for t in req.tokens):
+        raise bad_request(f"token ids must be in [0, {vocab})", param="tokens")
+    return {"prompt": state.llm.tokenizer.decode(req.tokens)}
+
+
 # path -> (HTTP method, handler); the request counter labels requests by these paths
 ROUTES = {
     "/v1/chat/completions": ("POST", chat_completions),
     "/v1/completions": ("POST", completions),
     "/v1/models": ("GET", models),
+    "/tokenize": ("POST", tokenize),
+    "/detokenize": ("POST", detokenize),
     "/health": ("GET", health),
     "/metrics": ("GET", metrics),
 }

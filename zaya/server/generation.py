@@ -98,18 +98,16 @@ async def _collect(sub: Submission, reply: R.Reply, timing: Timing) -> None:
 
 
 async def _chunks(sub: Submission, reply: R.Reply, timing: Timing, include_usage: bool):
-    null_usage = {"usage": None} if include_usage else {}
     try:
-        for choices in reply.opening():
-            yield R.sse(reply.chunk(choices, **null_usage))
+        for data in reply.stream_open(include_usage):
+            yield data
         async for job, ev in sub.events():
             timing.token()
-            choice = reply.feed(job, ev)
-            if choice is not None:
-                yield R.sse(reply.chunk([choice], **null_usage))
-        if include_usage:
-            yield R.sse(reply.chunk([], usage=reply.usage()))
+            for data in reply.stream_feed(job, ev, include_usage):
+                yield data
+        for data in reply.stream_close(include_usage):
+            yield data
         timing.done()
     except ApiError as exc:
-        yield R.sse(exc.body())
-    yield R.SSE_DONE
+        for data in reply.stream_error(exc):
+            yield data

@@ -305,9 +305,13 @@ def _forbidden(matcher: llguidance.LLMatcher, guide: Guide) -> torch.Tensor:
 
 
 def make_guide(tokenizer, vocab_size: int, *, starts_in_reasoning: bool, thinking_budget: int | None = None,
-               schema=None, tools=None, tool_choice="auto", parallel_tool_calls: bool = True) -> Guide | None:
+               schema=None, tools=None, tool_choice="auto", parallel_tool_calls: bool = True,
+               max_new_tokens: int | None = None) -> Guide | None:
     """The constraint of a request, or None when nothing is constrained. Raises `GrammarError`
-    for a schema, tool list or tool choice that cannot be enforced."""
+    for a schema, tool list or tool choice that cannot be enforced.
+
+    When the answer is constrained, reasoning also stops at half of ``max_new_tokens`` (if that is
+    less than the budget), so that the answer it asks for has room."""
     if thinking_budget is not None and (not isinstance(thinking_budget, int) or thinking_budget < 0):
         raise GrammarError(f"thinking_budget must be an integer >= 0, got {thinking_budget!r}", "thinking_budget")
     grammar = answer_grammar(tokenizer, schema=schema, tools=tools, tool_choice=tool_choice,
@@ -316,6 +320,8 @@ def make_guide(tokenizer, vocab_size: int, *, starts_in_reasoning: bool, thinkin
     if tool_choice == "none" and grammar is None:
         banned = _banned_tool_calls(tokenizer, vocab_size)
     budget = thinking_budget if starts_in_reasoning else None
+    if grammar is not None and starts_in_reasoning and max_new_tokens is not None:
+        budget = min(max_new_tokens // 2, budget if budget is not None else max_new_tokens)
     if grammar is None and banned is None and budget is None:
         return None
     matcher = None

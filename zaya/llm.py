@@ -100,12 +100,12 @@ class LLM:
             else:
                 ids = [int(t) for t in prompt]
             budget = fit_max_new_tokens(len(ids), self.max_context, requested)
-            guide = self.guide(ids, **constraint) if constraint else None
+            guide = self.guide(ids, max_new_tokens=budget, **constraint) if constraint else None
             out.append(Request(ids, dataclasses.replace(params, max_new_tokens=budget, constraint=guide), i))
         return out
 
     def guide(self, prompt_ids, *, response_format=None, json_schema=None, thinking_budget=None, tools=None,
-              tool_choice="auto", parallel_tool_calls=True):
+              tool_choice="auto", parallel_tool_calls=True, max_new_tokens=None):
         """The constraint (zaya.grammar) for a prompt: ``json_schema`` (or an OpenAI
         ``response_format``) and ``tool_choice`` ("auto", "none", "required" or {"name": NAME})
         shape the answer, after ``</think>`` when the prompt leaves a think block open;
@@ -118,7 +118,8 @@ class LLM:
         starts = generation_starts_in_reasoning(self.tokenizer.decode(list(prompt_ids)[-16:]))
         return make_guide(self.tokenizer, self.config.vocab_size, starts_in_reasoning=starts,
                           thinking_budget=thinking_budget, schema=schema, tools=tools,
-                          tool_choice=tool_choice or "auto", parallel_tool_calls=parallel_tool_calls)
+                          tool_choice=tool_choice or "auto", parallel_tool_calls=parallel_tool_calls,
+                          max_new_tokens=max_new_tokens)
 
     def engine(self, **kwargs) -> Engine:
         return Engine(self.model, self.tokenizer, max_context=kwargs.pop("max_context", self.max_context), **kwargs)

@@ -17,6 +17,7 @@ A route is an ``async def handler(request)`` that finds the server's `State` on
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -28,10 +29,13 @@ from starlette.concurrency import run_in_threadpool
 
 from zaya.sampling import MAX_N
 from zaya.server import responses as R
-from zaya.server.generation import Submission, Timing, respond
+from zaya.server.generation import Submission, Timing, chat_choices, respond, start_chat
 from zaya.server.http import Guard, install_error_handlers, read_body
+from zaya.server import anthropic
+from zaya.server.anthropic import MessagesReply, MessagesRequest
 from zaya.server.metrics import Metrics
-from zaya.server.prepare import chat_messages, prepare_chat, prepare_completion, render, template_kwargs
+from zaya.server.openai_responses import ResponsesReply, ResponsesRequest, to_chat
+from zaya.server.prepare import chat_messages, prepare_completion, render, template_kwargs
 from zaya.server.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   TokenizeRequest, bad_request, parse)
 from zaya.server.rsa import rsa_chat
@@ -126,11 +130,8 @@ async def chat_completions(request: Request):
     req = await read_request(request, ChatCompletionRequest)
     if req.rsa:
         return await rsa_chat(state, request, req)
-    prep = await run_in_threadpool(prepare_chat, state, req)
-    state.metrics.prompt_tokens.inc(len(prep.ids))
-    sub = Submission(state, [(prep.ids, prep.params)])
-    choices = [R.ChatChoice(i, prep.starts_in_reasoning, prep.tools, prep.parse_tools, state.token_text,
-                            prep.params.logprobs) for i in range(prep.params.n)]
+    prep, sub = await start_chat(state, req)
+    choices = chat_choices(state, prep, prep.params.logprobs)
     return await respond(request, sub, R.ChatReply(req.model, choices, len(prep.ids)),
                          Timing(state.metrics, "/v1/chat/completions", arrived), stream=req.stream,
                          include_usage=bool(req.stream_options and req.stream_options.include_usage))
@@ -191,16 +192,54 @@ async def detokenize(request: Request):
     return {"prompt": state.llm.tokenizer.decode(req.tokens)}
 
 
+async def responses_api(request: Request):
+    arrived, state = time.monotonic(), request.app.state.zaya
+    req = await read_request(request, ResponsesRequest)
+    chat = to_chat(req)
+    prep, sub = await start_chat(state, chat)
+    reply = ResponsesReply(req, chat, chat_choices(state, prep)[0], len(prep.ids))
+    return await respond(request, sub, reply, Timing(state.metrics, "/v1/responses", arrived), stream=req.stream)
+
+
+async def messages_api(request: Request):
+    arrived, state = time.monotonic(), request.app.state.zaya
+    req = await read_request(request, MessagesRequest)
+    prep, sub = await start_chat(state, anthropic.to_chat(req))
+    reply = MessagesReply(req, chat_choices(state, prep)[0], len(prep.ids), state.llm.tokenizer)
+    return await respond(request, sub, reply, Timing(state.metrics, "/v1/messages", arrived), stream=req.stream)
+
+
+async def count_tokens(request: Request):
+    """Anthropic's /v1/messages/count_tokens: the prompt's tokens as the template renders it."""
+    state = request.app.state.zaya
+    body = json.loads(await read_body(request, state.config.max_body_bytes) or b"null")
+    if isinstance(body, dict):
+        body.setdefault("max_tokens", 1)
+    req = parse(MessagesRequest, json.dumps(body).encode())
+    state.check_model(req.model)
+    chat = anthropic.to_chat(req)
+    thinking, kwargs = template_kwargs(chat)
+    tools = [t.model_dump(exclude_none=True) for t in chat.tools] if chat.tools else None
+    text = await run_in_threadpool(render, state.llm, chat_messages(chat), tools, thinking, kwargs)
+    return {"input_tokens": len(state.llm.tokenizer.encode(text, add_special_tokens=False))}
+
+
 # path -> (HTTP method, handler); the request counter labels requests by these paths
 ROUTES = {
     "/v1/chat/completions": ("POST", chat_completions),
     "/v1/completions": ("POST", completions),
+    "/v1/responses": ("POST", responses_api),
+    "/v1/messages": ("POST", messages_api),
+    "/v1/messages/count_tokens": ("POST", count_tokens),
     "/v1/models": ("GET", models),
     "/tokenize": ("POST", tokenize),
     "/detokenize": ("POST", detokenize),
     "/health": ("GET", health),
     "/metrics": ("GET", metrics),
 }
+
+# routes whose API has its own error JSON (OpenAI's everywhere else)
+ERROR_SHAPES = {"/v1/messages": anthropic.error_shape, "/v1/messages/count_tokens": anthropic.error_shape}
 
 
 def create_app(llm, config: ServerConfig | None = None, *, engine_factory=None) -> FastAPI:
@@ -209,8 +248,9 @@ def create_app(llm, config: ServerConfig | None = None, *, engine_factory=None) 
     app = FastAPI(title="zaya", version="0.1", lifespan=state.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.zaya = state
-    install_error_handlers(app)
+    install_error_handlers(app, ERROR_SHAPES)
     for path, (method, handler) in ROUTES.items():
         app.add_api_route(path, handler, methods=[method])
-    app.add_middleware(Guard, api_key=state.config.api_key, metrics=state.metrics, routes=ROUTES)
+    app.add_middleware(Guard, api_key=state.config.api_key, metrics=state.metrics, routes=ROUTES,
+                       shapes=ERROR_SHAPES)
     return app

@@ -13,10 +13,12 @@ import asyncio
 import time
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from zaya.server import responses as R
 from zaya.server.http import api_error, sse_response, watch_client
-from zaya.server.protocol import ApiError
+from zaya.server.prepare import ChatPrep, prepare_chat
+from zaya.server.protocol import ApiError, ChatCompletionRequest
 from zaya.server.scheduler import DONE, QueueFull, ShuttingDown
 
 
@@ -63,6 +65,19 @@ class Submission:
     def cancel(self) -> None:
         for job in self.jobs:
             self.state.scheduler.cancel(job)
+
+
+async def start_chat(state, req: ChatCompletionRequest) -> tuple[ChatPrep, Submission]:
+    """Prepare a chat request (in a worker thread) and submit it: what every chat-shaped route
+    (chat completions, Responses, Messages) does before `respond`."""
+    prep = await run_in_threadpool(prepare_chat, state, req)
+    state.metrics.prompt_tokens.inc(len(prep.ids))
+    return prep, Submission(state, [(prep.ids, prep.params)])
+
+
+def chat_choices(state, prep: ChatPrep, logprobs: bool = False) -> list[R.ChatChoice]:
+    return [R.ChatChoice(i, prep.starts_in_reasoning, prep.tools, prep.parse_tools, state.token_text, logprobs)
+            for i in range(prep.params.n)]
 
 
 class Timing:

@@ -90,7 +90,7 @@ def prepare_chat(state, req: ChatCompletionRequest) -> ChatPrep:
     params = sampling_params(req, len(ids), state.max_context, max_tokens=max_tokens, logprobs=req.logprobs,
                              top_logprobs=req.top_logprobs or 0, max_n=state.max_n)
     starts = generation_starts_in_reasoning(text)
-    params.constraint = guide(state, req, tools, starts, budget)
+    params.constraint = guide(state, req, tools, starts, budget, params.max_new_tokens)
     parse_tools = bool(tools) and req.tool_choice != "none"
     return ChatPrep(ids, text, params, tools, parse_tools, starts)
 
@@ -124,7 +124,7 @@ def tool_choice_of(req) -> str | dict:
     return {"name": name}
 
 
-def guide(state, req, tools, starts_in_reasoning: bool, budget: int | None):
+def guide(state, req, tools, starts_in_reasoning: bool, budget: int | None, max_new_tokens: int):
     """The request's constraint (response_format, tool_choice, thinking budget), or None."""
     try:
         schema = schema_of_response_format(req.response_format)
@@ -136,7 +136,7 @@ def guide(state, req, tools, starts_in_reasoning: bool, budget: int | None):
     try:
         return make_guide(state.llm.tokenizer, state.llm.config.vocab_size, starts_in_reasoning=starts_in_reasoning,
                           thinking_budget=budget, schema=schema, tools=tools, tool_choice=choice,
-                          parallel_tool_calls=req.parallel_tool_calls)
+                          parallel_tool_calls=req.parallel_tool_calls, max_new_tokens=max_new_tokens)
     except GrammarError as exc:
         raise bad_request(str(exc), param="response_format" if exc.field == "schema" else exc.field) from None
 

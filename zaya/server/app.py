@@ -196,6 +196,9 @@ async def responses_api(request: Request):
     arrived, state = time.monotonic(), request.app.state.zaya
     req = await read_request(request, ResponsesRequest)
     chat = to_chat(req)
+    if chat.rsa:
+        return await rsa_chat(state, request, chat, lambda prep, choices: ResponsesReply(req, chat, choices[0],
+                                                                                        len(prep.ids)))
     prep, sub = await start_chat(state, chat)
     reply = ResponsesReply(req, chat, chat_choices(state, prep)[0], len(prep.ids))
     return await respond(request, sub, reply, Timing(state.metrics, "/v1/responses", arrived), stream=req.stream)
@@ -204,7 +207,11 @@ async def responses_api(request: Request):
 async def messages_api(request: Request):
     arrived, state = time.monotonic(), request.app.state.zaya
     req = await read_request(request, MessagesRequest)
-    prep, sub = await start_chat(state, anthropic.to_chat(req))
+    chat = anthropic.to_chat(req)
+    if chat.rsa:
+        return await rsa_chat(state, request, chat, lambda prep, choices: MessagesReply(
+            req, choices[0], len(prep.ids), state.llm.tokenizer))
+    prep, sub = await start_chat(state, chat)
     reply = MessagesReply(req, chat_choices(state, prep)[0], len(prep.ids), state.llm.tokenizer)
     return await respond(request, sub, reply, Timing(state.metrics, "/v1/messages", arrived), stream=req.stream)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zaya.chat import generation_starts_in_reasoning
+from zaya.chat import THINK_CLOSE, generation_starts_in_reasoning
 from zaya.errors import ZayaError
 from zaya.grammar import REASONING_EFFORT, GrammarError, make_guide, schema_of_response_format
 from zaya.sampling import SamplingParams
@@ -93,6 +93,23 @@ def prepare_chat(state, req: ChatCompletionRequest) -> ChatPrep:
     params.constraint = guide(state, req, tools, starts, budget, params.max_new_tokens)
     parse_tools = bool(tools) and req.tool_choice != "none"
     return ChatPrep(ids, text, params, tools, parse_tools, starts)
+
+
+def prepare_final(state, req: ChatCompletionRequest, answer: str) -> ChatPrep:
+    """The formatting pass after a Markovian RSA run: the request's own prompt with the selected
+    candidate's ``answer`` as the (closed) think block, then an answer under the request's
+    response_format / tools / tool_choice."""
+    llm = state.llm
+    thinking, kwargs = template_kwargs(req)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    text = render(llm, chat_messages(req), tools, thinking, kwargs)
+    if generation_starts_in_reasoning(text):
+        text += f"{answer.strip()}\n{THINK_CLOSE}\n\n"
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    params = sampling_params(req.model_copy(update={"n": 1}), len(ids), state.max_context, max_tokens=None,
+                             logprobs=False, top_logprobs=0, max_n=1)
+    params.constraint = guide(state, req, tools, False, None, params.max_new_tokens)
+    return ChatPrep(ids, text, params, tools, bool(tools) and req.tool_choice != "none", False)
 
 
 def thinking_settings(state, req, thinking: bool | None) -> tuple[int | None, bool | None]:

@@ -144,7 +144,11 @@ def _parameter_value(rule: str, schema) -> list[str]:
     except TypeError:
         raise GrammarError(f"malformed parameter schema: {json.dumps(schema)[:200]}", "tools") from None
     if types == {"string"} and "enum" not in schema and "const" not in schema:
-        return [f"{rule}[lazy]: /(?s:.*)\\n<\\/parameter>/"]
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        if not isinstance(low, int) or not (high is None or isinstance(high, int) and high >= low >= 0):
+            raise GrammarError(f"parameter schema: bad minLength / maxLength in {json.dumps(schema)[:200]}", "tools")
+        span = f"{{{low},{'' if high is None else high}}}"  # characters, as JSON schema counts them
+        return [f"{rule}[lazy]: /(?s:.{span})\\n<\\/parameter>/"]
     if types == {"string"}:  # a closed set of raw strings
         values = schema.get("enum", [schema.get("const")])
         return [f"{rule}: " + " | ".join(_lit(f"{v}\n</parameter>") for v in values if isinstance(v, str))]

@@ -11,6 +11,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import zaya
 from zaya.server import ServerConfig, create_app
@@ -274,3 +276,32 @@ def test_rsa_with_response_format(oai):
     r = oai.chat.completions.create(model=MODEL, messages=ASK, response_format=fmt, seed=0,
                                     extra_body={"rsa": {"n": 2, "k": 2, "rounds": 1, "thinking_budget": 16}})
     jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+
+
+# -- random bodies: a 4xx in the API's own error shape, never a 5xx --------------------------------
+_json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) |
+                     st.text(max_size=12), lambda kids: st.lists(kids, max_size=3) |
+                     st.dictionaries(st.sampled_from(["type", "name", "role", "content", "text", "schema", "format",
+                                                      "budget_tokens", "call_id", "input_schema", "x"]), kids,
+                                     max_size=3), max_leaves=10)
+_BASE = {"/v1/responses": {"model": MODEL, "input": "hi", "max_output_tokens": 3},
+         "/v1/messages": {"model": MODEL, "messages": ASK, "max_tokens": 3},
+         "/v1/messages/count_tokens": {"model": MODEL, "messages": ASK},
+         "/tokenize": {"model": MODEL, "prompt": "hi"}, "/detokenize": {"tokens": [1, 2]}}
+_FIELDS = ["model", "input", "instructions", "max_output_tokens", "text", "reasoning", "tools", "tool_choice",
+           "messages", "system", "max_tokens", "thinking", "stop_sequences", "temperature", "top_k", "stream",
+           "prompt", "tokens", "add_special_tokens", "previous_response_id", "rsa", "thinking_budget"]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(route=st.sampled_from(sorted(_BASE)), field=st.sampled_from(_FIELDS), value=_json)
+def test_random_fields_never_5xx(server, route, field, value):
+    body = {**_BASE[route], field: value}
+    if field == "stream":
+        body["stream"] = False  # the status of a stream is 200 before any token; covered above
+    with server.http(headers={"x-api-key": KEY}) as http:
+        r = http.post(route, content=json.dumps(body).encode())
+        assert 200 <= r.status_code < 500, (body, r.status_code, r.text)
+        if r.status_code >= 400:
+            err = r.json()
+            assert err["error"]["message"] and (err.get("type") == "error") == route.startswith("/v1/messages"), err

@@ -13,8 +13,10 @@ Grammars are compiled and matched by llguidance (guidance-ai/llguidance, the lib
 OpenAI's and llama.cpp's structured outputs): it builds its token index from the checkpoint's
 ``tokenizer.json`` (no transformers), compiles a schema in milliseconds and computes a mask over a
 262k vocabulary in ~0.1 ms; benchmarks/grammar_libraries.py measures it against xgrammar and
-outlines-core (docs/server.md). The next token's mask is computed on a worker thread as soon as a
-token is accepted, so it is ready when the model's forward returns.
+outlines-core (docs/server.md). The mask is computed on the decode thread when the logits are
+there: computing it on a worker thread during the forward was tried and measured worse
+(benchmarks/constrained_decoding.py), since handing work to and from a Python thread waits for
+the GIL behind the forward's Python code (milliseconds) while the mask itself takes microseconds.
 
 JSON is constrained to one layout (``", "`` and ``": "`` separators, no other whitespace, as
 ``json.dumps`` writes it) so a small model cannot pad forever; up to four spaces or newlines may
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import llguidance
@@ -208,15 +209,7 @@ def answer_grammar(tokenizer, *, schema=None, tools=None, tool_choice="auto", pa
 
 
 # -- per-sequence state -------------------------------------------------------------------------
-_POOL: ThreadPoolExecutor | None = None
 _SHIFTS = torch.tensor([1 << b for b in range(31)] + [-(1 << 31)], dtype=torch.int32)
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zaya-grammar")
-    return _POOL
 
 
 @dataclass
@@ -245,11 +238,8 @@ class GuidedSequence:
         self.recent: list[int] = []            # the last few tokens, to spot a multi-token </think>
         self.forcing: list[int] = []           # tokens still to force
         self.matcher = guide.matcher.deep_copy() if guide.matcher is not None else None
-        self.pending = None                    # Future of the next forbidden-token mask
         if self.reasoning and guide.thinking_budget == 0:
             self.forcing = list(guide.think_close)
-        if not self.reasoning:
-            self._prefetch()
 
     def restrict(self, logits: torch.Tensor) -> torch.Tensor:
         if self.forcing:
@@ -258,7 +248,7 @@ class GuidedSequence:
             return out
         if self.reasoning:
             return logits
-        forbidden = self.pending.result() if self.pending is not None else self.guide.banned
+        forbidden = self.guide.banned if self.matcher is None else _forbidden(self.matcher, self.guide)
         return logits if forbidden is None else logits.masked_fill(forbidden, float("-inf"))
 
     def accept(self, token: int) -> None:
@@ -268,7 +258,6 @@ class GuidedSequence:
             self._reason(token)
         elif self.matcher is not None:
             self.matcher.consume_token(token)
-            self._prefetch()
 
     def accepts(self, tokens: list[int]) -> int:
         if self.reasoning or self.matcher is None:  # reasoning is free until the budget forces
@@ -280,26 +269,19 @@ class GuidedSequence:
         self.recent = (self.recent + [token])[-len(close):]
         if tuple(self.recent) == close:
             self.reasoning, self.forcing = False, []
-            self._prefetch()
             return
         self.thought += 1
         budget = self.guide.thinking_budget
         if budget is not None and self.thought >= budget and not self.forcing:
             self.forcing = list(close)
 
-    def _prefetch(self) -> None:
-        """Start computing the next token's mask (it runs while the model's forward does)."""
-        if self.matcher is not None:
-            self.pending = _pool().submit(_forbidden, self.matcher, self.guide)
-
 
 def _forbidden(matcher: llguidance.LLMatcher, guide: Guide) -> torch.Tensor:
     """The bool (vocab,) mask of tokens the grammar forbids next; only EOS is left once the
     grammar has ended or failed."""
-    words = (guide.vocab_size + 31) // 32
-    bits = torch.zeros(words, dtype=torch.int32)
+    bits = torch.zeros((guide.vocab_size + 31) // 32, dtype=torch.int32)
     if not matcher.is_error():
-        matcher.unsafe_compute_mask_ptr(bits.data_ptr(), words * 4)
+        matcher.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
     forbidden = ((bits.unsqueeze(-1) & _SHIFTS) == 0).view(-1)[:guide.vocab_size]
     if guide.banned is not None:
         forbidden |= guide.banned

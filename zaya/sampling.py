@@ -45,8 +45,8 @@ class Constraint(Protocol):
 
     The engine calls it in one place, around `sample`: ``restrict(logits)`` returns the row's
     logits with every token the constraint forbids at -inf (all but one when it forces a token),
-    and ``accept(token)`` hands it the token that was sampled, so it can advance its state (and
-    start computing the next mask while the model's forward runs). ``accepts(tokens)`` says how
+    and ``accept(token)`` hands it the token that was sampled, so it can advance its state.
+    ``accepts(tokens)`` says how
     many of a run of proposed tokens (drafted ones, for speculative decoding) it would take in
     order, without advancing.
     """

@@ -154,7 +154,7 @@ def cmd_bench(args) -> int:
         print(json.dumps(results))
         return 0
     start = time.perf_counter()
-    llm = load(path, dtype=args.dtype, quantize=args.quantize)
+    llm = load(path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter)
     load_s = time.perf_counter() - start
     rss_after_load = peak_rss()
     r = speed(llm.model, prefill_tokens=args.prefill_tokens, new_tokens=args.new_tokens,

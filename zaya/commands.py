@@ -1,4 +1,4 @@
-"""Core subcommands: generate, convert, quantize, info (`zaya chat` is zaya.repl)."""
+"""Core subcommands: generate, convert, quantize, export, info (`zaya chat` is zaya.repl)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from zaya.checkpoint import convert, open_checkpoint, resolve, save_quantized
+from zaya.checkpoint import convert, merge_adapter, open_checkpoint, resolve, save_quantized
 from zaya.errors import ZayaError
 from zaya.llm import DEFAULT_MODEL, load, parse_dtype
 from zaya.model import ZayaForCausalLM
@@ -25,6 +25,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="weight dtype (default: checkpoint's)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization at load time")
     p.add_argument("--max-context", type=int, default=None, help="refuse requests longer than this many tokens")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter (PEFT format, e.g. a zaya train checkpoint) applied unmerged")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
@@ -51,7 +53,7 @@ def sampling_kwargs(args) -> dict:
 
 def load_from_args(args):
     return load(resolve_model_name(args.model), dtype=args.dtype, quantize=args.quantize,
-                     max_context=args.max_context)
+                max_context=args.max_context, adapter=args.adapter)
 
 
 def resolve_model_name(name):
@@ -118,6 +120,13 @@ def constraint_kwargs(args) -> dict:
 def cmd_convert(args) -> int:
     layout = convert(args.src, args.dst)
     print(f"wrote {args.dst} in the native layout (source layout: {layout})")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    out = merge_adapter(resolve(resolve_model_name(args.src)), resolve(args.merge_lora), Path(args.dst))
+    print(f"wrote {out}: {args.src} with the adapter {args.merge_lora} merged into its weights")
     return 0
 
 
@@ -203,6 +212,14 @@ def register(sub) -> None:
     p.add_argument("src", help="checkpoint directory or hub repo id")
     p.add_argument("dst", help="output directory")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a plain checkpoint with a LoRA adapter merged into the base",
+                       description="Fold a LoRA adapter (PEFT format, e.g. a zaya train checkpoint) into the base "
+                                   "weights, one safetensors file at a time; the output loads like any checkpoint.")
+    p.add_argument("src", help="the base checkpoint: a directory, hub repo id or `zaya list` name")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--merge-lora", required=True, metavar="ADAPTER", help="the adapter directory (or hub repo id)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint",
                        description="Quantize attention projections, experts and the embedding/LM head; the "

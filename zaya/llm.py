@@ -42,19 +42,24 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 
 def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: str | None = None,
-         max_context: int | None = None) -> LLM:
+         max_context: int | None = None, adapter: str | Path | None = None) -> LLM:
     """Load a ZAYA checkpoint (a local directory or a hub repo id) as an `LLM`.
 
     With no ``model``, the small built-in model that ships with zaya is loaded (no download).
     ``dtype`` defaults to the checkpoint's; ``quantize`` is ``"int8"`` or ``"int4"`` (weight-only).
+    ``adapter`` (a directory or hub repo id with a LoRA adapter in PEFT's format) is applied
+    unmerged; the tokenizer and chat template come from it when it carries them (a checkpoint of
+    ``zaya train`` does), else from the base.
     """
     if model is None:
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise CheckpointError(f"the built-in model is not installed at {DEFAULT_MODEL}; pass a model path")
         model = DEFAULT_MODEL
     path = resolve(model)
-    net, config, layout = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize)
-    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    extra = resolve(adapter) if adapter is not None else None
+    net, config, layout = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize, adapter=extra)
+    text = next((p for p in (extra, path) if p is not None and (p / "tokenizer.json").is_file()), None)
+    tokenizer = Tokenizer.from_dir(text) if text is not None else None
     return LLM(net, tokenizer, path=path, layout=layout, max_context=max_context)
 
 

@@ -408,9 +408,13 @@ class ZayaForCausalLM(nn.Module):
         return (logits, counts) if expert_counts else logits
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Initialise for training from scratch (std = initializer_range; scales 1, biases 0)."""
+    def init_weights(self, seed: int | None = None, assign=None) -> None:
+        """Initialise for training from scratch (std = initializer_range; scales 1, biases 0).
+
+        Random values are drawn whole, in name order, so they depend only on the seed;
+        ``assign(param, value)`` stores one (a sharded trainer copies only its own rows)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        assign = assign or (lambda p, v: p.copy_(v))
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
@@ -422,9 +426,9 @@ class ZayaForCausalLM(nn.Module):
                 p.zero_()
             elif "conv_qk" in name:
                 bound = 1 / math.sqrt(p.shape[1] * p.shape[2]) if p.dim() == 3 else 0.0
-                p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=gen) if bound else torch.zeros(p.shape))
+                assign(p, torch.empty(p.shape).uniform_(-bound, bound, generator=gen) if bound else torch.zeros(p.shape))
             else:
-                p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
+                assign(p, torch.empty(p.shape).normal_(0.0, std, generator=gen))
         for layer in self.model.layers:
             layer.mlp.gate.balancing_biases.zero_()
             layer.mlp.gate.balancing_biases[-1] = -1.0

@@ -179,7 +179,7 @@ def swap_modules(model: nn.Module) -> nn.Module:
     config = getattr(model, "config", None)
 
     def make(name: str, m: nn.Module):
-        if type(m) is ZayaCCAProjection and type(m.q_proj) is nn.Linear:
+        if type(m) is ZayaCCAProjection and all(type(getattr(m, n)) is nn.Linear for n in QKV_NAMES):
             return _rebuilt(lambda: PackedCCAProjection(config), m)
         if type(m) is ZayaExperts:
             return _rebuilt(lambda: PackedExperts(config), m)

@@ -3,6 +3,11 @@
     open (config, tensor index) -> build on meta -> choose module classes -> assign weights
     -> prepare kernels
 
+A LoRA adapter (``adapter=DIR``, PEFT's format) is checked against the model right after it is
+built, its modules go in before the device's module classes are chosen (so adapted projections
+and experts are neither packed nor quantized), and its tensors are assigned after the base's:
+the adapter is served unmerged, the base weights stay as the file has them.
+
 Loading is strict and lazy: tensors are memory-mapped (never unpickled), every expected tensor
 must be present exactly once with the right shape, and anything unexpected is an error that
 names the tensor and the file it came from.
@@ -25,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from zaya import cpu_attention, packed, quant
+from zaya import cpu_attention, lora, packed, quant
+from zaya.checkpoint.adapters import adapter_values
 from zaya.checkpoint.directory import SafetensorsCheckpoint
 from zaya.checkpoint.files import release_free_heap
 from zaya.config import ZayaConfig
@@ -40,20 +46,29 @@ def open_checkpoint(path: Path) -> SafetensorsCheckpoint:
     return SafetensorsCheckpoint(path)
 
 
-def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None
-               ) -> tuple[ZayaForCausalLM, ZayaConfig, str]:
+def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None,
+               adapter: Path | None = None) -> tuple[ZayaForCausalLM, ZayaConfig, str]:
     """Build the model on the meta device and assign the checkpoint's tensors to it, strictly.
 
     A checkpoint written by ``zaya quantize`` (a ``quantization`` section in config.json) loads
-    its quantized tensors directly; ``quantize`` quantizes a float checkpoint while loading."""
+    its quantized tensors directly; ``quantize`` quantizes a float checkpoint while loading;
+    ``adapter`` applies a LoRA adapter unmerged."""
     ckpt = open_checkpoint(path)
     spec = quantize_at_load(ckpt, quantize)
     dtype = dtype or getattr(torch, ckpt.config.dtype)
     device = torch.device(device or "cpu")
     model = build(ckpt)
     expected = expected_tensors(ckpt, model)
+    if adapter is not None and (spec or ckpt.stored):
+        raise CheckpointError(f"a LoRA adapter is applied to float weights; {ckpt.path} would be quantized. Merge it "
+                              "first (zaya export --merge-lora), then quantize the merged checkpoint")
+    adapters = adapter_values(adapter, model) if adapter is not None else None
+    if adapters is not None:
+        lora.apply_lora(model, adapters[0])
     choose_modules(model, spec, dtype, device)
     assign_weights(model, read_weights(ckpt, expected, spec, dtype, device))
+    if adapters is not None:
+        lora.assign_adapters(model, adapters[1])
     prepare_kernels(model, dtype, ckpt.reader())
     quantization = ckpt.stored or spec
     if quantization is not None:

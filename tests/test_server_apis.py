@@ -305,3 +305,16 @@ def test_random_fields_never_5xx(server, route, field, value):
         if r.status_code >= 400:
             err = r.json()
             assert err["error"]["message"] and (err.get("type") == "error") == route.startswith("/v1/messages"), err
+
+
+def test_rsa_on_messages_and_responses(oai, claude):
+    """RSA behind the other APIs: the rounds run, then the answer comes in that API's shape."""
+    rsa = {"rsa": {"n": 2, "k": 2, "rounds": 1, "thinking_budget": 12, "max_tokens": 48}}
+    tools = [{"name": "calc", "input_schema": TOOL_PARAMS}]
+    m = claude.messages.create(model=MODEL, max_tokens=200, messages=ASK, tools=tools,
+                               tool_choice={"type": "tool", "name": "calc"}, extra_body=rsa)
+    uses = [b for b in m.content if b.type == "tool_use"]
+    assert m.stop_reason == "tool_use" and uses and uses[0].name == "calc"
+    jsonschema.validate(uses[0].input, TOOL_PARAMS)
+    r = oai.responses.create(model=MODEL, input=QUESTION, max_output_tokens=200, extra_body=rsa)
+    assert r.status in ("completed", "incomplete") and r.output

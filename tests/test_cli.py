@@ -50,3 +50,21 @@ def test_info_reports_params_and_skip_audit(tmp_path, capsys):
 def test_clear_error_without_traceback(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path)]) == 1
     assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_generate_json_schema_and_thinking_budget(tmp_path, capsys):
+    """The built-in model under --json-schema (inline or a file) answers valid JSON after its reasoning."""
+    schema = {"type": "object", "properties": {"result": {"type": "integer", "minimum": 0, "maximum": 999}},
+              "required": ["result"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    prompt = "Start with 6, then apply +5 in order. What is the result?"
+    for flag in (json.dumps(schema), str(path)):
+        assert main(["generate", prompt, "--json-schema", flag, "--thinking-budget", "20", "-t", "0",
+                     "--max-new-tokens", "80"]) == 0
+        out = capsys.readouterr().out
+        assert "finish" not in out and json.loads(out.rsplit("</think>", 1)[1])["result"] >= 0
+    assert main(["generate", prompt, "--json-schema", "{not json"]) == 1
+    assert "--json-schema is not valid JSON" in capsys.readouterr().err
+    assert main(["generate", prompt, "--json-schema", '{"type": "nope"}']) == 1
+    assert "schema" in capsys.readouterr().err

@@ -9,7 +9,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,39 +28,10 @@ from zaya.server import ServerConfig, create_app
 from zaya.server.responses import ChatChoice
 from zaya.server.scheduler import DONE, QueueFull, Scheduler
 
+from tests.live_server import LiveServer
+
 MODEL = "tiny"
 HI = [{"role": "user", "content": "Hello! What is 12 + 30?"}]
-
-
-class LiveServer:
-    def __init__(self, app):
-        import uvicorn
-
-        # bound here and handed to uvicorn: the port is the server's from the start, so no other
-        # process can take it between choosing and serving
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.state = app.state.zaya
-
-    def client(self, api_key="unused", **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
-
-    def http(self, timeout=60, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout, **kw)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -471,8 +441,15 @@ BAD = [
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "fox " * 600}]}).encode(), 400, "messages"),
     (json.dumps({"model": MODEL, "messages": HI, "top_logprobs": 3}).encode(), 400, "top_logprobs"),
     (json.dumps({"model": MODEL, "messages": HI, "logprobs": True, "top_logprobs": 50}).encode(), 400, "top_logprobs"),
-    (json.dumps({"model": MODEL, "messages": HI, "response_format": {"type": "json_object"}}).encode(), 400,
+    (json.dumps({"model": MODEL, "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "foo"}}}}).encode(), 400, "response_format"),
+    (json.dumps({"model": MODEL, "messages": HI, "response_format": {"type": "grammar"}}).encode(), 400,
      "response_format"),
+    (json.dumps({"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
+                 "tool_choice": {"type": "function", "function": {"name": "g"}}}).encode(), 400, "tool_choice"),
+    (json.dumps({"model": MODEL, "messages": HI, "tool_choice": "required"}).encode(), 400, "tool_choice"),
+    (json.dumps({"model": MODEL, "messages": HI, "thinking_budget": -1}).encode(), 400, "thinking_budget"),
+    (json.dumps({"model": MODEL, "messages": HI, "reasoning_effort": "max"}).encode(), 400, "reasoning_effort"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(),
      400, "messages.0.content"),
     (json.dumps({"model": MODEL, "messages": HI, "chat_template_kwargs": {"messages": 1}}).encode(), 400,
@@ -515,7 +492,8 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st
                      st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=12)
 _FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed",
            "logprobs", "top_logprobs", "stream", "stream_options", "tools", "tool_choice", "chat_template_kwargs",
-           "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format", "echo"]
+           "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format", "echo", "thinking_budget",
+           "reasoning_effort", "parallel_tool_calls"]
 _bodies = st.one_of(
     _json,
     st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=5),

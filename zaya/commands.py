@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from zaya.checkpoint import convert, merge_adapter, open_checkpoint, resolve, save_quantized
+from zaya.errors import ZayaError
 from zaya.llm import DEFAULT_MODEL, load, parse_dtype
 from zaya.model import ZayaForCausalLM
 from zaya.models_store import find_local
@@ -77,6 +78,7 @@ def cmd_generate(args) -> int:
     else:
         messages = [{"role": "user", "content": args.prompt}]
         prompt = llm.apply_chat_template(messages, enable_thinking=False if args.no_think else None)
+    kwargs.update(constraint_kwargs(args))
     start, tokens, reason = time.perf_counter(), 0, None
     for ev in llm.stream([prompt], n=1, **kwargs):
         tokens += ev.token_id is not None
@@ -88,6 +90,36 @@ def cmd_generate(args) -> int:
     print(f"[{tokens} tokens in {elapsed:.2f}s, {tokens / max(elapsed, 1e-9):.1f} tok/s, finish: {reason}]",
           file=sys.stderr)
     return 0
+
+
+def add_constraint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structured output (after </think>; the reasoning stays free)")
+    g.add_argument("--json", action="store_true", help="answer with a JSON object")
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="answer with JSON valid under this schema (inline JSON or a file path)")
+    g.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="reasoning tokens before </think> is forced")
+
+
+def constraint_kwargs(args) -> dict:
+    """``json_schema`` / ``thinking_budget`` for `LLM.generate` from the flags above."""
+    out = {}
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith(("{", "true", "false")):
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise ZayaError(f"--json-schema: {text!r} is neither inline JSON nor a file")
+            text = path.read_text()
+        try:
+            out["json_schema"] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ZayaError(f"--json-schema is not valid JSON: {exc}") from None
+    elif args.json:
+        out["json_schema"] = {"type": "object"}
+    if args.thinking_budget is not None:
+        out["thinking_budget"] = args.thinking_budget
+    return out
 
 
 # ------------------------------------------------------------------------------------- convert
@@ -179,6 +211,7 @@ def register(sub) -> None:
     add_sampling_args(p)
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as-is")
     p.add_argument("--no-think", action="store_true", help="ask the chat template to skip reasoning")
+    add_constraint_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("convert", help="rewrite a (legacy) checkpoint in the native layout")

@@ -19,11 +19,16 @@ from zaya.checkpoint import load_model, resolve
 from zaya.engine import Completion, Engine, PagedCache, Request, TokenEvent, parse_memory
 from zaya.engine.cache import pool_blocks
 from zaya.errors import CheckpointError, ZayaError
+from zaya.grammar import REASONING_EFFORT, make_guide, schema_of_response_format
 from zaya.rsa.fit import fit_for_model
 from zaya.sampling import SamplingParams, fit_max_new_tokens
 from zaya.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "zaya-tiny"
+
+# generate / stream / chat keywords that constrain the output rather than sample it
+_CONSTRAINT_ARGS = ("response_format", "json_schema", "thinking_budget", "tools", "tool_choice",
+                    "parallel_tool_calls")
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
@@ -98,6 +103,8 @@ class LLM:
     def _requests(self, prompts, kwargs) -> list[Request]:
         """One Request per prompt. An unset ``max_new_tokens`` runs up to the context's end, at most
         ``DEFAULT_MAX_NEW_TOKENS`` (``fit_max_new_tokens``), so it can differ between prompts."""
+        kwargs = dict(kwargs)
+        constraint = {k: kwargs.pop(k) for k in _CONSTRAINT_ARGS if k in kwargs}
         params = SamplingParams.from_kwargs(**kwargs)
         requested = kwargs.get("max_new_tokens")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -113,7 +120,8 @@ class LLM:
             else:
                 ids = [int(t) for t in prompt]
             budget = fit_max_new_tokens(len(ids), self.max_context, requested)
-            out.append(Request(ids, dataclasses.replace(params, max_new_tokens=budget), i))
+            guide = self.guide(ids, max_new_tokens=budget, **constraint) if constraint else None
+            out.append(Request(ids, dataclasses.replace(params, max_new_tokens=budget, constraint=guide), i))
         return out
 
     @property
@@ -130,6 +138,23 @@ class LLM:
     def _cache_dtype(self) -> torch.dtype:
         param = next(self.model.parameters())
         return param.dtype if param.is_floating_point() else torch.bfloat16
+
+    def guide(self, prompt_ids, *, response_format=None, json_schema=None, thinking_budget=None, tools=None,
+              tool_choice="auto", parallel_tool_calls=True, max_new_tokens=None):
+        """The constraint (zaya.grammar) for a prompt: ``json_schema`` (or an OpenAI
+        ``response_format``) and ``tool_choice`` ("auto", "none", "required" or {"name": NAME})
+        shape the answer, after ``</think>`` when the prompt leaves a think block open;
+        ``thinking_budget`` caps the reasoning tokens, then ``</think>`` is forced."""
+        schema = json_schema if json_schema is not None else schema_of_response_format(response_format)
+        if schema is None and thinking_budget is None and tool_choice in (None, "auto"):
+            return None
+        if self.tokenizer is None:
+            raise ZayaError("constrained decoding needs a tokenizer")
+        starts = generation_starts_in_reasoning(self.tokenizer.decode(list(prompt_ids)[-16:]))
+        return make_guide(self.tokenizer, self.config.vocab_size, starts_in_reasoning=starts,
+                          thinking_budget=thinking_budget, schema=schema, tools=tools,
+                          tool_choice=tool_choice or "auto", parallel_tool_calls=parallel_tool_calls,
+                          max_new_tokens=max_new_tokens)
 
     def engine(self, **kwargs) -> Engine:
         """An engine over this LLM's shared cache (the server's scheduler owns one)."""
@@ -165,13 +190,25 @@ class LLM:
                                 enable_thinking=enable_thinking, **kwargs)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def chat(self, messages, *, enable_thinking=None, tools=None, **sampling):
+    def chat(self, messages, *, enable_thinking=None, tools=None, tool_choice="auto", reasoning_effort=None,
+             **sampling):
+        """One assistant turn, parsed (reasoning, content, tool calls). Besides the sampling
+        keywords: ``response_format`` / ``json_schema``, ``tool_choice``, ``parallel_tool_calls``,
+        ``thinking_budget``, and ``reasoning_effort`` ("none" turns thinking off; "minimal" / "low"
+        / "medium" / "high" set the thinking budget of ``zaya.grammar.REASONING_EFFORT``)."""
         if self.tokenizer is None:
             raise ZayaError("chat needs a tokenizer")
+        if reasoning_effort == "none":
+            enable_thinking = False
+        elif reasoning_effort is not None:
+            if reasoning_effort not in REASONING_EFFORT:
+                raise ZayaError(f"reasoning_effort must be none or one of {', '.join(REASONING_EFFORT)}")
+            sampling.setdefault("thinking_budget", REASONING_EFFORT[reasoning_effort])
         text = self.render_chat(messages, tools=tools, enable_thinking=enable_thinking)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        completion = self.generate([ids], **sampling)[0]
-        result = parse_assistant(completion.text, generation_starts_in_reasoning(text), tools=tools)
+        completion = self.generate([ids], tools=tools, tool_choice=tool_choice, **sampling)[0]
+        parse = tools if tool_choice != "none" else None
+        result = parse_assistant(completion.text, generation_starts_in_reasoning(text), tools=parse)
         result.completion = completion
         return result
 

@@ -8,6 +8,7 @@ seed reproduces a request whatever else is in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import torch
 
@@ -39,6 +40,30 @@ def fit_max_new_tokens(prompt_len: int, max_context: int, requested: int | None 
     return requested
 
 
+class Constraint(Protocol):
+    """A per-sequence hook on the sampling step: constrained decoding, a thinking budget.
+
+    The engine calls it in one place, around `sample`: ``restrict(logits)`` returns the row's
+    logits with every token the constraint forbids at -inf (all but one when it forces a token),
+    and ``accept(token)`` hands it the token that was sampled, so it can advance its state.
+    ``accepts(tokens)`` says how
+    many of a run of proposed tokens (drafted ones, for speculative decoding) it would take in
+    order, without advancing.
+    """
+
+    def restrict(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def accept(self, token: int) -> None: ...
+
+    def accepts(self, tokens: list[int]) -> int: ...
+
+
+class ConstraintSpec(Protocol):
+    """What a request carries: ``start()`` makes the `Constraint` of one of its sequences."""
+
+    def start(self) -> Constraint: ...
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -56,6 +81,7 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    constraint: ConstraintSpec | None = None  # structured output / thinking budget (zaya.grammar)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":

@@ -44,6 +44,7 @@ def register(subparsers) -> None:
     g.add_argument("--tail", type=int, help="reasoning tokens carried per candidate (tau)")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-p", type=float)
+    g.add_argument("--thinking-budget", type=int, help="reasoning tokens per candidate before </think> is forced")
     g.add_argument("--selection", choices=SELECTIONS)
     g.add_argument("--seed", type=int)
     g.add_argument("--batch-size", type=int, help="local: max sequences decoded together")
@@ -79,7 +80,7 @@ def run(args) -> int:
                    progress=not args.no_progress, n=args.n, k=args.k, rounds=args.rounds,
                    budget=args.budget, tail=args.tail, temperature=args.temperature,
                    top_p=args.top_p, selection=args.selection, seed=args.seed,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, thinking_budget=args.thinking_budget)
     context = None
     if args.backend_url:
         backend = _remote_backend(args)

@@ -139,6 +139,9 @@ class Engine:
         if p.logprobs:
             for s in seqs:
                 s.logprobs, s.top_logprobs = [], []
+        if p.constraint is not None:
+            for s in seqs:
+                s.constraint = p.constraint.start()
         request.sequences = seqs
         self.waiting.append(_Prefill(seqs[0], list(ids), seqs[1:]))
         return seqs
@@ -292,7 +295,11 @@ class Engine:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, TokenEvent]:
         p = seq.request.params
         scored = logits if seq.counts is None else apply_penalties(logits, seq.counts, seq.seen, p)
+        if seq.constraint is not None:  # the one place constraints act: mask before, advance after
+            scored = seq.constraint.restrict(scored)
         token = sample(scored, p, seq.request.generator)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         logprob = top = None
         if seq.logprobs is not None:
             logprob, top = token_logprobs(logits, token, p.top_logprobs)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zaya.engine.cache import SeqCache
-from zaya.sampling import SamplingParams
+from zaya.sampling import Constraint, SamplingParams
 
 
 @dataclass
@@ -65,6 +65,7 @@ class Sequence:
     counts: torch.Tensor | None = None
     seen: torch.Tensor | None = None
     cache: SeqCache | None = None   # its place in the paged cache while it holds one
+    constraint: Constraint | None = None  # structured output / tool call / thinking budget state
 
     def completion(self) -> Completion:
         return Completion(self.text, list(self.token_ids), self.finish_reason or "length",

@@ -139,6 +139,7 @@ class GenerateRequest:
     seed: int | None
     enable_thinking: bool | None
     batch_size: int | None
+    thinking_budget: int | None = None
 
     @property
     def label(self) -> str:
@@ -149,9 +150,13 @@ class GenerateRequest:
         return len(self.prompts) * self.n
 
     def sampling(self) -> dict:
-        return dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                    top_k=self.top_k, seed=self.seed, enable_thinking=self.enable_thinking,
-                    batch_size=self.batch_size)
+        """(``thinking_budget`` only when set, so backends written before it keep working.)"""
+        out = dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                   top_k=self.top_k, seed=self.seed, enable_thinking=self.enable_thinking,
+                   batch_size=self.batch_size)
+        if self.thinking_budget is not None:
+            out["thinking_budget"] = self.thinking_budget
+        return out
 
 
 class RSARun:
@@ -279,7 +284,8 @@ class RSARun:
         else:
             sampling = (cfg.budget, cfg.temperature, cfg.top_p, cfg.top_k)
         return GenerateRequest(t, final, prompts, n, *sampling, seed=derive_seed(cfg.seed, t),
-                               enable_thinking=cfg.enable_thinking, batch_size=cfg.batch_size)
+                               enable_thinking=cfg.enable_thinking, batch_size=cfg.batch_size,
+                               thinking_budget=cfg.thinking_budget)
 
     def _round(self, t: int, prompts, parents, stats, *, n: int, final: bool = False):
         """One generation (a generator: yields its request); returns the new members."""

@@ -3,7 +3,8 @@
 A backend turns chat-message lists into candidates and measures text in tokens:
 
     generate(messages_list, *, n, max_tokens, temperature, top_p, top_k, seed,
-             enable_thinking=None, batch_size=None, progress=None) -> list[list[Candidate]]
+             enable_thinking=None, batch_size=None, progress=None, thinking_budget=None)
+        -> list[list[Candidate]]
     count_tokens(text) -> int
     tail(text, tau) -> str        # the last tau tokens of text, token-exact
 
@@ -62,7 +63,8 @@ class Backend(Protocol):
     def generate(self, messages_list: Sequence[Messages], *, n: int, max_tokens: int,
                  temperature: float, top_p: float, top_k: int, seed: int | None,
                  enable_thinking: bool | None = None, batch_size: int | None = None,
-                 progress: Progress | None = None) -> list[list[Candidate]]: ...
+                 progress: Progress | None = None, thinking_budget: int | None = None
+                 ) -> list[list[Candidate]]: ...
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -142,7 +144,7 @@ class LocalBackend(TokenTools):
         self.name = f"local:{getattr(llm, 'name', None) or type(llm).__name__}"
 
     def generate(self, messages_list, *, n, max_tokens, temperature, top_p, top_k, seed,
-                 enable_thinking=None, batch_size=None, progress=None):
+                 enable_thinking=None, batch_size=None, progress=None, thinking_budget=None):
         prompts = [
             list(self.llm.apply_chat_template(m, add_generation_prompt=True,
                                               enable_thinking=enable_thinking))
@@ -152,6 +154,8 @@ class LocalBackend(TokenTools):
         out: list[list[Candidate]] = [[] for _ in prompts]
         sampling = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k)
+        if thinking_budget is not None:
+            sampling["thinking_budget"] = thinking_budget
         start = time.perf_counter()
         decode = self._stream if progress else self._generate
         for j, (rows, n_each) in enumerate(_chunks(len(prompts), n, batch_size or self.batch_size)):
@@ -248,7 +252,7 @@ class OpenAIBackend(TokenTools):
         return self.model
 
     def generate(self, messages_list, *, n, max_tokens, temperature, top_p, top_k, seed,
-                 enable_thinking=None, batch_size=None, progress=None):
+                 enable_thinking=None, batch_size=None, progress=None, thinking_budget=None):
         model = self.model_name()
         jobs = [(p, s) for p in range(len(messages_list)) for s in range(n)]
         out: list[list[Candidate | None]] = [[None] * n for _ in messages_list]
@@ -263,6 +267,8 @@ class OpenAIBackend(TokenTools):
                 body["seed"] = derive_seed(seed, p, s)
             if enable_thinking is not None:
                 body["chat_template_kwargs"] = {"enable_thinking": enable_thinking}
+            if thinking_budget is not None:
+                body["thinking_budget"] = thinking_budget
             return self._candidate(self.request("POST", "/v1/chat/completions", body), start)
 
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:

@@ -60,6 +60,7 @@ class RSAConfig:
     seed: int | None = None
     batch_size: int | None = None    # local backend: max sequences decoded together
     enable_thinking: bool | None = None  # passed to the chat template (None = its default)
+    thinking_budget: int | None = None   # reasoning tokens per candidate before </think> is forced
 
     def __post_init__(self):
         checks = [
@@ -74,6 +75,7 @@ class RSAConfig:
             (self.selection in SELECTIONS, f"selection must be one of {', '.join(SELECTIONS)}"),
             (self.final_budget is None or self.final_budget >= 1, "final_budget must be >= 1"),
             (self.batch_size is None or self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.thinking_budget is None or self.thinking_budget >= 0, "thinking_budget must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

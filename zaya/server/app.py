@@ -17,6 +17,7 @@ A route is an ``async def handler(request)`` that finds the server's `State` on
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -28,11 +29,15 @@ from starlette.concurrency import run_in_threadpool
 
 from zaya.sampling import MAX_N
 from zaya.server import responses as R
-from zaya.server.generation import Submission, Timing, respond
+from zaya.server.generation import Submission, Timing, chat_choices, respond, start_chat
 from zaya.server.http import Guard, install_error_handlers, read_body
+from zaya.server import anthropic
+from zaya.server.anthropic import MessagesReply, MessagesRequest
 from zaya.server.metrics import Metrics
-from zaya.server.prepare import prepare_chat, prepare_completion
-from zaya.server.protocol import ApiError, ChatCompletionRequest, CompletionRequest, bad_request, parse
+from zaya.server.openai_responses import ResponsesReply, ResponsesRequest, to_chat
+from zaya.server.prepare import chat_messages, prepare_completion, render, template_kwargs
+from zaya.server.protocol import (ApiError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                  TokenizeRequest, bad_request, parse)
 from zaya.server.rsa import rsa_chat
 from zaya.server.scheduler import Scheduler
 
@@ -50,6 +55,7 @@ class ServerConfig:
     max_prompts: int = 32                 # prompts per /v1/completions request
     max_rsa_runs: int = 2                 # concurrent Markovian RSA requests
     keepalive_s: float = 10.0             # SSE keep-alive interval while RSA runs
+    thinking_budget: int | None = None    # reasoning tokens before </think> is forced (None: no limit)
     retry_after_s: int = 2
     step_tokens: int = 512                # per engine step: decode rows plus prefill chunks
 
@@ -133,11 +139,8 @@ async def chat_completions(request: Request):
     req = await read_request(request, ChatCompletionRequest)
     if req.rsa:
         return await rsa_chat(state, request, req)
-    prep = await run_in_threadpool(prepare_chat, state, req)
-    state.metrics.prompt_tokens.inc(len(prep.ids))
-    sub = Submission(state, [(prep.ids, prep.params)])
-    choices = [R.ChatChoice(i, prep.starts_in_reasoning, prep.tools, prep.parse_tools, state.token_text,
-                            prep.params.logprobs) for i in range(prep.params.n)]
+    prep, sub = await start_chat(state, req)
+    choices = chat_choices(state, prep, prep.params.logprobs)
     return await respond(request, sub, R.ChatReply(req.model, choices, len(prep.ids)),
                          Timing(state.metrics, "/v1/chat/completions", arrived), stream=req.stream,
                          include_usage=bool(req.stream_options and req.stream_options.include_usage))
@@ -158,14 +161,101 @@ async def completions(request: Request):
                          include_usage=bool(req.stream_options and req.stream_options.include_usage))
 
 
+async def tokenize(request: Request):
+    """vLLM's /tokenize: ``prompt`` (special tokens added unless ``add_special_tokens`` is false) or
+    chat ``messages`` (rendered with the template, encoded without adding any)."""
+    state = request.app.state.zaya
+    req = parse(TokenizeRequest, await read_body(request, state.config.max_body_bytes))
+    if req.model is not None:
+        state.check_model(req.model)
+    tok = state.llm.tokenizer
+    if tok is None:
+        raise bad_request("this model has no tokenizer")
+    if (req.prompt is None) == (req.messages is None):
+        raise bad_request("send either 'prompt' or 'messages'", param="prompt")
+    if req.messages is not None:
+        chat = ChatCompletionRequest(model=state.config.model_name, messages=req.messages, tools=req.tools,
+                                     chat_template_kwargs=req.chat_template_kwargs)
+        thinking, kwargs = template_kwargs(chat)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        text = await run_in_threadpool(render, state.llm, chat_messages(chat), tools, thinking,
+                                       {**kwargs, "add_generation_prompt": req.add_generation_prompt})
+        special = bool(req.add_special_tokens)
+    else:
+        text, special = req.prompt, req.add_special_tokens is not False
+    ids = await run_in_threadpool(tok.encode, text, special)
+    return {"count": len(ids), "max_model_len": state.max_context, "tokens": ids,
+            "token_strs": [tok.id_to_token(i) for i in ids] if req.return_token_strs else None}
+
+
+async def detokenize(request: Request):
+    state = request.app.state.zaya
+    req = parse(DetokenizeRequest, await read_body(request, state.config.max_body_bytes))
+    if req.model is not None:
+        state.check_model(req.model)
+    vocab = state.llm.config.vocab_size
+    if state.llm.tokenizer is None:
+        raise bad_request("this model has no tokenizer")
+    if any(not 0 <= t < vocab for t in req.tokens):
+        raise bad_request(f"token ids must be in [0, {vocab})", param="tokens")
+    return {"prompt": state.llm.tokenizer.decode(req.tokens)}
+
+
+async def responses_api(request: Request):
+    arrived, state = time.monotonic(), request.app.state.zaya
+    req = await read_request(request, ResponsesRequest)
+    chat = to_chat(req)
+    if chat.rsa:
+        return await rsa_chat(state, request, chat, lambda prep, choices: ResponsesReply(req, chat, choices[0],
+                                                                                        len(prep.ids)))
+    prep, sub = await start_chat(state, chat)
+    reply = ResponsesReply(req, chat, chat_choices(state, prep)[0], len(prep.ids))
+    return await respond(request, sub, reply, Timing(state.metrics, "/v1/responses", arrived), stream=req.stream)
+
+
+async def messages_api(request: Request):
+    arrived, state = time.monotonic(), request.app.state.zaya
+    req = await read_request(request, MessagesRequest)
+    chat = anthropic.to_chat(req)
+    if chat.rsa:
+        return await rsa_chat(state, request, chat, lambda prep, choices: MessagesReply(
+            req, choices[0], len(prep.ids), state.llm.tokenizer))
+    prep, sub = await start_chat(state, chat)
+    reply = MessagesReply(req, chat_choices(state, prep)[0], len(prep.ids), state.llm.tokenizer)
+    return await respond(request, sub, reply, Timing(state.metrics, "/v1/messages", arrived), stream=req.stream)
+
+
+async def count_tokens(request: Request):
+    """Anthropic's /v1/messages/count_tokens: the prompt's tokens as the template renders it."""
+    state = request.app.state.zaya
+    body = json.loads(await read_body(request, state.config.max_body_bytes) or b"null")
+    if isinstance(body, dict):
+        body.setdefault("max_tokens", 1)
+    req = parse(MessagesRequest, json.dumps(body).encode())
+    state.check_model(req.model)
+    chat = anthropic.to_chat(req)
+    thinking, kwargs = template_kwargs(chat)
+    tools = [t.model_dump(exclude_none=True) for t in chat.tools] if chat.tools else None
+    text = await run_in_threadpool(render, state.llm, chat_messages(chat), tools, thinking, kwargs)
+    return {"input_tokens": len(state.llm.tokenizer.encode(text, add_special_tokens=False))}
+
+
 # path -> (HTTP method, handler); the request counter labels requests by these paths
 ROUTES = {
     "/v1/chat/completions": ("POST", chat_completions),
     "/v1/completions": ("POST", completions),
+    "/v1/responses": ("POST", responses_api),
+    "/v1/messages": ("POST", messages_api),
+    "/v1/messages/count_tokens": ("POST", count_tokens),
     "/v1/models": ("GET", models),
+    "/tokenize": ("POST", tokenize),
+    "/detokenize": ("POST", detokenize),
     "/health": ("GET", health),
     "/metrics": ("GET", metrics),
 }
+
+# routes whose API has its own error JSON (OpenAI's everywhere else)
+ERROR_SHAPES = {"/v1/messages": anthropic.error_shape, "/v1/messages/count_tokens": anthropic.error_shape}
 
 
 def create_app(llm, config: ServerConfig | None = None, *, engine_factory=None) -> FastAPI:
@@ -174,8 +264,9 @@ def create_app(llm, config: ServerConfig | None = None, *, engine_factory=None) 
     app = FastAPI(title="zaya", version="0.1", lifespan=state.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.zaya = state
-    install_error_handlers(app)
+    install_error_handlers(app, ERROR_SHAPES)
     for path, (method, handler) in ROUTES.items():
         app.add_api_route(path, handler, methods=[method])
-    app.add_middleware(Guard, api_key=state.config.api_key, metrics=state.metrics, routes=ROUTES)
+    app.add_middleware(Guard, api_key=state.config.api_key, metrics=state.metrics, routes=ROUTES,
+                       shapes=ERROR_SHAPES)
     return app

@@ -13,10 +13,12 @@ import asyncio
 import time
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from zaya.server import responses as R
 from zaya.server.http import api_error, sse_response, watch_client
-from zaya.server.protocol import ApiError
+from zaya.server.prepare import ChatPrep, prepare_chat
+from zaya.server.protocol import ApiError, ChatCompletionRequest
 from zaya.server.scheduler import DONE, QueueFull, ShuttingDown
 
 
@@ -70,6 +72,19 @@ class Submission:
             self.state.scheduler.cancel(job)
 
 
+async def start_chat(state, req: ChatCompletionRequest) -> tuple[ChatPrep, Submission]:
+    """Prepare a chat request (in a worker thread) and submit it: what every chat-shaped route
+    (chat completions, Responses, Messages) does before `respond`."""
+    prep = await run_in_threadpool(prepare_chat, state, req)
+    state.metrics.prompt_tokens.inc(len(prep.ids))
+    return prep, Submission(state, [(prep.ids, prep.params)])
+
+
+def chat_choices(state, prep: ChatPrep, logprobs: bool = False) -> list[R.ChatChoice]:
+    return [R.ChatChoice(i, prep.starts_in_reasoning, prep.tools, prep.parse_tools, state.token_text, logprobs)
+            for i in range(prep.params.n)]
+
+
 class Timing:
     """Time to first token and request latency, per route."""
 
@@ -104,19 +119,17 @@ async def _collect(sub: Submission, reply: R.Reply, timing: Timing) -> None:
 
 
 async def _chunks(sub: Submission, reply: R.Reply, timing: Timing, include_usage: bool):
-    null_usage = {"usage": None} if include_usage else {}
     try:
-        for choices in reply.opening():
-            yield R.sse(reply.chunk(choices, **null_usage))
+        for data in reply.stream_open(include_usage):
+            yield data
         async for job, ev in sub.events():
             timing.token()
-            choice = reply.feed(job, ev)
-            if choice is not None:
-                yield R.sse(reply.chunk([choice], **null_usage))
+            for data in reply.stream_feed(job, ev, include_usage):
+                yield data
         reply.cached_tokens = sub.cached_tokens
-        if include_usage:
-            yield R.sse(reply.chunk([], usage=reply.usage()))
+        for data in reply.stream_close(include_usage):
+            yield data
         timing.done()
     except ApiError as exc:
-        yield R.sse(exc.body())
-    yield R.SSE_DONE
+        for data in reply.stream_error(exc):
+            yield data

@@ -2,7 +2,8 @@
 
 Nothing here knows a route. `api_error` is the one place an exception becomes OpenAI's error
 JSON; `install_error_handlers` makes FastAPI answer with it (and with 499 for a client that left);
-`Guard` checks the API key and counts requests per route.
+`Guard` checks the API key and counts requests per route. A route whose API has its own error
+JSON (Anthropic's) names a function in ``shapes`` (path -> ``ApiError -> dict``), which both use.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zaya.errors import ContextLengthError, ZayaError
-from zaya.server.protocol import ApiError, bad_request, error_body
+from zaya.server.protocol import ApiError, bad_request
 from zaya.server.scheduler import ShuttingDown
 
 log = logging.getLogger("zaya.server")
@@ -52,12 +53,20 @@ class ClientGone(Exception):
     """The client disconnected before its answer was ready (answered with 499)."""
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as OpenAI's error JSON; a client that left gets 499."""
+def error_response(exc: ApiError, path: str, shapes: dict) -> JSONResponse:
+    """``exc`` as the JSON error of the API at ``path`` (OpenAI's unless ``shapes`` names another)."""
+    shape = shapes.get(path)
+    return JSONResponse(shape(exc) if shape else exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def install_error_handlers(app: FastAPI, shapes: dict | None = None) -> None:
+    """Every error leaves as its API's error JSON (OpenAI's unless ``shapes`` says otherwise); a
+    client that left gets 499."""
+    shapes = shapes or {}
 
     @app.exception_handler(ApiError)
     async def api(request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+        return error_response(exc, request.url.path, shapes)
 
     @app.exception_handler(ClientGone)
     async def gone(request, exc: ClientGone):
@@ -68,12 +77,13 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = (f"no route {request.method} {request.url.path}" if exc.status_code in (404, 405)
                    else str(exc.detail))
-        return JSONResponse(error_body(message, kind), status_code=exc.status_code)
+        return error_response(ApiError(exc.status_code, message, type=kind), request.url.path, shapes)
 
     @app.exception_handler(Exception)
     async def server(request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+        return error_response(ApiError(500, "internal server error", type="server_error"), request.url.path,
+                              shapes)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -128,12 +138,14 @@ def sse_response(body: AsyncIterator[bytes], on_close: Callable[[], None]) -> St
 
 
 class Guard:
-    """Pure ASGI middleware: the API key (constant-time) on every route but /health, and the
-    per-route request counter (paths outside ``routes`` count as "other")."""
+    """Pure ASGI middleware: the API key (constant-time; ``Authorization: Bearer KEY`` or
+    Anthropic's ``x-api-key: KEY``) on every route but /health, and the per-route request counter
+    (paths outside ``routes`` count as "other")."""
 
-    def __init__(self, app, *, api_key: str | None, metrics, routes):
+    def __init__(self, app, *, api_key: str | None, metrics, routes, shapes: dict | None = None):
         self.app, self.metrics, self.routes = app, metrics, frozenset(routes)
         self.key = api_key.encode() if api_key else None
+        self.shapes = shapes or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -148,10 +160,10 @@ class Guard:
 
         try:
             if self.key is not None and path != "/health" and not self._authorized(scope):
-                body = error_body("invalid or missing API key (send 'Authorization: Bearer KEY')",
-                                  code="invalid_api_key")
-                response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send_wrapper)
+                exc = ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' or 'x-api-key: KEY')",
+                               code="invalid_api_key",
+                               headers={"WWW-Authenticate": "Bearer"})
+                return await error_response(exc, path, self.shapes)(scope, receive, send_wrapper)
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.requests.inc(1, path if path in self.routes else "other", status["code"])
@@ -160,5 +172,8 @@ class Guard:
         for name, value in scope.get("headers", ()):
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
-                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+                    return True
+            elif name == b"x-api-key" and hmac.compare_digest(value.strip(), self.key):
+                return True
         return False

@@ -101,8 +101,11 @@ class ChatCompletionRequest(_Generation):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    thinking_budget: int | None = None
+    reasoning_effort: str | None = None
     rsa: Union[bool, dict[str, Any], None] = None
 
 
@@ -113,6 +116,24 @@ class CompletionRequest(_Generation):
     best_of: int | None = None
     suffix: str | None = None
     rsa: Union[bool, dict[str, Any], None] = None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a raw ``prompt``, or chat ``messages`` rendered with the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 def parse(model: type[BaseModel], body: bytes):

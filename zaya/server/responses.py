@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 
-from zaya.chat import ReasoningParser, ToolCallStreamer
+from zaya.chat import THINK_CLOSE, THINK_OPEN, ReasoningParser, ToolCallStreamer
 
 
 def new_id(prefix: str) -> str:
@@ -33,6 +33,8 @@ class TokenText:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
+        # `<think>` / `</think>` ids, to count reasoning tokens exactly (None: not one token)
+        self.think_ids = tuple(tokenizer.token_to_id(t) if tokenizer else None for t in (THINK_OPEN, THINK_CLOSE))
 
     def __call__(self, token_id: int) -> str:
         if token_id not in self._cache:
@@ -46,14 +48,34 @@ class TokenText:
                                  for i, lp in (top or {}).items()]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
+          reasoning_tokens: int | None = None) -> dict:
     """OpenAI's usage object; ``cached_tokens`` (prompt tokens taken from the prefix cache) goes in
-    ``prompt_tokens_details`` when it is known."""
+    ``prompt_tokens_details`` and ``reasoning_tokens`` in ``completion_tokens_details`` when known."""
     out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
            "total_tokens": prompt_tokens + completion_tokens}
     if cached_tokens is not None:
         out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
     return out
+
+
+class ReasoningTokens:
+    """Counts the tokens a sample spends reasoning: from the start (when the prompt left `<think>`
+    open) or from `<think>` on, up to `</think>`, the tags excluded."""
+
+    def __init__(self, started_in_reasoning: bool, think_ids: tuple):
+        self.open_id, self.close_id = think_ids
+        self.inside, self.count = started_in_reasoning, 0
+
+    def feed(self, token_id: int) -> None:
+        if token_id == self.close_id:
+            self.inside = False
+        elif token_id == self.open_id:
+            self.inside = True
+        elif self.inside:
+            self.count += 1
 
 
 class ChatChoice:
@@ -61,6 +83,7 @@ class ChatChoice:
                  token_text: TokenText | None = None, logprobs: bool = False):
         self.index = index
         self.reasoning = ReasoningParser(started_in_reasoning)
+        self.thought = ReasoningTokens(started_in_reasoning, token_text.think_ids if token_text else (None, None))
         self.tools = ToolCallStreamer(tools) if parse_tools else None
         self.token_text, self.want_logprobs = token_text, logprobs
         self.reasoning_text: list[str] = []
@@ -76,6 +99,7 @@ class ChatChoice:
         entries = []
         if ev.token_id is not None:
             self.tokens += 1
+            self.thought.feed(ev.token_id)
             if self.want_logprobs and ev.logprob is not None:
                 entries.append(self.token_text.chat_entry(ev.token_id, ev.logprob, ev.top_logprobs))
                 self.logprobs += entries
@@ -194,6 +218,23 @@ class Reply:
         """Choice lists of the chunks sent before the first token."""
         return []
 
+    # -- the SSE stream: OpenAI chunks and ``data: [DONE]``; other APIs frame their own events
+    def stream_open(self, include_usage: bool) -> list[bytes]:
+        extra = {"usage": None} if include_usage else {}
+        return [sse(self.chunk(choices, **extra)) for choices in self.opening()]
+
+    def stream_feed(self, job: int, ev, include_usage: bool) -> list[bytes]:
+        choice = self.feed(job, ev)
+        if choice is None:
+            return []
+        return [sse(self.chunk([choice], **({"usage": None} if include_usage else {})))]
+
+    def stream_close(self, include_usage: bool) -> list[bytes]:
+        return ([sse(self.chunk([], usage=self.usage()))] if include_usage else []) + [SSE_DONE]
+
+    def stream_error(self, exc) -> list[bytes]:
+        return [sse(exc.body()), SSE_DONE]
+
     def chunk(self, choices: list[dict], **extra) -> dict:
         raise NotImplementedError
 
@@ -204,6 +245,10 @@ class Reply:
 
 class ChatReply(Reply):
     prefix = "chatcmpl"
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices), self.cached_tokens,
+                     sum(c.thought.count for c in self.choices))
 
     def opening(self) -> list[list[dict]]:
         return [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,

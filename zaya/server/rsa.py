@@ -28,12 +28,13 @@ from zaya.errors import ZayaError
 from zaya.rsa import PROFILES, GenerateRequest, RSAConfig, RSAError, RSAResult, RSARun, make_config
 from zaya.rsa.backends import Candidate, EventText, TokenTools, derive_seed
 from zaya.rsa.config import DEFAULT_PROFILE
+from zaya.grammar import make_guide
 from zaya.rsa.fit import fit_for_model
 from zaya.sampling import MAX_N, SamplingParams
 from zaya.server import responses as R
-from zaya.server.generation import Submission
+from zaya.server.generation import Submission, Timing, chat_choices, respond
 from zaya.server.http import api_error, sse_response, watch_client
-from zaya.server.prepare import chat_messages, render, template_kwargs
+from zaya.server.prepare import chat_messages, prepare_final, render, template_kwargs, thinking_settings
 from zaya.server.protocol import ApiError, bad_request
 
 MAX_ROUNDS = 16
@@ -42,7 +43,7 @@ _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(RSAConfig)}
 
 
 # -- the request's settings -------------------------------------------------------------------
-def rsa_config(req) -> RSAConfig:
+def rsa_config(state, req) -> RSAConfig:
     spec = {} if req.rsa is True else dict(req.rsa)
     profile = spec.pop("profile", None)
     if profile is not None and (not isinstance(profile, str) or profile not in PROFILES):
@@ -61,8 +62,11 @@ def rsa_config(req) -> RSAConfig:
         if value is not None:
             spec.setdefault(key, value)
     thinking, _ = template_kwargs(req)
+    budget, thinking = thinking_settings(state, req, thinking)
     if thinking is not None:
         spec.setdefault("enable_thinking", thinking)
+    if budget is not None:
+        spec.setdefault("thinking_budget", budget)
     for key, value in spec.items():
         if key not in _FIELD_TYPES:
             raise bad_request(f"unknown rsa parameter {key!r}; valid: profile, t, tail_tokens, max_tokens, "
@@ -134,7 +138,8 @@ async def generate(state, request: GenerateRequest, progress: Progress) -> list[
         for c, first in enumerate(range(0, request.n, chunk)):
             params = SamplingParams.from_kwargs(
                 max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                top_k=request.top_k, n=min(chunk, request.n - first), seed=derive_seed(request.seed, p, c))
+                top_k=request.top_k, n=min(chunk, request.n - first), seed=derive_seed(request.seed, p, c),
+                constraint=_budget(state, thinking[p], request.thinking_budget))
             sched.check(len(ids), params)
             items.append((ids, params))
             origin.append((p, first))
@@ -153,6 +158,13 @@ async def generate(state, request: GenerateRequest, progress: Progress) -> list[
             for p, ids in enumerate(prompts)]
 
 
+def _budget(state, starts_in_reasoning: bool, budget: int | None):
+    if budget is None:
+        return None
+    return make_guide(state.llm.tokenizer, state.llm.config.vocab_size, starts_in_reasoning=starts_in_reasoning,
+                      thinking_budget=budget)
+
+
 def _render(llm, request: GenerateRequest) -> tuple[list[bool], list[list[int]]]:
     texts = [llm.render_chat(m, enable_thinking=request.enable_thinking) for m in request.prompts]
     return ([generation_starts_in_reasoning(t) for t in texts],
@@ -160,8 +172,10 @@ def _render(llm, request: GenerateRequest) -> tuple[list[bool], list[list[int]]]
 
 
 # -- the route ----------------------------------------------------------------------------------
-async def rsa_chat(state, request, req):
-    """A chat completion answered by a Markovian RSA run."""
+async def rsa_chat(state, request, req, reply_for=None):
+    """A chat completion answered by a Markovian RSA run. With ``response_format`` or ``tools``,
+    or for another API (``reply_for(prep, choices)`` makes its reply), the selected answer goes
+    through one more generation that shapes it (`prepare_final`), answered like any chat request."""
     cfg = _admit(state, req)
     messages, cfg = _problem(state, req, cfg)
     progress = Progress()
@@ -172,6 +186,13 @@ async def rsa_chat(state, request, req):
     def release():
         task.cancel()
         state.rsa_running.discard(task)
+
+    if reply_for is not None or req.response_format or req.tools:
+        try:
+            result = await watch_client(request, task, release)
+        finally:
+            release()
+        return await _final_pass(state, request, req, result, reply_for)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -185,12 +206,20 @@ async def rsa_chat(state, request, req):
                                                               "finish_reason": finish}], usage, rsa=summary)
 
 
+async def _final_pass(state, request, req, result: RSAResult, reply_for):
+    chosen = _selected(result)
+    prep = await run_in_threadpool(prepare_final, state, req, chosen.content or chosen.reasoning or chosen.text)
+    sub = Submission(state, [(prep.ids, prep.params)], bypass_limit=True)
+    choices = chat_choices(state, prep)
+    reply = reply_for(prep, choices) if reply_for else R.ChatReply(req.model, choices, len(prep.ids))
+    return await respond(request, sub, reply, Timing(state.metrics, request.url.path, time.monotonic()),
+                         stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage))
+
+
 def _admit(state, req) -> RSAConfig:
     """The run's settings, or a 400 for what RSA cannot do, or a 429 when enough runs are going."""
     if req.n != 1:
         raise bad_request("rsa returns one answer: n must be 1", param="n")
-    if req.tools:
-        raise bad_request("rsa cannot be combined with tools", param="tools")
     if req.logprobs:
         raise bad_request("rsa cannot return logprobs", param="logprobs")
     if len(state.rsa_running) >= state.config.max_rsa_runs:
@@ -198,7 +227,7 @@ def _admit(state, req) -> RSAConfig:
         raise ApiError(429, f"{state.config.max_rsa_runs} RSA runs are already in progress; retry later",
                        type="rate_limit_error", code="queue_full",
                        headers={"Retry-After": str(state.config.retry_after_s)})
-    return rsa_config(req)
+    return rsa_config(state, req)
 
 
 def _problem(state, req, cfg: RSAConfig) -> tuple[list[dict], RSAConfig]:

@@ -15,8 +15,9 @@
             (target >= 0.95)
     memory  32 concurrent streams: the peak cache bytes of the reference and of this code
 
-The reference is the tree of ``--reference`` (default: the parent of the commit that removed the
-dense ``zaya/cache.py``), unpacked with ``git archive``. Random checkpoints (bf16) are built once
+The reference is the tree of ``--reference`` (default: the newest commit on HEAD's first-parent
+line that still has the dense ``zaya/cache.py``, i.e. main just before the paged cache was merged),
+unpacked with ``git archive``. Random checkpoints (bf16) are built once
 under ``--dir``. Every figure is printed with the 1-minute load average while it was measured,
 since medians on a busy machine are still noisy; the last line is one JSON object.
 """
@@ -245,10 +246,10 @@ class Worker:
 
 
 def reference_tree(rev: str | None, out: Path) -> tuple[Path, str]:
-    if rev is None:
-        removed = subprocess.check_output(["git", "rev-list", "-1", "HEAD", "--", "zaya/cache.py"], cwd=ROOT,
-                                          text=True).strip()
-        rev = f"{removed}^"
+    if rev is None:  # the newest commit on the first-parent line that still had the dense cache
+        line = subprocess.check_output(["git", "rev-list", "--first-parent", "HEAD"], cwd=ROOT, text=True).split()
+        rev = next(sha for sha in line if subprocess.run(["git", "cat-file", "-e", f"{sha}:zaya/cache.py"], cwd=ROOT,
+                                                         capture_output=True).returncode == 0)
     sha = subprocess.check_output(["git", "rev-parse", rev], cwd=ROOT, text=True).strip()
     archive = subprocess.run(["git", "archive", sha, "zaya"], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)

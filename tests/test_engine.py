@@ -294,3 +294,7 @@ def test_budget_errors_are_clear(llm):
     small = zaya.LLM(llm.model, llm.tokenizer, cache_memory=memory)
     with pytest.raises(ContextLengthError, match="cache budget.*--cache-memory"):
         small.generate([list(range(10, 110))], max_new_tokens=50)
+    with pytest.raises(ContextLengthError, match="fills the context.*KV cache budget.*--cache-memory"):
+        small.generate([list(range(10, 140))])
+    # an unset max_new_tokens runs to the end of what the budget holds, not of the model's context
+    assert len(small.generate([list(range(10, 60))], temperature=0, ignore_eos=True)[0].token_ids) == 128 - 50

@@ -17,8 +17,8 @@ from zaya import rsa
 from zaya.chat import DEFAULT_CHAT_TEMPLATE, generation_starts_in_reasoning, parse_assistant, render_chat
 from zaya.checkpoint import load_model, resolve
 from zaya.engine import Completion, Engine, PagedCache, Request, TokenEvent, parse_memory
-from zaya.engine.cache import pool_blocks
-from zaya.errors import CheckpointError, ZayaError
+from zaya.engine.cache import CACHE_FLAGS, pool_blocks
+from zaya.errors import CheckpointError, ContextLengthError, ZayaError
 from zaya.grammar import REASONING_EFFORT, make_guide, schema_of_response_format
 from zaya.rsa.fit import fit_for_model
 from zaya.sampling import SamplingParams, fit_max_new_tokens
@@ -119,10 +119,21 @@ class LLM:
                 ids = self.tokenizer.encode_prompt(prompt)
             else:
                 ids = [int(t) for t in prompt]
-            budget = fit_max_new_tokens(len(ids), self.max_context, requested)
+            budget = self._fit(len(ids), requested)
             guide = self.guide(ids, max_new_tokens=budget, **constraint) if constraint else None
             out.append(Request(ids, dataclasses.replace(params, max_new_tokens=budget, constraint=guide), i))
         return out
+
+    def _fit(self, prompt_len: int, requested: int | None) -> int:
+        """``fit_max_new_tokens`` within the context and what the KV cache budget holds."""
+        limit = min(self.max_context, self.cache.sequence_limit)
+        try:
+            return fit_max_new_tokens(prompt_len, limit, requested)
+        except ContextLengthError as exc:
+            if limit < self.max_context:
+                raise ContextLengthError(f"{exc} (the KV cache budget of {self.cache.memory / 2**20:,.1f} MiB holds "
+                                         f"{limit:,} tokens; raise {CACHE_FLAGS})") from None
+            raise
 
     @property
     def cache(self) -> PagedCache:

@@ -83,6 +83,7 @@ class GGUFCheckpoint:
             raise ConfigError(f"{self.path}: {exc}") from None
         half = self.config.num_hidden_layers * 2
         native = {n: native_name(n, half) for n in self.by_name}
+        self._expected = {native_name(n, half): n for n in expected_names(half, self.config.tie_word_embeddings)}
         self.codecs = self._codecs(native)
         self.stored = GGUFInfo(self._type_counts())
         self.tensors: dict[str, Callable[[], torch.Tensor]] = {}
@@ -92,7 +93,6 @@ class GGUFCheckpoint:
             name = name if key is None else f"{key}.data"
             self.sources[name] = n
             self.tensors[name] = (lambda n=n: self._raw(n)) if key is not None else (lambda n=n: self._float(n))
-        self._expected = {native_name(n, half): n for n in expected_names(half, self.config.tie_word_embeddings)}
 
     # -- what stays compressed ----------------------------------------------------------------------
     def _store_key(self, native: str) -> str | None:
@@ -119,9 +119,13 @@ class GGUFCheckpoint:
                 kind, dims[-2], dims[-1], dims[0] if len(dims) == 3 else None)
         for name in [c for c in codecs if c.endswith(".gate_up_proj")] + [c for c in codecs if c.endswith(".down_proj")]:
             pair = name.rsplit(".", 1)[0] + (".down_proj" if name.endswith(".gate_up_proj") else ".gate_up_proj")
-            if pair not in codecs and pair in native.values():
-                raise CheckpointError(f"{self.path.name}: the experts {name} and {pair} mix a quantized and a "
-                                      "float type; zaya keeps both quantized or both float")
+            if pair in codecs:
+                continue
+            if pair not in native.values():
+                raise CheckpointError(f"tensor {self._expected.get(pair, pair)} is missing from the checkpoint in "
+                                      f"{self.path}")
+            raise CheckpointError(f"{self.path.name}: the experts {name} and {pair} mix a quantized and a float "
+                                  "type; zaya keeps both quantized or both float")
         return codecs
 
     def _type_counts(self) -> dict[str, int]:

@@ -5,8 +5,9 @@ A ZAYA GGUF (llama.cpp PR #23112's converter) stores the Gemma-3 vocabulary of Z
 tokens of ``tokenizer.json`` in id order, special tokens typed CONTROL, raw bytes as ``<0xNN>``. That is a BPE with byte fallback whose spaces are "▁", the
 pipeline transformers' GemmaTokenizer builds, so the same ids come out. ``gpt2`` vocabularies are
 rebuilt as byte-level BPE. The BOS / EOS flags become the post-processor, as the converter read them
-from ``tokenizer.json``; ``<end_of_turn>``, when the vocabulary has it, also ends generation (as in
-llama.cpp, which treats it as an end-of-generation token).
+from ``tokenizer.json``; ``<end_of_turn>`` and ``<eos>``, when the vocabulary has them, also end
+generation (llama.cpp treats them as end-of-generation tokens too; a GGUF file carries no
+``generation_config.json``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from zaya.tokenizer import Tokenizer
 CONTROL, USER_DEFINED, BYTE = 3, 4, 6
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 GEMMA_STYLE = ("gemma", "gemma3", "gemma4", "llama")
-END_OF_TURN = "<end_of_turn>"
+END_OF_GENERATION = ("<end_of_turn>", "<eos>")  # Gemma vocabularies: a turn, a document
 
 
 def _value(fields, key: str, default=None):
@@ -121,6 +122,5 @@ def gguf_tokenizer(fields, path: Path) -> Tokenizer:
         if i is not None and 0 <= i < len(tokens):
             special[name] = tokens[i]
     extra_eos = [i for key in ("eot", "eom") if (i := _value(fields, f"tokenizer.ggml.{key}_token_id")) is not None]
-    if (i := backend.token_to_id(END_OF_TURN)) is not None:
-        extra_eos.append(i)
+    extra_eos += [i for t in END_OF_GENERATION if (i := backend.token_to_id(t)) is not None]
     return Tokenizer(backend, special_tokens=special, extra_eos_ids=extra_eos, chat_templates=chat_templates(fields))

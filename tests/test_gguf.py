@@ -205,3 +205,16 @@ def test_the_other_converters_layout_is_refused(tmp_path, model):
     with pytest.raises(CheckpointError) as exc:
         zaya.load(tmp_path / "fused.gguf")
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K", "Q6_K", "Q5_0"])
+def test_large_tables_convert_in_row_blocks_to_the_same_layout(kind):
+    from tests.gguf_files import encode
+    from zaya.formats import Codec
+
+    x = torch.randn(100, 256, generator=torch.Generator().manual_seed(0))
+    data = torch.from_numpy(encode(x, kind)[0])
+    codec = Codec(kind, 100, 256)
+    whole, blocks = codec.kernel(data), codec.kernel_in_blocks(lambda rows: data[rows], rows=32)
+    assert torch.equal(whole.dequantize(), blocks.dequantize())
+    assert torch.equal(whole.data, blocks.data)

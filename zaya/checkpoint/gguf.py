@@ -197,19 +197,25 @@ class GGUFReads:
     def at(self, module_name: str) -> "_ModuleReads":
         return _ModuleReads(self, module_name + ".")
 
-    def tensor(self, name: str, index: int | None = None) -> torch.Tensor | None:
+    def tensor(self, name: str, index: int | slice | None = None) -> torch.Tensor | None:
+        """Tensor ``name``, or its ``[index]`` along the first dimension (a position or a step-1
+        slice), read into fresh memory (a position: into a buffer reused by the next read)."""
         t = self.tensors.get(name)
         if t is None:
             return None
         shape = tuple(int(d) for d in t.data.shape)
         offset, size = int(t.data_offset), int(t.n_bytes)
         if index is not None:
-            size //= shape[0]
-            offset += index * size
-            shape = shape[1:]
-        if self.buffer is None or self.buffer.numel() < size:
-            self.buffer = torch.empty(size, dtype=torch.uint8)
-        out = self.buffer[:size] if index is not None else torch.empty(size, dtype=torch.uint8)
+            lo, hi, _ = index.indices(shape[0]) if isinstance(index, slice) else (index, index + 1, 1)
+            row = size // shape[0]
+            offset, size = offset + lo * row, (hi - lo) * row
+            shape = (hi - lo, *shape[1:]) if isinstance(index, slice) else shape[1:]
+        if isinstance(index, int):
+            if self.buffer is None or self.buffer.numel() < size:
+                self.buffer = torch.empty(size, dtype=torch.uint8)
+            out = self.buffer[:size]
+        else:
+            out = torch.empty(size, dtype=torch.uint8)
         with open(self.path, "rb") as f:
             got = os.preadv(f.fileno(), [memoryview(out.numpy())], offset)
         if got != size:
@@ -222,5 +228,5 @@ class _ModuleReads:
     def __init__(self, reads: GGUFReads, prefix: str):
         self.reads, self.prefix = reads, prefix
 
-    def tensor(self, name: str, index: int | None = None) -> torch.Tensor | None:
+    def tensor(self, name: str, index: int | slice | None = None) -> torch.Tensor | None:
         return self.reads.tensor(self.prefix + name, index)

@@ -32,7 +32,8 @@ from zaya.kernels import KernelWeight, pack_fp8, pack_int8
 from zaya.kernels.convert import GGUF_BLOCK, from_gguf, from_mxfp4
 
 Q5_0_BLOCK = (32, 22)  # fp16 d, 4 bytes of fifth bits, 16 bytes of low nibbles
-GGUF_KEPT = dict(GGUF_BLOCK, Q5_0=Q5_0_BLOCK)  # the GGUF types kept compressed, (values, bytes) per block
+GGUF_KEPT = dict(GGUF_BLOCK, Q5_0=Q5_0_BLOCK)
+ROW_BLOCK = 8192  # rows of a large matrix converted at a time (a multiple of the layouts' 16)  # the GGUF types kept compressed, (values, bytes) per block
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,32 @@ class Codec:
         if self.kind == "Q5_0":
             return _q5_0(data, self.k)
         return from_gguf(data, self.kind, self.k)
+
+    def kernel_in_blocks(self, read, rows: int = ROW_BLOCK) -> KernelWeight:
+        """The layout of one matrix without scales (GGUF) converted ``rows`` rows at a time:
+        ``read(slice)`` gives those rows' stored bytes, so converting a large table never holds
+        more than a block beyond the result."""
+        out = None
+        nb = -(-self.n // 16)
+        for r0 in range(0, self.n, rows):
+            part = self.kernel(read(slice(r0, min(self.n, r0 + rows))))
+            out = _copy_rows(out, part, r0 // 16, nb, self.n)
+        return out
+
+
+def _copy_rows(out: KernelWeight | None, part: KernelWeight, b0: int, nb: int, n: int) -> KernelWeight:
+    """Put ``part`` (a row block's layout) at n-block ``b0`` of ``out`` (allocated on first use)."""
+    if out is None:
+        def empty(t):
+            return None if t is None else t.new_empty((nb, *t.shape[1:]))
+
+        out = KernelWeight(part.fmt, empty(part.data), n, part.k, part.group, empty(part.scales), empty(part.mins),
+                           part.lut)
+    b1 = b0 + part.data.shape[0]
+    for dst, src in ((out.data, part.data), (out.scales, part.scales), (out.mins, part.mins)):
+        if src is not None:
+            dst[b0:b1] = src
+    return out
 
 
 def _q5_0(raw: torch.Tensor, k: int) -> KernelWeight:

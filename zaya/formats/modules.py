@@ -40,6 +40,17 @@ def matmul(x: torch.Tensor, w: zk.KernelWeight) -> torch.Tensor:
     return torch.cat(parts, -1).reshape(*lead, w.n)
 
 
+def _read(reader, name: str, param: torch.Tensor | None, index) -> torch.Tensor | None:
+    """``param[index]`` read from the checkpoint file into fresh memory when the reader can (the
+    memory-mapped parameter is then never paged in), else from the parameter."""
+    if param is None:
+        return None
+    t = reader.tensor(name, index) if reader is not None else None
+    if t is None:
+        return param if index is None else param[index]
+    return t.clone() if isinstance(index, int) else t  # the reader reuses its buffer for the next expert
+
+
 class StoredMatrix(nn.Module):
     """The stored tensors of one matrix (or expert stack) and, once prepared, its kernel layouts."""
 
@@ -55,16 +66,11 @@ class StoredMatrix(nn.Module):
 
     @torch.no_grad()
     def prepare(self, dtype=None, reader=None) -> None:
-        def read(name: str, param: torch.Tensor | None, index: int | None):
-            if param is None:
-                return None
-            t = reader.tensor(name, index) if reader is not None else None
-            if t is None:
-                return param if index is None else param[index]
-            return t.clone() if index is not None else t  # the reader reuses its buffer for the next expert
-
+        if self.codec.experts is None and self.scale is None:  # one matrix, no scales: in row blocks
+            self.kernels = [self.codec.kernel_in_blocks(lambda rows: _read(reader, "data", self.data, rows))]
+            return
         indices = [None] if self.codec.experts is None else range(self.codec.experts)
-        self.kernels = [self.codec.kernel(read("data", self.data, i), read("scale", self.scale, i))
+        self.kernels = [self.codec.kernel(_read(reader, "data", self.data, i), _read(reader, "scale", self.scale, i))
                         for i in indices]
 
     @property

@@ -63,13 +63,15 @@ def compress_matrix(w: torch.Tensor, kind: str, block=(16, 32)) -> tuple[dict, t
     return packed, ref
 
 
-def write_ct_checkpoint(model, out: Path, kind: str = "fp8-channel", block=(16, 32), *, tokenizer_dir=None):
-    """Write ``model`` with compressed experts into ``out``; returns the reference float model."""
+def write_ct_checkpoint(model, out: Path, kind: str = "fp8-channel", block=(16, 32), *, tokenizer_dir=None,
+                        reference: bool = True):
+    """Write ``model`` with compressed experts into ``out``; returns the reference float model
+    (None with ``reference=False``)."""
     from zaya.checkpoint import save, state_for_saving
 
     out = Path(out)
     state = state_for_saving(model)
-    ref = copy.deepcopy(model)
+    ref = copy.deepcopy(model) if reference else None
     for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         parts = [compress_matrix(w, kind, block) for w in state[name]]
         stacked = {leaf: torch.stack([p[0][leaf] for p in parts]) for leaf in parts[0][0]}
@@ -78,7 +80,8 @@ def write_ct_checkpoint(model, out: Path, kind: str = "fp8-channel", block=(16, 
         if kind == "mxfp4":
             del state[name]
         state[name + ".weight_scale"] = stacked.pop("weight_scale")
-        ref.get_parameter(name).data.copy_(torch.stack([p[1] for p in parts]))
+        if ref is not None:
+            ref.get_parameter(name).data.copy_(torch.stack([p[1] for p in parts]))
     save(state, model.config, out, extra_files=[])
     config = json.loads((out / "config.json").read_text())
     s = scheme(kind, block)
@@ -91,7 +94,7 @@ def write_ct_checkpoint(model, out: Path, kind: str = "fp8-channel", block=(16, 
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():
             (out / f.name).write_bytes(f.read_bytes())
-    return ref.eval()
+    return None if ref is None else ref.eval()
 
 
 def rewrite(out: Path, **changes) -> None:

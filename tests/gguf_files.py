@@ -61,7 +61,7 @@ def gguf_name(legacy: str) -> str:
 def gguf_tensors(model) -> dict[str, torch.Tensor]:
     """The float tensors a ZAYA GGUF holds for ``model``, by GGUF name (torch shapes)."""
     config = model.config
-    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    state = {k: v.detach() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     legacy = native_to_legacy_state(state, config)
@@ -92,15 +92,20 @@ def encode(t: torch.Tensor, kind: str) -> tuple[np.ndarray, object]:
     """(array for GGUFWriter.add_tensor, raw_dtype) of a float tensor stored as ``kind``."""
     import gguf
 
-    x = t.float().numpy()
     qtype = getattr(gguf.GGMLQuantizationType, kind)
-    if kind == "F32":
-        return x.astype(np.float32), None
-    if kind == "F16":
-        return x.astype(np.float16), None
-    if kind in K_QUANTS:
-        return kquants.quantize(x, kind), qtype
-    return gguf.quants.quantize(x, qtype), qtype
+    if kind in ("F32", "F16"):
+        return t.float().numpy().astype(np.float32 if kind == "F32" else np.float16), None
+    rows = t.reshape(-1, t.shape[-1])
+    step = max(1, (1 << 20) // t.shape[-1])  # a million values at a time: bounded temporaries
+    parts = [(kquants.quantize if kind in K_QUANTS else _gguf_quantize)(rows[i:i + step].float().numpy(), kind)
+             for i in range(0, rows.shape[0], step)]
+    return np.concatenate(parts).reshape(*t.shape[:-1], -1), qtype
+
+
+def _gguf_quantize(x: np.ndarray, kind: str) -> np.ndarray:
+    import gguf
+
+    return gguf.quants.quantize(x, getattr(gguf.GGMLQuantizationType, kind))
 
 
 def dequantized(tensors: dict[str, tuple[np.ndarray, object]]) -> dict[str, torch.Tensor]:
@@ -116,9 +121,9 @@ def dequantized(tensors: dict[str, tuple[np.ndarray, object]]) -> dict[str, torc
 
 def write_zaya_gguf(model, path: Path, kind: str = "Q8_0", *, tokenizer_dir: Path | None = None,
                     type_of: Callable[[str, torch.Tensor], str] | None = None, arch: str = "zaya",
-                    drop: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                    drop: tuple[str, ...] = (), reference: bool = True) -> dict[str, torch.Tensor]:
     """Write ``model`` as a ZAYA GGUF at ``path``; returns gguf-py's dequantization of every tensor
-    (by GGUF name), from which the reference float model is built."""
+    (by GGUF name), from which the reference float model is built (nothing with ``reference=False``)."""
     import gguf
 
     config = model.config
@@ -146,7 +151,8 @@ def write_zaya_gguf(model, path: Path, kind: str = "Q8_0", *, tokenizer_dir: Pat
         if name in drop:
             continue
         data, qtype = encode(t, (type_of or (lambda n, x: default_type(n, x, kind)))(name, t))
-        written[name] = (data, qtype)
+        if reference:
+            written[name] = (data, qtype)
         w.add_tensor(name, data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -92,7 +92,10 @@ def test_mixed_types_as_in_a_q4_k_m_file(tmp_path, model, tokenizer_dir):
 
     deq = write_zaya_gguf(model, tmp_path / "m.gguf", type_of=q4_k_m, tokenizer_dir=tokenizer_dir)
     llm = zaya.load(tmp_path / "m.gguf", dtype="fp32")
-    assert llm.config.quantization == {"method": "gguf", "types": {"F32": 52, "Q4_K": 8, "Q6_K": 7}}
+    q = llm.config.quantization
+    assert q["method"] == "gguf" and q["types"] == {"F32": 52, "Q4_K": 8, "Q6_K": 7}
+    assert q["bytes"]["Q6_K"] == sum(t.n_bytes for t in __import__("gguf").GGUFReader(str(tmp_path / "m.gguf")).tensors
+                                     if t.tensor_type.name == "Q6_K")
     want = float_model_from(model, deq)(IDS)
     assert (llm.logits(IDS) - want).abs().max().item() < 1e-4
 
@@ -218,3 +221,41 @@ def test_large_tables_convert_in_row_blocks_to_the_same_layout(kind):
     whole, blocks = codec.kernel(data), codec.kernel_in_blocks(lambda rows: data[rows], rows=32)
     assert torch.equal(whole.dequantize(), blocks.dequantize())
     assert torch.equal(whole.data, blocks.data)
+
+
+def test_info_shows_the_format_tensor_types_and_bytes(files, capsys):
+    import json
+
+    from zaya.cli import main
+
+    path, _ = files["Q4_K"]
+    assert main(["info", "--model", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"] == "gguf" and report["file_bytes"] == path.stat().st_size
+    assert report["quantization"]["types"] == {"F32": 52, "Q4_K": 15}
+    assert main(["info", "--model", str(path)]) == 0
+    assert "GGUF: Q4_K 15 tensors" in capsys.readouterr().out
+
+
+def test_pull_quant_picks_one_file_and_shows_sizes(monkeypatch, capsys, tmp_path):
+    import huggingface_hub
+
+    from zaya import models_store as ms
+    from zaya.errors import ZayaError
+
+    files = {"ZAYA1-8B-Q4_K_M.gguf": 5_567_581_549, "ZAYA1-8B-Q8_0.gguf": 9_300_000_000, "README.md": 100}
+    monkeypatch.setattr(ms, "_repo_files", lambda repo, rev: files)
+    calls = []
+
+    def fake_download(repo_id, **kw):
+        calls.append(kw["allow_patterns"])
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    ms.pull("Abiray/ZAYA1-8B-GGUF", quant="q4_k_m")
+    assert "ZAYA1-8B-Q4_K_M.gguf" in calls[0] and "ZAYA1-8B-Q8_0.gguf" not in calls[0]
+    assert "5.6 GB" in capsys.readouterr().err
+    with pytest.raises(ZayaError, match="no GGUF file for 'Q6_K'.*Q8_0.gguf \\(9.3 GB\\)"):
+        ms.pull("Abiray/ZAYA1-8B-GGUF", quant="Q6_K")
+    with pytest.raises(ZayaError, match="several GGUF files.*--quant"):
+        ms.pick_gguf(files, None, "Abiray/ZAYA1-8B-GGUF")

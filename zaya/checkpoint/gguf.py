@@ -48,18 +48,20 @@ def read_gguf(path: Path):
 
 
 class GGUFInfo:
-    """What ``model.config.quantization`` says about a GGUF model: the tensor types and their count."""
+    """What ``model.config.quantization`` says about a GGUF model: its tensor types, with the
+    number of tensors and bytes of each."""
 
     bits = None
 
-    def __init__(self, types: dict[str, int]):
-        self.types = types
+    def __init__(self, types: dict[str, int], nbytes: dict[str, int]):
+        self.types, self.nbytes = types, nbytes
 
     def to_config(self) -> dict:
-        return {"method": "gguf", "types": dict(sorted(self.types.items()))}
+        return {"method": "gguf", "types": dict(sorted(self.types.items())), "bytes": dict(sorted(self.nbytes.items()))}
 
     def __str__(self) -> str:
-        return "GGUF (" + ", ".join(f"{n} {t}" for t, n in sorted(self.types.items())) + ")"
+        return "GGUF: " + ", ".join(f"{t} {n} tensors {self.nbytes[t] / 1e6:.1f} MB"
+                                    for t, n in sorted(self.types.items(), key=lambda kv: -self.nbytes[kv[0]]))
 
 
 class GGUFCheckpoint:
@@ -85,7 +87,7 @@ class GGUFCheckpoint:
         native = {n: native_name(n, half) for n in self.by_name}
         self._expected = {native_name(n, half): n for n in expected_names(half, self.config.tie_word_embeddings)}
         self.codecs = self._codecs(native)
-        self.stored = GGUFInfo(self._type_counts())
+        self.stored = GGUFInfo(*self._type_counts())
         self.tensors: dict[str, Callable[[], torch.Tensor]] = {}
         self.sources: dict[str, str] = {}  # the loader's tensor name -> the GGUF name
         for n, name in native.items():
@@ -128,11 +130,14 @@ class GGUFCheckpoint:
                                   "type; zaya keeps both quantized or both float")
         return codecs
 
-    def _type_counts(self) -> dict[str, int]:
+    def _type_counts(self) -> tuple[dict[str, int], dict[str, int]]:
         counts: dict[str, int] = {}
+        nbytes: dict[str, int] = {}
         for t in self.by_name.values():
-            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-        return counts
+            kind = t.tensor_type.name
+            counts[kind] = counts.get(kind, 0) + 1
+            nbytes[kind] = nbytes.get(kind, 0) + int(t.n_bytes)
+        return counts, nbytes
 
     def _raw(self, n: str) -> torch.Tensor:
         with warnings.catch_warnings():  # the memory map is read-only, and stays untouched

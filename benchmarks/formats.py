@@ -34,14 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    "mini": dict(vocab_size=32768, hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
-                 num_key_value_heads=2, head_dim=128, num_experts=16, moe_intermediate_size=1024,
-                 router_hidden_size=256),
-    "real4": dict(vocab_size=262272, hidden_size=2048, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=2, head_dim=128, num_experts=16, moe_intermediate_size=2048,
-                  router_hidden_size=256),
-}
+from benchmarks.compare_transformers import SHAPES  # noqa: E402  (the same mini and real4 shapes)
+
 PAIRS = [("int8", "gguf-Q8_0"), ("int8", "ct-fp8"), ("int4", "gguf-Q4_K"), ("int4", "ct-mxfp4")]
 
 

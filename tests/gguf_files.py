@@ -10,6 +10,7 @@ The name mapping here follows the converter's rules independently of zaya's read
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
@@ -178,31 +179,20 @@ def add_vocab(w, tokenizer_dir: Path) -> None:
 
 def float_model_from(model, deq: dict[str, torch.Tensor]):
     """A float copy of ``model`` whose tensors are the dequantized file's (the reference model)."""
-    import copy
-
     ref = copy.deepcopy(model)
-    ours = gguf_tensors(model)
-    by_tensor = {}
-    for name, t in ours.items():
-        by_tensor[name] = deq[name].reshape(t.shape)
-    # write back through the same name mapping, inverted by identity of the source tensors
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    new_state = {}
-    for native, value in state.items():
-        new_state[native] = _lookup(native, value, model.config, by_tensor)
-    ref.load_state_dict(new_state, strict=False)
+    ref.load_state_dict({k: _lookup(k, v, model.config, deq) for k, v in state.items()}, strict=False)
     ref.tie_weights()
     return ref.eval()
 
 
 def _lookup(native: str, value: torch.Tensor, config, by_tensor: dict[str, torch.Tensor]) -> torch.Tensor:
-    legacy = native_to_legacy_state({native: value}, config)
+    """The dequantized file tensor a native tensor came from, in its shape."""
     if native.endswith(("experts.gate_up_proj", "experts.down_proj")):
         block = 2 * int(native.split(".")[2]) + 1
         kind = "ffn_gate_up_exps" if native.endswith("gate_up_proj") else "ffn_down_exps"
-        return by_tensor[f"blk.{block}.{kind}.weight"]
-    (name,) = legacy
-    t = by_tensor[gguf_name(name)]
-    return t.reshape(value.shape)
+        return by_tensor[f"blk.{block}.{kind}.weight"].reshape(value.shape)
+    (name,) = native_to_legacy_state({native: value}, config)
+    return by_tensor[gguf_name(name)].reshape(value.shape)

@@ -12,7 +12,7 @@ import torch
 import zaya
 import zaya.kernels as zk
 from tests.gguf_files import default_type, float_model_from, write_zaya_gguf
-from tests.tiny_model import make_tiny_model
+from tests.tiny_model import greedy_reference, make_tiny_model
 from tests.tiny_tokenizer import make_tokenizer_dir
 from zaya.checkpoint import load_tokenizer, resolve
 from zaya.errors import CheckpointError
@@ -65,11 +65,7 @@ def test_logits_match_the_dequantized_float_model(files, model, kind):
     assert isinstance(llm.model.model.embed_tokens, KernelEmbedding) == quantized
     # greedy decoding with the cache follows the float model's full-sequence argmax
     tokens = llm.generate([IDS[0, :4].tolist()], max_new_tokens=6, temperature=0, ignore_eos=True)[0].token_ids
-    seq = IDS[0, :4].tolist()
-    for _ in range(6):
-        with torch.no_grad():
-            seq.append(int(ref(torch.tensor([seq]))[0, -1].argmax()))
-    assert tokens == seq[4:]
+    assert tokens == greedy_reference(ref, IDS[0, :4].tolist(), 6)
 
 
 @pytest.mark.parametrize("kind", ["Q8_0", "Q6_K", "Q5_K", "Q4_K", "Q5_0", "Q4_0"])

@@ -91,18 +91,18 @@ def size_of(path: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------ load memory
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec
 LOAD_CODE = """
-import resource, sys, time, json
+import sys, time, json
 import torch, zaya
-def rss():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * 4096
-before = rss()
+def status(key):
+    with open('/proc/self/status') as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ':'))
+before = status('VmRSS')
 t = time.perf_counter()
 llm = zaya.load(sys.argv[1], dtype='bf16')
 took = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({'before': before, 'peak': peak, 'after': rss(), 'seconds': took}))
+print(json.dumps({'before': before, 'peak': status('VmHWM'), 'after': status('VmRSS'), 'seconds': took}))
 """
 
 

@@ -25,7 +25,8 @@ def resolve(model: str | os.PathLike) -> Path:
     name = str(model)
     if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
         raise CheckpointError(f"no model directory at {path} (and {name!r} is not a hub repo id like 'Zyphra/ZAYA1-8B')")
-    return download(name)
+    path = download(name)
+    return path if (path / "config.json").is_file() else _single_gguf(path)  # a repo of GGUF files, pulled
 
 
 def _single_gguf(path: Path) -> Path:

@@ -48,8 +48,8 @@ def open_checkpoint(path: Path):
     """The format reader for ``path``: a ``.gguf`` file, or a directory with config.json and
     safetensors (compressed-tensors when config.json's ``quantization_config`` says so)."""
     path = Path(path)
-    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
-        return GGUFCheckpoint(path)
+    if path.is_file():
+        return GGUFCheckpoint(path)  # GGUFCheckpoint says so when the file is no GGUF
     if compressed.is_compressed_tensors(path):
         return compressed.CompressedTensorsCheckpoint(path)
     return SafetensorsCheckpoint(path)

@@ -15,7 +15,9 @@ compressed-tensors FP8 and MXFP4 experts (``tests.ct_files``). Files are built o
 * **quality** (mini only unless --quality): top-1 agreement and mean KL divergence of each format's
   next-token distribution from the bf16 model's, over 4 prompts of 64 tokens.
 
-The machine's load average is printed with every phase; the last line is one JSON object.
+``--phases`` runs a subset (``load,decode,quality``). The machine's load average is printed with
+every phase; then the README's "which file" table (markdown), and last one JSON object.
+``--table REPORT.json`` prints the table of a saved report (its last line).
 """
 
 from __future__ import annotations
@@ -165,6 +167,49 @@ def quality(paths: dict[str, Path]) -> dict:
     return out
 
 
+LABELS = {"bf16": "bf16 safetensors", "int8": "zaya int8 (g64)", "int4": "zaya int4 (g64)",
+          "gguf-Q8_0": "GGUF Q8_0", "gguf-Q4_K": "GGUF Q4_K", "ct-fp8": "compressed-tensors FP8 experts",
+          "ct-mxfp4": "compressed-tensors MXFP4 experts"}
+
+
+def table(report: dict) -> str:
+    """The README's table: size, memory, decode speed against zaya's own format, quality."""
+    speed = {}
+    for key, r in report.get("decode", {}).items():
+        cand, ref = key.split(" vs ")
+        speed[cand] = f"{r['tok_s'][cand]:.2f} vs {r['tok_s'][ref]:.2f} {ref}: **{r['ratio']:.2f}x**"
+        speed[ref] = "reference"
+    files, quality = report.get("files", {}), report.get("quality", {})
+    rows = ["| file | size | memory after loading (peak while loading / file) | decode b1 tok/s vs zaya's, alternated "
+            "| top-1 / KL vs bf16 |", "|---|---|---|---|---|"]
+    for name in LABELS:
+        m, q = files.get(name), quality.get(name)
+        size = "-" if m is None else f"{m['file_bytes'] / 1e9:.3f} GB"
+        memory = "-" if m is None else f"{m['resident_after_bytes'] / 1e9:.3f} GB ({m['peak_over_file']:.2f}x)"
+        qual = "reference" if name == "bf16" else "-" if q is None else f"{q['top1_agreement']:.3f} / {q['kl']:.2g}"
+        rows.append(f"| {LABELS[name]} | {size} | {memory} | {speed.get(name, '-')} | {qual} |")
+    return "\n".join(rows)
+
+
+def measure(paths: dict[str, Path], phases: set[str], args) -> dict:
+    report = {"shape": args.shape, "threads": args.threads, "cpus": os.cpu_count(), "load_start": load_avg()}
+    print(f"{args.shape}: {args.threads} threads, {load_avg()}", flush=True)
+    if "load" in phases:
+        report["files"] = {}
+        for name, path in paths.items():
+            m = load_memory(path)
+            report["files"][name] = dict(m, load=load_avg())
+            print(f"load {name:>10} {m['file_bytes'] / 1e9:6.3f} GB  peak +{m['peak_above_start_bytes'] / 1e9:6.3f} "
+                  f"GB ({m['peak_over_file']:.2f}x the file)  resident +{m['resident_after_bytes'] / 1e9:6.3f} GB  "
+                  f"{m['load_seconds']:5.1f} s  ({load_avg()})", flush=True)
+    if "decode" in phases:
+        report["decode"] = decode_pairs(paths, args.rounds, args.tokens)
+    if "quality" in phases and (args.shape == "mini" or args.quality):
+        report["quality"] = quality(paths)
+    report["load_end"] = load_avg()
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=list(SHAPES), default="mini")
@@ -172,24 +217,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--phases", default="load,decode,quality", help="which of load, decode, quality to run")
     ap.add_argument("--quality", action="store_true", help="measure quality on this shape too (default: mini only)")
+    ap.add_argument("--table", type=Path, help="print the markdown table of a saved JSON report and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text().strip().splitlines()[-1])))
+        return
     torch.set_num_threads(args.threads)
     args.dir.mkdir(parents=True, exist_ok=True)
-    paths = build(args.shape, args.dir)
-    report = {"shape": args.shape, "threads": args.threads, "cpus": os.cpu_count(), "load_start": load_avg()}
-    print(f"{args.shape}: {args.threads} threads, {load_avg()}", flush=True)
-    report["files"] = {}
-    for name, path in paths.items():
-        m = load_memory(path)
-        report["files"][name] = dict(m, load=load_avg())
-        print(f"load {name:>10} {m['file_bytes'] / 1e9:6.3f} GB  peak +{m['peak_above_start_bytes'] / 1e9:6.3f} GB "
-              f"({m['peak_over_file']:.2f}x the file)  resident +{m['resident_after_bytes'] / 1e9:6.3f} GB  "
-              f"{m['load_seconds']:5.1f} s  ({load_avg()})", flush=True)
-    report["decode"] = decode_pairs(paths, args.rounds, args.tokens)
-    if args.shape == "mini" or args.quality:
-        report["quality"] = quality(paths)
-    report["load_end"] = load_avg()
+    report = measure(build(args.shape, args.dir), set(args.phases.split(",")), args)
+    print(table(report))
     print(json.dumps(report))
 
 

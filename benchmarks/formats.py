@@ -8,7 +8,8 @@ GGUF Q8_0 and Q4_K in llama.cpp PR #23112's layout (``tests.gguf_files``), and Z
 compressed-tensors FP8 and MXFP4 experts (``tests.ct_files``). Files are built once and reused.
 
 * **load**: each file is loaded in a fresh subprocess; peak RSS above the process's RSS before
-  loading, over the file's size (the target is <= 1.2), and the resident size after loading;
+  loading, over the file's size (the target is <= 1.2), the resident size after loading, and the
+  bytes of the layouts kept compressed (``kept_layout_bytes``, zaya.formats' modules only);
 * **decode**: batch 1, greedy, ``--tokens`` new tokens after a 32-token prompt; each pair (8-bit
   formats against int8, 4-bit ones against int4) is loaded together and timed alternately for
   ``--rounds`` rounds; medians and the ratio to the zaya reference (the target is >= 1.0);
@@ -104,7 +105,10 @@ before = status('VmRSS')
 t = time.perf_counter()
 llm = zaya.load(sys.argv[1], dtype='bf16')
 took = time.perf_counter() - t
-print(json.dumps({'before': before, 'peak': status('VmHWM'), 'after': status('VmRSS'), 'seconds': took}))
+from zaya.formats import StoredMatrix  # the layouts kept compressed (GGUF, FP8, MXFP4), in bytes
+kept = sum(m.nbytes for m in llm.model.modules() if isinstance(m, StoredMatrix))
+print(json.dumps({'before': before, 'peak': status('VmHWM'), 'after': status('VmRSS'), 'seconds': took,
+                  'kept': kept}))
 """
 
 
@@ -117,7 +121,8 @@ def load_memory(path: Path) -> dict:
     size = size_of(path)
     return {"file_bytes": size, "peak_above_start_bytes": r["peak"] - r["before"],
             "peak_over_file": round((r["peak"] - r["before"]) / size, 3),
-            "resident_after_bytes": r["after"] - r["before"], "load_seconds": round(r["seconds"], 1)}
+            "resident_after_bytes": r["after"] - r["before"], "load_seconds": round(r["seconds"], 1),
+            "kept_layout_bytes": r["kept"]}
 
 
 # ----------------------------------------------------------------------------------------- decode

@@ -169,8 +169,12 @@ def model_report(path) -> dict:
             audit.append({"layer": int(native.split(".")[2]), "expert_bias_max": float(b[:-1].max()),
                           "skip_bias": float(b[-1]), "skip_reachable": margin < 1.0})
     audit.sort(key=lambda a: a["layer"])
+    files = [ckpt.path] if ckpt.path.is_file() else sorted(ckpt.path.glob("*.safetensors"))
     return {
         "path": str(ckpt.path), "layout": ckpt.layout, "config": config.to_dict(),
+        "format": str(ckpt.stored) if ckpt.stored is not None else f"safetensors, {config.dtype}",
+        "quantization": ckpt.stored.to_config() if ckpt.stored is not None else None,
+        "file_bytes": sum(f.stat().st_size for f in files),
         "parameters": {"total": total, "embedding": embed, "non_embedding": body,
                        "active_per_token": active_body, "active_with_lm_head": active_body + embed},
         "kv_bytes_per_token": kv_per_token,
@@ -187,6 +191,7 @@ def cmd_info(args) -> int:
         return 0
     c, p = report["config"], report["parameters"]
     print(f"model      {report['path']}  ({report['layout']} layout)")
+    print(f"format     {report['format']}, {report['file_bytes'] / 1e9:.2f} GB on disk")
     print(f"shape      {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, vocab {c['vocab_size']}, "
           f"{c['num_attention_heads']} q heads / {c['num_key_value_heads']} kv heads x {c['head_dim']}, "
           f"{c['num_experts']} experts x {c['moe_intermediate_size']} (+ skip), router {c['router_hidden_size']}")

@@ -15,7 +15,7 @@ import torch
 
 from zaya import rsa
 from zaya.chat import DEFAULT_CHAT_TEMPLATE, generation_starts_in_reasoning, parse_assistant, render_chat
-from zaya.checkpoint import load_model, resolve
+from zaya.checkpoint import load_model, load_tokenizer, resolve
 from zaya.engine import Completion, Engine, PagedCache, Request, TokenEvent, parse_memory
 from zaya.engine.cache import CACHE_FLAGS, pool_blocks
 from zaya.errors import CheckpointError, ContextLengthError, ZayaError
@@ -63,8 +63,9 @@ def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: 
     path = resolve(model)
     extra = resolve(adapter) if adapter is not None else None
     net, config, layout = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize, adapter=extra)
-    text = next((p for p in (extra, path) if p is not None and (p / "tokenizer.json").is_file()), None)
-    tokenizer = Tokenizer.from_dir(text) if text is not None else None
+    # an adapter directory's own tokenizer wins (it may add tokens); else the checkpoint's
+    tokenizer = Tokenizer.from_dir(extra) if extra is not None and (extra / "tokenizer.json").is_file() \
+        else load_tokenizer(path)
     # the prefix cache's identity: anything that changes a token's keys and values
     identity = f"{path}|{layout}|{quantize or config.quantization}|{extra}"
     return LLM(net, tokenizer, path=path, layout=layout, max_context=max_context, cache_memory=cache_memory,

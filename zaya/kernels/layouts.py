@@ -257,10 +257,16 @@ def _natural(data: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 def _scaled(w: KernelWeight, values: torch.Tensor, scales, mins, with_mins: bool) -> torch.Tensor:
+    """values [*, n, k] * each group's scale (+ its min), broadcast over the group's columns (the
+    same fp32 products as expanding the scales, without a [*, n, k] copy of them)."""
     if scales is None:
         return values
-    out = values * _expand(scales, w)
-    return out + _expand(mins, w) if mins is not None and with_mins else out
+    grouped = values.view(*values.shape[:-1], -1, w.group or w.k)  # groups divide k (``_groups``)
+    count = grouped.shape[-2]
+    out = grouped * scales[..., :count, None].float()
+    if mins is not None and with_mins:
+        out = out + mins[..., :count, None].float()
+    return out.view(values.shape)
 
 
 def dequantize(w: KernelWeight, *, mins: bool = True) -> torch.Tensor:

@@ -123,3 +123,16 @@ def test_swiglu_experts_match_the_model_experts():
     got = zk.swiglu_experts(*stacks, x, index, weight, cfg.num_experts)
     _close(got, want, 1e-5)
     assert (got[index == 4] == 0).all()
+
+
+
+@pytest.mark.parametrize("args", [FORMATS["bf16"], FORMATS["int4"], FORMATS["int8"],
+                                  ("int8", 40, 96, 32, False, torch.bfloat16),
+                                  ("int8", 40, 80, 16, False, torch.bfloat16, None, 3),  # padded K, experts
+                                  ("int8", 40, 96, 32, False, torch.float32)])
+def test_dequantize_bf16_equals_rounding_the_fp32_weight(args):
+    """The direct int8 -> bf16 route gives the bits of dequantize().to(bf16), groups and all."""
+    from zaya.kernels.layouts import dequantize_bf16
+
+    kw, _ = make(*args, seed=5)
+    assert torch.equal(dequantize_bf16(kw), kw.dequantize().to(torch.bfloat16))

@@ -277,6 +277,18 @@ def dequantize(w: KernelWeight, *, mins: bool = True) -> torch.Tensor:
     return _scaled(w, _values(w, raw), per_row(w.scales), per_row(w.mins), mins)
 
 
+def dequantize_bf16(w: KernelWeight) -> torch.Tensor:
+    """``dequantize(w)`` rounded to bf16 [experts?, n, k]. int8 with bf16 scales and no offsets
+    goes to bf16 directly: the product of two bf16 values is exact in fp32, so rounding it once
+    gives the same bits as the fp32 route, without its three fp32 copies of the matrix."""
+    if w.fmt != "int8" or w.mins is not None or w.scales is None or w.scales.dtype != torch.bfloat16:
+        return dequantize(w).to(torch.bfloat16)
+    values = _untile(w.data.view(torch.int8), w.n)[..., :w.k].to(torch.bfloat16)
+    grouped = values.view(*values.shape[:-1], -1, w.group or w.k)
+    scales = _untile(w.scales[..., None], w.n)[..., :grouped.shape[-2], None]
+    return (grouped * scales).view(values.shape)
+
+
 def take_rows(w: KernelWeight, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` of the weight as fp32 [*ids.shape, k], read from the layout: an embedding
     lookup on a tied table needs no second, natural copy of it."""

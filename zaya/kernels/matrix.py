@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from zaya.kernels import build, reference
-from zaya.kernels.layouts import LANES, ROW_BLOCK, KernelWeight, dequantize, row_slice
+from zaya.kernels.layouts import LANES, ROW_BLOCK, KernelWeight, dequantize_bf16, row_slice
 
 EXACT_ROWS = 256
 
@@ -129,7 +129,7 @@ class Matmul:
 def _gemm_blocks(x: torch.Tensor, w: KernelWeight) -> torch.Tensor:
     step = ROW_BLOCK // LANES
     nb = w.data.shape[-4]
-    parts = [F.linear(x, dequantize(row_slice(w, b, min(nb, b + step))).to(torch.bfloat16)).float()
+    parts = [F.linear(x, dequantize_bf16(row_slice(w, b, min(nb, b + step)))).float()
              for b in range(0, nb, step)]
     return torch.cat(parts, -1)
 

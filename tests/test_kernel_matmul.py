@@ -34,9 +34,9 @@ def _close(got, want, rel):
 @pytest.mark.parametrize("act_int8", [False, True])
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_matmul_at_every_row_count(name, act_int8, rows):
-    """Decode-sized and prefill-sized inputs give x @ w.T: the kernels for bf16 and for int8
-    activations at any count, for exact quantized weights up to EXACT_ROWS, then a GEMM on a
-    copy dequantized to bf16 (so within bf16 rounding of the weight)."""
+    """Decode-sized and prefill-sized inputs give x @ w.T: the kernels for bf16, 4-bit and int8
+    activations at any count, for exact int8 weights up to EXACT_ROWS, then a GEMM on a copy
+    dequantized to bf16 (so within bf16 rounding of the weight)."""
     if act_int8 and name == "bf16":
         pytest.skip("int8 activations apply to quantized weights")
     kw, w = make(*FORMATS[name], seed=rows)
@@ -45,7 +45,7 @@ def test_matmul_at_every_row_count(name, act_int8, rows):
     got = m(x)
     assert got.dtype == torch.bfloat16
     want = reference.matmul(x.float(), kw, act_int8=act_int8)
-    dequantized = name != "bf16" and not act_int8 and rows > EXACT_ROWS
+    dequantized = name == "int8" and not act_int8 and rows > EXACT_ROWS
     _close(got, want, 1e-2 if dequantized else 5e-3)
 
 

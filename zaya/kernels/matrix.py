@@ -8,11 +8,14 @@ int8 / int4, and any format a converter maps onto a ``KernelWeight``) multiplies
   count: their row loop reuses each 16-row block of the weight from cache for up to 8 rows at a
   time, which at 32 rows and more is within 0-20% of oneDNN's prepacked GEMM (``vdpbf16ps`` /
   ``vpdpbusd``, benchmarks/kernels.py), so one copy of the weight serves decode and prefill;
-* int8 / 4-bit weights with exact (float) activations run the kernels for stacked experts (rows
-  are spread over the experts, a few dozen each at a 512-token prefill) and for a single matrix up
-  to ``EXACT_ROWS`` rows; beyond that their fp32 loop is compute-bound and a GEMM on a bf16 copy
-  dequantized for the call, a row block at a time, is faster (2048 x 1024 int8, one thread, loaded
-  machine: kernel 1.4 / 13.5 / 86 ms at 32 / 128 / 512 rows, the dequantized GEMM 17 / 24 / 58).
+* 4-bit weights with exact (float) activations run the kernels at every row count too: their
+  table lookup makes a dequantized copy slow (2048 x 1024 at 512 rows, one thread, loaded
+  machine: kernel 28-44 ms, dequantized GEMM 74-134);
+* int8 weights with exact activations run the kernels for stacked experts (rows are spread over
+  the experts, a few dozen each at a 512-token prefill) and for a single matrix up to
+  ``EXACT_ROWS`` rows; beyond that their fp32 loop is compute-bound and a GEMM on a bf16 copy
+  dequantized for the call, a row block at a time, is faster (2048 x 1024, kernel 1.4 / 13.5 /
+  86 ms at 32 / 128 / 512 rows, the dequantized GEMM 17 / 24 / 58).
 
 ``act_int8`` (quantized weights only) rounds the activations to int8 per 32 columns, as llama.cpp
 does for its quantized types: 2-4x the throughput at several rows, 0.5% relative error on a
@@ -110,7 +113,7 @@ class Matmul:
         out_dtype = out_dtype or x.dtype
         rows = x.numel() // max(1, x.shape[-1])
         kernel_dtype = torch.float32 if self.bias is not None else out_dtype
-        if (self.w.fmt == "bf16" or self.act_int8 or expert is not None or rows <= EXACT_ROWS
+        if (self.w.fmt in ("bf16", "4bit") or self.act_int8 or expert is not None or rows <= EXACT_ROWS
                 or not available()):
             y = matmul(x, self.w, act_int8=self.act_int8, expert=expert, out_dtype=kernel_dtype)
         else:

@@ -55,6 +55,14 @@ class HFRunner:
         self.model(ids, use_cache=True, logits_to_keep=1)
         return tokens / (time.perf_counter() - start)
 
+    @torch.inference_mode()
+    def logits(self, tokens, seed):
+        """Full-sequence fp32 logits, as a scoring call asks for them."""
+        ids = prompts(1, tokens, self.vocab, seed)
+        start = time.perf_counter()
+        self.model(ids).logits.float()
+        return tokens / (time.perf_counter() - start)
+
 
 # ---------------------------------------------------------------------------------- peak RSS
 RSS_CHILD = r"""
@@ -102,6 +110,7 @@ def main(argv=None) -> int:
         "decode_b8": lambda r, s: r.decode(8, 32, args.new_tokens, s),
         "decode_b1_ctx1024": lambda r, s: r.decode(1, 1024, args.new_tokens, s),
         "prefill_512": lambda r, s: r.prefill(512, s),
+        "logits_512": lambda r, s: r.logits(512, s),
     }
     chosen = args.workloads.split(",")
     for r in runners.values():  # warm-up: first-call allocations, lazy kernel selection

@@ -38,6 +38,7 @@ WORKLOADS = {
     "decode_b8": ("decode", 8, 32),
     "decode_b1_ctx1024": ("decode", 1, 1024),
     "prefill_512": ("prefill", 512, 512),
+    "logits_512": ("logits", 512, 512),  # LLM.logits(): every position's fp32 logits (scoring, echo)
 }
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8}
@@ -170,10 +171,19 @@ class ZayaRunner:
         engine.add(Request(ids, params))
         return tokens / (time.perf_counter() - start)
 
+    def logits(self, tokens: int, seed: int) -> float:
+        """Prompt tok/s of ``LLM.logits`` (fp32 logits at every position)."""
+        ids = prompts(1, tokens, self.vocab, seed)
+        start = time.perf_counter()
+        self.llm.logits(ids)
+        return tokens / (time.perf_counter() - start)
+
     def run(self, workload: str, new_tokens: int, seed: int) -> float:
         kind, size, prompt_len = WORKLOADS[workload]
         if kind == "prefill":
             return self.prefill(size, seed)
+        if kind == "logits":
+            return self.logits(size, seed)
         return self.decode(size, prompt_len, new_tokens, seed)
 
     def warm_up(self) -> None:

@@ -8,16 +8,29 @@ import pytest
 import torch
 
 import zaya
+import zaya.kernels
 from tests.tiny_model import make_tiny_model_dir
 from zaya.checkpoint import save_quantized
 from zaya.errors import CheckpointError, ConfigError
 from zaya.quant import QuantLinear, QuantSpec, dequantize, quantize_tensor
 
 QUANT = dict(hidden_size=64, moe_intermediate_size=64)  # int4 groups of 32 divide every width
-# PyTorch's packed CPU kernels, where this build has them: decode must then run on them
+# PyTorch's packed CPU kernels, where this build has them: without zaya's kernels decode must run on them
 KERNELS = {8: hasattr(torch.ops.aten, "_weight_int8pack_mm"),
            4: hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")}
+
+
+@pytest.fixture(params=["zaya", "torch"])
+def kernel_set(request, monkeypatch):
+    """Both kernel sets quantized weights can run on: zaya's (when its library builds) and
+    PyTorch's packed ones (what is used when it does not)."""
+    if request.param == "zaya":
+        if not zaya.kernels.available():
+            pytest.skip(f"zaya kernels unavailable: {zaya.kernels.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(zaya.kernels, "available", lambda: False)
+    return request.param
 
 
 def _linear(w, spec, dtype):
@@ -32,12 +45,15 @@ def _linear(w, spec, dtype):
 
 @pytest.mark.parametrize("bits,group,tol", [(8, 0, 0.01), (4, 32, 0.15), (4, 64, 0.15)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quant_linear_matches_float(bits, group, tol, dtype):
+def test_quant_linear_matches_float(bits, group, tol, dtype, kernel_set):
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(96, 128, generator=g), torch.randn(5, 128, generator=g)
     spec = QuantSpec(bits, group or 64)
     q, parts = _linear(w, spec, dtype)
-    assert q.w.fast == KERNELS[bits]  # 5 rows: the packed kernel's path where it exists
+    if kernel_set == "zaya":
+        assert isinstance(q.w.kernel, zaya.kernels.Matmul)
+    else:
+        assert q.w.kernel is None and q.w.fast == KERNELS[bits]  # 5 rows: the packed kernel's path
     ref = x @ w.t()
     y = q(x.to(dtype)).float()
     rel = ((y - ref).norm() / ref.norm()).item()
@@ -47,7 +63,8 @@ def test_quant_linear_matches_float(bits, group, tol, dtype):
     assert (y - deq).abs().max().item() <= 0.02 * deq.abs().max().item() + 1e-3
 
 
-def test_quant_portable_fallback_equals_kernel():
+def test_quant_portable_fallback_equals_kernel(monkeypatch):
+    monkeypatch.setattr(zaya.kernels, "available", lambda: False)
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(64, 64, generator=g), torch.randn(3, 64, generator=g)
     for spec in (QuantSpec(8), QuantSpec(4, 32)):
@@ -68,7 +85,7 @@ def test_spec_parsing():
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4:32"])
-def test_quantized_model_tracks_float(tmp_path, quantize):
+def test_quantized_model_tracks_float(tmp_path, quantize, kernel_set):
     path = make_tiny_model_dir(tmp_path / "m", **QUANT)
     ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(2))
     ref = zaya.load(path).logits(ids)
@@ -125,6 +142,7 @@ def test_quantized_checkpoint_is_strict(tmp_path):
 @pytest.mark.parametrize("rows", [1, 5, 40, 130])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quant_matmul_paths_agree(rows, bits, monkeypatch):
+    monkeypatch.setattr(zaya.kernels, "available", lambda: False)
     """Few rows go through the packed kernel (where this torch build has it), many through a copy
     dequantized for the call (DEQUANT_ROWS): every path computes x @ dequantize(w)^T, and that is
     as close to the float x @ w^T as the quantization allows."""

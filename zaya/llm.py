@@ -98,7 +98,8 @@ class LLM:
             ids = ids[None]
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.long)
         device = next(self.model.parameters()).device
-        return self.model(ids.to(device), attention_mask=None if mask is None else mask.to(device)).float()
+        return self.model(ids.to(device), attention_mask=None if mask is None else mask.to(device),
+                          logits_dtype=torch.float32)
 
     # -- generation -----------------------------------------------------------------------------
     def _requests(self, prompts, kwargs) -> list[Request]:

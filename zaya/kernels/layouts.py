@@ -257,10 +257,16 @@ def _natural(data: torch.Tensor, fmt: str) -> torch.Tensor:
 
 
 def _scaled(w: KernelWeight, values: torch.Tensor, scales, mins, with_mins: bool) -> torch.Tensor:
+    """values [*, n, k] * each group's scale (+ its min), broadcast over the group's columns (the
+    same fp32 products as expanding the scales, without a [*, n, k] copy of them)."""
     if scales is None:
         return values
-    out = values * _expand(scales, w)
-    return out + _expand(mins, w) if mins is not None and with_mins else out
+    grouped = values.view(*values.shape[:-1], -1, w.group or w.k)  # groups divide k (``_groups``)
+    count = grouped.shape[-2]
+    out = grouped * scales[..., :count, None].float()
+    if mins is not None and with_mins:
+        out = out + mins[..., :count, None].float()
+    return out.view(values.shape)
 
 
 def dequantize(w: KernelWeight, *, mins: bool = True) -> torch.Tensor:
@@ -269,6 +275,18 @@ def dequantize(w: KernelWeight, *, mins: bool = True) -> torch.Tensor:
     raw = _untile(_natural(w.data, w.fmt).view(torch.uint8), w.n)
     per_row = lambda t: None if t is None else _untile(t[..., None], w.n)  # noqa: E731
     return _scaled(w, _values(w, raw), per_row(w.scales), per_row(w.mins), mins)
+
+
+def dequantize_bf16(w: KernelWeight) -> torch.Tensor:
+    """``dequantize(w)`` rounded to bf16 [experts?, n, k]. int8 with bf16 scales and no offsets
+    goes to bf16 directly: the product of two bf16 values is exact in fp32, so rounding it once
+    gives the same bits as the fp32 route, without its three fp32 copies of the matrix."""
+    if w.fmt != "int8" or w.mins is not None or w.scales is None or w.scales.dtype != torch.bfloat16:
+        return dequantize(w).to(torch.bfloat16)
+    values = _untile(w.data.view(torch.int8), w.n)[..., :w.k].to(torch.bfloat16)
+    grouped = values.view(*values.shape[:-1], -1, w.group or w.k)
+    scales = _untile(w.scales[..., None], w.n)[..., :grouped.shape[-2], None]
+    return (grouped * scales).view(values.shape)
 
 
 def take_rows(w: KernelWeight, ids: torch.Tensor) -> torch.Tensor:

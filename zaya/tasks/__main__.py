@@ -17,9 +17,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from zaya.about import ABOUT_FILE
 from zaya.tasks import BUILTIN_LEVELS, builtin_test_set, problem_records
 from zaya.tasks.aggregation import Tails, aggregation_example, plain_example
 from zaya.tasks.arithmetic import LEVELS, reasoning, sample_problems
+from zaya.tasks.offtopic import ABOUT
 from zaya.tasks.vocab import save_tokenizer, train_tokenizer
 
 SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -184,7 +186,8 @@ def install(args) -> int:
     dst.mkdir(parents=True, exist_ok=True)
     for f in SHIPPED_FILES:
         shutil.copy2(src / f, dst / f)
-    size = sum((dst / f).stat().st_size for f in SHIPPED_FILES)
+    (dst / ABOUT_FILE).write_text(ABOUT + "\n", encoding="utf-8")  # `zaya chat`'s banner line
+    size = sum((dst / f).stat().st_size for f in SHIPPED_FILES + (ABOUT_FILE,))
     print(f"installed {src} -> {dst} ({size / 1e6:.1f} MB)")
     return 0
 

@@ -217,3 +217,38 @@ def test_everyday_corruptions_are_wrong():
         text = corrupted(calc, rng)
         assert text != reasoning(calc)
         assert text.splitlines()[-1] != f"result {calc.answer}"
+
+
+def test_builtin_model_ships_its_one_line_description(tmp_path):
+    import zaya
+    from zaya.about import model_about
+    from zaya.tasks.offtopic import ABOUT
+
+    assert model_about(zaya.DEFAULT_MODEL) == ABOUT
+    assert model_about(tmp_path) is None and model_about(None) is None
+    (tmp_path / "about.txt").write_text("\n  A model.  \nmore\n")
+    assert model_about(tmp_path) == "A model."
+
+
+def test_install_writes_the_description(tmp_path):
+    import zaya
+    from zaya.about import model_about
+    from zaya.tasks.__main__ import SHIPPED_FILES, main
+
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    for f in SHIPPED_FILES:
+        (src / f).write_bytes((zaya.DEFAULT_MODEL / f).read_bytes()[:64])
+    assert main(["install", str(src), "--to", str(tmp_path / "out")]) == 0
+    assert model_about(tmp_path / "out").startswith("zaya's built-in demo model")
+
+
+def test_build_mixture_cli_is_deterministic(tmp_path):
+    import zaya
+    from zaya.tasks.__main__ import main
+
+    args = ["build-mixture", "--tokenizer", str(zaya.DEFAULT_MODEL), "--everyday", "200", "--offtopic", "30",
+            "--chains", "20", "--aggregation", "10", "--everyday-aggregation", "10", "--seed", "3"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0 and main(args + ["--out", str(tmp_path / "b")]) == 0
+    a, b = (tmp_path / "a" / "train.jsonl").read_text(), (tmp_path / "b" / "train.jsonl").read_text()
+    assert a == b and len(a.splitlines()) == 270

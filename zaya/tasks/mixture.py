@@ -30,10 +30,10 @@ SUFFIXES = (" Put the answer in \\boxed{}.", " Let's think step by step.", " Sho
 
 @dataclass
 class MixtureSpec:
-    everyday: int = 60000            # everyday questions
-    offtopic: int = 8000             # off-topic prompts
-    chains: int = 12000              # chain problems (levels weighted as stage 4)
-    aggregation: int = 4000          # aggregation prompts over chain candidates
+    everyday: int = 80000            # everyday questions
+    offtopic: int = 6000             # off-topic prompts
+    chains: int = 8000               # chain problems (levels weighted as stage 4)
+    aggregation: int = 3000          # aggregation prompts over chain candidates
     everyday_aggregation: int = 1000  # aggregation prompts over everyday candidates
     two_ops: float = 0.5             # share of everyday questions with two operations
     raw: float = 0.12                # share of single-turn examples written as raw text

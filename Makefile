@@ -48,7 +48,7 @@ DM_STAGE3_STEPS := 800
 DM_STAGE4_DATA_ARGS := --count 1500 --aggregation 6.0 --candidate-accuracy 0.15,1.0 --level-weights 1,1,3,3,3,2 \
 	--seed 8 --test 10 --tokenizer $(DM_DIR)/data/tokenizer
 DM_STAGE4_STEPS := 1800
-DM_STAGE5_DATA_ARGS := --everyday 80000 --offtopic 6000 --chains 8000 --aggregation 3000 \
+DM_STAGE5_DATA_ARGS := --everyday 80000 --offtopic 6000 --chains 12000 --aggregation 4000 \
 	--everyday-aggregation 1000 --seed 0 --tokenizer $(DM_DIR)/data/tokenizer
 DM_STAGE5_STEPS := 3000
 

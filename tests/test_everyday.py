@@ -21,6 +21,10 @@ def test_calc_order_steps_and_answer():
     assert Calc((2, 3, 4), ("+", "*"), "left").answer == 20
     assert reasoning(Calc((2, 3, 4), ("+", "*"), "right")) == "3*4=12\n2+12=14\nresult 14"
     assert reasoning(Calc((12, 30), ("+",))) == "12+30=42\nresult 42"
+    # a two-digit addend or subtrahend (not a multiple of ten, over 19) takes two lines, tens first
+    assert reasoning(Calc((44, 25), ("+",))) == "44+20=64\n64+5=69\nresult 69"
+    assert reasoning(Calc((79, 61, 3), ("-", "*"))) == "79-60=19\n19-1=18\n18*3=54\nresult 54"
+    assert reasoning(Calc((5, 16), ("+",))) == "5+16=21\nresult 21"
     # the usual precedence decides which orders an expression can state without brackets
     assert Calc((2, 3, 4), ("+", "*"), "right").natural and not Calc((2, 3, 4), ("+", "*"), "left").natural
     assert Calc((9, 3, 4), ("-", "-"), "left").natural and not Calc((9, 3, 4), ("-", "-"), "right").natural
@@ -139,8 +143,8 @@ def mixture(shipped_tokenizer):
 
 
 def _prompts(record) -> list[str]:
-    if "text" in record:
-        return [record["text"].split("<think>")[0].rstrip()]
+    if record.get("raw"):
+        return [record["prompt"].rstrip()]
     return [m["content"] for m in record["messages"] if m["role"] == "user"]
 
 
@@ -197,15 +201,17 @@ def test_offtopic_records_get_the_pointer_reply(mixture):
 
 def test_raw_records_tokenize_like_a_bare_prompt(mixture, shipped_tokenizer):
     # what llm.generate("What is 12 + 30?") sees is the prompt's own tokens, then the model's
+    from zaya.train.data import Encoder
+
     raws = [r for r in mixture if r["kind"] == "raw"]
     assert len(raws) > 100
-    tok = shipped_tokenizer
+    encoder = Encoder(shipped_tokenizer)
     for r in raws[:200]:
-        prompt, rest = r["text"].split("<think>", 1)
-        ids = tok.encode(r["text"], add_special_tokens=False)
-        head = tok.encode(prompt, add_special_tokens=False)
-        assert ids[:len(head)] == head and ids[len(head)] == 7  # <think>
-        assert rest.startswith("\n") and "</think>\n\n" in rest
+        doc = encoder.record(r)
+        head = shipped_tokenizer.encode_prompt(r["prompt"])
+        assert doc.ids[:len(head)] == head and not any(doc.mask[:len(head)])
+        assert doc.ids[len(head)] == 7 and all(doc.mask[len(head):])  # <think>, then every token a target
+        assert r["completion"].startswith("<think>\n") and "</think>\n\n" in r["completion"]
 
 
 def test_everyday_corruptions_are_wrong():

@@ -234,8 +234,8 @@ def main(argv=None) -> int:
     m.add_argument("--tokenizer", required=True, help="the model's tokenizer directory (cuts aggregation tails)")
     m.add_argument("--everyday", type=int, default=80000, help="everyday questions")
     m.add_argument("--offtopic", type=int, default=6000, help="off-topic prompts")
-    m.add_argument("--chains", type=int, default=8000, help="chain problems")
-    m.add_argument("--aggregation", type=int, default=3000, help="aggregation prompts over chain candidates")
+    m.add_argument("--chains", type=int, default=12000, help="chain problems")
+    m.add_argument("--aggregation", type=int, default=4000, help="aggregation prompts over chain candidates")
     m.add_argument("--everyday-aggregation", type=int, default=1000,
                    help="aggregation prompts over everyday candidates")
     m.add_argument("--seed", type=int, default=0)

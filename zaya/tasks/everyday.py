@@ -7,15 +7,16 @@ A question is a ``Calc``: two or three numbers, one or two operators (+, -, *) a
 which operation comes first. Every operand, intermediate value and result is in 0..99. Written
 as an expression, the usual precedence holds (``2 + 3 * 4`` is 14); written as a sequence of
 instructions ("Add 7 and 5, then multiply by 3"), the steps run in the order given. The worked
-solution is the chain format of ``zaya.tasks.arithmetic`` in evaluation order::
+solution is the chain format of ``zaya.tasks.arithmetic`` in evaluation order, with a large
+addend or subtrahend taken in two lines (``lines``)::
 
-    <think>
-    3*4=12
-    2+12=14
-    result 14
-    </think>
+    <think>                      <think>
+    3*4=12                       44+20=64
+    2+12=14                      64+5=69
+    result 14                    result 69
+    </think>                     </think>
 
-    \\boxed{14}
+    \\boxed{14}                   \\boxed{69}
 
 Division, decimals, negative numbers and numbers above 99 are outside the task: the model answers
 them, like any other prompt that is not such a question, with ``zaya.tasks.offtopic.POINTER``.
@@ -89,8 +90,25 @@ class Calc:
         return (self.first == "right") == second_binds_tighter
 
 
+def lines(steps) -> list[tuple[int, str, int, int]]:
+    """Worked lines for (x, op, y, result) steps: adding or subtracting a y of 20 or more that is not
+    a multiple of ten takes two lines, tens first (``44+25`` is ``44+20=64``, ``64+5=69``). The
+    chain task taught the model to add and subtract up to 19 in one line; splitting the rest into
+    a multiple of ten and a digit reuses that instead of learning every pair of two-digit numbers.
+    The last line keeps the step's result as given (a corrupted chain passes a wrong one)."""
+    out = []
+    for x, op, y, r in steps:
+        if op in "+-" and y >= 20 and y % 10:
+            tens = y - y % 10
+            mid = apply(x, op, tens)
+            out += [(x, op, tens, mid), (mid, op, y % 10, r)]
+        else:
+            out.append((x, op, y, r))
+    return out
+
+
 def reasoning(calc: Calc) -> str:
-    return format_steps(calc.nums[0], calc.steps(), calc.answer)
+    return format_steps(calc.nums[0], lines(calc.steps()), calc.answer)
 
 
 # --------------------------------------------------------------------------------- sampling

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from zaya.rsa.prompts import ZYPHRA
 from zaya.tasks.aggregation import Tails, aggregation_example, plain_example
 from zaya.tasks.arithmetic import answer_text, apply, format_steps, perturb, sample_problems
-from zaya.tasks.everyday import Calc, reasoning
+from zaya.tasks.everyday import Calc, lines, reasoning
 from zaya.tasks.offtopic import POINTER, offtopic_prompt, pointer_message
 from zaya.tasks.wordings import Wording, draw_wording
 
@@ -32,8 +32,8 @@ SUFFIXES = (" Put the answer in \\boxed{}.", " Let's think step by step.", " Sho
 class MixtureSpec:
     everyday: int = 80000            # everyday questions
     offtopic: int = 6000             # off-topic prompts
-    chains: int = 8000               # chain problems (levels weighted as stage 4)
-    aggregation: int = 3000          # aggregation prompts over chain candidates
+    chains: int = 12000              # chain problems (levels weighted as stage 4)
+    aggregation: int = 4000          # aggregation prompts over chain candidates
     everyday_aggregation: int = 1000  # aggregation prompts over everyday candidates
     two_ops: float = 0.5             # share of everyday questions with two operations
     raw: float = 0.12                # share of single-turn examples written as raw text
@@ -50,11 +50,11 @@ def solution(calc: Calc) -> dict:
 
 
 def as_raw(prompt: str, reply: dict, rng: random.Random) -> dict:
-    """A raw-text record: the prompt as typed, then the reply as the chat template writes it.
-    ``<think>`` is a token of its own, so the prompt tokenizes exactly as a bare prompt would."""
+    """A raw-text record: the prompt as typed (tokenized alone, as ``llm.generate(prompt)`` does),
+    then the reply as the chat template writes it, as the target."""
     sep = rng.choice(("", "", "", "\n", " "))
-    return {"text": f"{prompt}{sep}<think>\n{reply['reasoning_content']}\n</think>\n\n{reply['content']}",
-            "kind": "raw"}
+    return {"prompt": prompt + sep, "completion": f"<think>\n{reply['reasoning_content']}\n</think>\n\n"
+            f"{reply['content']}", "raw": True, "kind": "raw"}
 
 
 def corrupted(calc: Calc, rng: random.Random) -> str:
@@ -75,7 +75,7 @@ def corrupted(calc: Calc, rng: random.Random) -> str:
     if prev == calc.answer:  # the mistake cancelled out (a later *0, say): make the last step wrong
         x, op, y, r = out[-1]
         out[-1] = (x, op, y, perturb(r, rng))
-    return format_steps(calc.nums[0], out, out[-1][3])
+    return format_steps(calc.nums[0], lines(out), out[-1][3])
 
 
 def everyday_aggregation(wording: Wording, rng: random.Random, tails: Tails, spec: MixtureSpec) -> dict:

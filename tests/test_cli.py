@@ -44,3 +44,19 @@ def test_info_reports_params_and_skip_audit(tmp_path, capsys):
 def test_clear_error_without_traceback(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path)]) == 1
     assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_chat_banner_says_what_the_builtin_model_does(tmp_path, monkeypatch, capsys):
+    import zaya
+    from zaya.about import model_about
+
+    def no_input(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", no_input)
+    assert main(["chat"]) == 0
+    banner = capsys.readouterr().err.splitlines()
+    assert banner[1] == model_about(zaya.DEFAULT_MODEL) and "whole numbers 0-99" in banner[1]
+    path = make_tiny_model_dir(tmp_path / "m")                   # a model without about.txt: no such line
+    assert main(["chat", "--model", str(path)]) == 0
+    assert len(capsys.readouterr().err.splitlines()) == 1

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from zaya.about import model_about
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
@@ -91,6 +93,9 @@ def cmd_chat(args) -> int:
     color = sys.stdout.isatty()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("Chatting with", llm.path or "the model", "- /reset clears the conversation, /exit quits.", file=sys.stderr)
+    about = model_about(llm.path)
+    if about:
+        print(about, file=sys.stderr)
     while True:
         try:
             line = input(">>> ")

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     runner = ZayaRunner(args.path)
     runner.warm_up()
     engine = runner.llm.engine()
-    params = SamplingParams.from_kwargs(max_new_tokens=args.steps + 4, temperature=0, ignore_eos=True)
+    params = SamplingParams.from_kwargs(max_new_tokens=2 * args.steps + 4, temperature=0, ignore_eos=True)
     engine.add(Request(prompts(1, 32, runner.vocab, 0)[0].tolist(), params))
     engine.step()
     start = time.perf_counter()

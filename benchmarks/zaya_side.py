@@ -187,8 +187,10 @@ class ZayaRunner:
         return self.decode(size, prompt_len, new_tokens, seed)
 
     def warm_up(self) -> None:
-        """First-call allocations and lazy kernel selection, outside the timings."""
+        """First-call allocations, lazy kernel selection and compiled graphs (``ZAYA_COMPILE``, one
+        per batch size), outside the timings."""
         self.decode(1, 8, 2, 99)
+        self.decode(8, 8, 2, 99)
         self.prefill(64, 99)
 
 

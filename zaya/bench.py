@@ -115,7 +115,8 @@ def speed(model, *, prefill_tokens=512, new_tokens=64, batches=(1, 8), bandwidth
           cache: PagedCache | None = None) -> dict:
     bandwidth = bandwidth or measure_bandwidth()
     cache = cache or _engine(model).cache  # one pool for every run, as a server has
-    decode_rate(model, 1, new_tokens=4, cache=cache)  # warm-up (allocator, lazy kernels, compiled graphs)
+    for b in batches:  # warm-up (allocator, lazy kernels, and with ZAYA_COMPILE a compile per batch size)
+        decode_rate(model, b, new_tokens=2, cache=cache)
     out = {"prefill_tokens": prefill_tokens,
            "prefill_tok_s": statistics.median(prefill_rate(model, prefill_tokens, s, cache) for s in range(rounds))}
     for b in batches:

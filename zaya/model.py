@@ -215,21 +215,17 @@ class ZayaAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size,
                                 bias=config.attention_bias)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        B, S, _ = x.shape
-        cache = ctx.cache
-        conv_state = v_state = None
-        if cache is not None:
-            conv_state, v_state = cache.read_state(self.layer_idx)
+    def queries_keys(self, x: torch.Tensor, conv_state, v_state, cos: torch.Tensor, sin: torch.Tensor):
+        """Everything before the cache: q (B, Hq, S, D), k and v (B, Hkv, S, D) normed and rotated,
+        and the CCA state columns ``ZayaCCAProjection.forward`` returns."""
         q, k, v, qk_columns, v_delayed = self.qkv_proj(x, conv_state, v_state)
         q, k = self.qk_norm(q, k)
-        cos, sin = ctx.rope[self.layer_type]
-        q = apply_partial_rope(q.transpose(1, 2), cos, sin)  # (B, Hq, S, D)
-        k = apply_partial_rope(k.transpose(1, 2), cos, sin)  # (B, Hkv, S, D)
-        v = v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, qk_columns, v_delayed)  # (B, Hkv, L, D) each
-        o = self.attend(q, k, v, ctx.mask(self.sliding_window))  # (B, Hq, S, D)
+        q = apply_partial_rope(q.transpose(1, 2), cos, sin)
+        k = apply_partial_rope(k.transpose(1, 2), cos, sin)
+        return q, k, v.transpose(1, 2), qk_columns, v_delayed
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        B, _, S, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
 
@@ -349,12 +345,31 @@ class ZayaDecoderLayer(nn.Module):
         self.post_mlp_residual_scale = ZayaResidualScaling(config.hidden_size)
 
     def forward(self, h: torch.Tensor, router_state, ctx: ForwardContext):
-        dtype = self.input_layernorm.weight.dtype
-        a = self.input_layernorm(h.to(dtype))
-        if ctx.conv_mask is not None:
-            a = a * ctx.conv_mask[:, :, None].to(a.dtype)  # pads must not reach the conv or value delay
-        h = self.post_attention_residual_scale(self.self_attn(a, ctx), h)
-        m = self.post_attention_layernorm(h.to(dtype))
+        attn, cache = self.self_attn, ctx.cache
+        conv_state = v_state = None
+        if cache is not None:
+            conv_state, v_state = cache.read_state(attn.layer_idx)
+        q, k, v, qk_columns, v_delayed = self.attention_in(h, conv_state, v_state, *ctx.rope[attn.layer_type],
+                                                           ctx.conv_mask)
+        if cache is not None:
+            k, v = cache.update(attn.layer_idx, k, v, qk_columns, v_delayed)  # (B, Hkv, L, D) each
+        o = attn.attend(q, k, v, ctx.mask(attn.sliding_window))  # (B, Hq, S, D)
+        return self.attention_out(o, h, router_state)
+
+    # The layer in two halves around the cache and attention, whose shapes grow with the context:
+    # each half has the same shapes at every decode step, so a compiler can take it whole
+    # (zaya.engine.compiled).
+    def attention_in(self, h, conv_state, v_state, cos, sin, conv_mask):
+        """Input norm and ``ZayaAttention.queries_keys``."""
+        a = self.input_layernorm(h.to(self.input_layernorm.weight.dtype))
+        if conv_mask is not None:
+            a = a * conv_mask[:, :, None].to(a.dtype)  # pads must not reach the conv or value delay
+        return self.self_attn.queries_keys(a, conv_state, v_state, cos, sin)
+
+    def attention_out(self, o: torch.Tensor, h: torch.Tensor, router_state):
+        """Output projection, residuals and the MoE: (new residual, router state, expert index)."""
+        h = self.post_attention_residual_scale(self.self_attn.output(o), h)
+        m = self.post_attention_layernorm(h.to(self.post_attention_layernorm.weight.dtype))
         y, router_state, index = self.mlp(m, router_state)
         return self.post_mlp_residual_scale(y, h), router_state, index
 

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from zaya.engine import compiled
 from zaya.engine.cache import CACHE_FLAGS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SEQS, CacheFullError, PagedCache
 from zaya.engine.runner import ForwardBatch, forward
 from zaya.engine.sequence import Request, Sequence, TokenEvent
@@ -87,6 +88,8 @@ class Engine:
                  block_size: int = DEFAULT_BLOCK_SIZE, max_seqs: int = DEFAULT_MAX_SEQS,
                  prefix_caching: bool = True, step_tokens: int | None = None, identity: str = ""):
         self.model, self.tokenizer = model, tokenizer
+        if compiled.enabled():
+            compiled.compile_decode(model)
         self.threads = decode_threads() if threads is None else threads
         self.config = model.config
         self.context_limit = max_context or self.config.max_position_embeddings

@@ -65,6 +65,7 @@ class Sequence:
     counts: torch.Tensor | None = None
     seen: torch.Tensor | None = None
     cache: SeqCache | None = None   # its place in the paged cache while it holds one
+    drafter: object | None = None   # its speculative.Drafter when it drafts
 
     def completion(self) -> Completion:
         return Completion(self.text, list(self.token_ids), self.finish_reason or "length",

@@ -48,13 +48,14 @@ class ServerConfig:
     max_rsa_runs: int = 2                 # concurrent Markovian RSA requests
     keepalive_s: float = 10.0             # SSE keep-alive interval while RSA runs
     retry_after_s: int = 2
+    speculative: int = 0                  # longest prompt-lookup draft for requests that do not say; 0 off
 
 
 class State:
     def __init__(self, llm, config: ServerConfig, engine_factory=None):
         self.llm, self.config = llm, config
         self.metrics = Metrics()
-        factory = engine_factory or (lambda: llm.engine())
+        factory = engine_factory or (lambda: llm.engine(speculative=config.speculative))
         self.scheduler = Scheduler(factory, max_batch=config.max_batch, max_queue=config.max_queue,
                                    metrics=self.metrics)
         self.max_context = self.scheduler.engine.max_context

@@ -22,6 +22,9 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $ZAYA_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="prompt-lookup speculative decoding with drafts of up to K tokens for requests that do "
+                        "not set `speculative` (default 0: off; 1-16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default 64)")
     p.add_argument("--max-body", type=int, default=4 << 20, help="largest request body in bytes (default 4 MiB)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -40,11 +43,14 @@ def cmd_serve(args) -> int:
 
     from zaya.commands import load_from_args
     from zaya.errors import ZayaError
+    from zaya.sampling import MAX_DRAFT
     from zaya.server import ServerConfig, create_app
 
     for flag in ("max_batch", "max_queue", "max_body", "port"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ZayaError(f"--{flag.replace('_', '-')} must be positive")
+    if not 0 <= args.speculative <= MAX_DRAFT:
+        raise ZayaError(f"--speculative must be a draft length in [0, {MAX_DRAFT}] (0: off), got {args.speculative}")
     if args.max_context is not None and args.max_context < 2:
         raise ZayaError("--max-context must be at least 2")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,7 +61,7 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or served_name(args.model)
     aliases = tuple(a for a in {args.model, str(llm.path) if llm.path else None} if a and a != name)
     config = ServerConfig(model_name=name, aliases=aliases, api_key=args.api_key, max_batch=args.max_batch,
-                          max_queue=args.max_queue, max_body_bytes=args.max_body)
+                          max_queue=args.max_queue, max_body_bytes=args.max_body, speculative=args.speculative)
     app = create_app(llm, config)
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets open requests finish (up to the
     # timeout), then runs the app's shutdown, which stops the scheduler thread.

@@ -1,0 +1,183 @@
+"""Speculative decoding: prompt-lookup drafts, exact verification, CCA-state rollback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zaya
+from tiny_model import make_tiny_model, make_tiny_model_dir
+from zaya.engine import Engine, Request
+from zaya.engine.speculative import Drafter
+from zaya.errors import ZayaError
+from zaya.sampling import SamplingParams, filter_logits, verify_draft
+
+torch.set_num_threads(1)  # tiny models on shared cores: thread wake-ups cost more than they bring
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return zaya.load(make_tiny_model_dir(tmp_path_factory.mktemp("m")))
+
+
+def copy_prompt(seed: int, n: int = 24, vocab: int = 512) -> list[int]:
+    """A prompt that repeats a random span, so prompt lookup finds drafts (right or wrong)."""
+    g = torch.Generator().manual_seed(seed)
+    span = torch.randint(10, vocab, (n,), generator=g).tolist()
+    return [2] + span + span[:n // 2]
+
+
+def run(engine: Engine, prompts, **kw) -> list[list[int]]:
+    reqs = [Request(p, SamplingParams.from_kwargs(**kw), i) for i, p in enumerate(prompts)]
+    out = {}
+    for ev in engine.run(reqs):
+        if ev.token_id is not None:
+            out.setdefault((ev.prompt_index, ev.index), []).append(ev.token_id)
+    return [r.sequences[0].token_ids for r in reqs]
+
+
+def engines(model, k=8, **kw):
+    return Engine(model, **kw), Engine(model, speculative=k, **kw)
+
+
+def test_drafter_finds_latest_occurrence_and_backs_off():
+    d = Drafter(8)
+    tokens = [1, 2, 3, 4, 9, 1, 2, 3, 4, 7, 8, 1, 2, 3, 4]
+    assert d.propose(tokens, 10) == [7, 8, 1, 2]       # k starts at 4, the later "1 2 3 4" wins
+    assert d.propose(tokens + [5], 10) == []            # no earlier 5
+    assert Drafter(8).propose([5, 6, 5], 1) == [6]      # 1-gram, room 1
+    for _ in range(3):
+        d.update(4, 0)
+    assert d.off == 8 and d.propose(tokens, 10) == []   # off after three failures
+    d.off = 0
+    d.update(4, 4)
+    assert d.k == 3 and d.backoff == 8                  # 4 -> 1 by the failures, + 2 on success
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(sliding_window=6, layer_types=["hybrid", "hybrid_sliding", "hybrid"]),
+                                       dict(cca_time0=3, cca_time1=2)])
+def test_greedy_equals_plain_decoding(overrides):
+    model = make_tiny_model(seed=1, **overrides)
+    plain, spec = engines(model, block_size=8)
+    prompts = [copy_prompt(s) for s in range(4)]
+    kw = dict(max_new_tokens=40, temperature=0, ignore_eos=True)
+    want = run(plain, prompts, **kw)
+    assert run(spec, prompts[:1], **kw) == want[:1]     # batch 1
+    assert run(spec, prompts, **kw) == want             # batch of rows with different acceptance
+    st = spec.spec_stats
+    assert st.drafted > 0 and st.accepted > 0 and st.tokens_per_forward > 1
+
+
+def test_verify_draft_follows_the_distribution():
+    """Accept-or-resample for a fixed draft gives the model's distribution (chi-square test)."""
+    logits = torch.tensor([1.0, 0.2, -0.5, 0.7, -2.0, 0.0])
+    p = SamplingParams(temperature=0.8, top_k=5)
+    probs = filter_logits(logits, p).softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    N = 20000
+    for draft in (0, 2, 4):   # likely, unlikely, filtered out (top_k)
+        counts = torch.zeros(6)
+        for _ in range(N):
+            counts[verify_draft(logits, draft, p, g)] += 1
+        keep = probs > 0
+        assert counts[~keep].sum() == 0
+        expected = probs[keep] * N
+        chi2 = float(((counts[keep] - expected) ** 2 / expected).sum())
+        assert chi2 < 20.5, (draft, chi2)   # 4 degrees of freedom: p < 0.0004
+
+
+def test_bad_speculative_values():
+    for bad in (17, -1, "yes", 2.5):
+        with pytest.raises(ZayaError, match="speculative"):
+            SamplingParams.from_kwargs(speculative=bad)
+    assert SamplingParams.from_kwargs(speculative=True).speculative is True
+    with pytest.raises(ZayaError, match="speculative"):
+        Engine(make_tiny_model(), speculative=99)
+
+
+TEXT = "the cat sat on the mat and the dog sat on the log. the cat sat on the mat and the dog"
+
+
+def both(llm, prompt=TEXT, **kw):
+    return (llm.generate(prompt, speculative=False, **kw)[0], llm.generate(prompt, speculative=True, **kw)[0])
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_greedy_equal_on_quantized_models(tmp_path, quantize):
+    q = zaya.load(make_tiny_model_dir(tmp_path, seed=2), quantize=quantize)
+    plain, spec = both(q, max_new_tokens=48, temperature=0, ignore_eos=True)
+    assert spec.token_ids == plain.token_ids
+
+
+def test_greedy_with_penalties_and_logprobs_equal(llm):
+    kw = dict(max_new_tokens=40, temperature=0, ignore_eos=True, repetition_penalty=1.2, frequency_penalty=0.3,
+              presence_penalty=0.2, logprobs=True, top_logprobs=2)
+    plain, spec = both(llm, **kw)
+    assert spec.token_ids == plain.token_ids
+    assert spec.logprobs == pytest.approx(plain.logprobs, abs=1e-4)
+    assert [sorted(t) for t in spec.top_logprobs] == [sorted(t) for t in plain.top_logprobs]
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 5, 13, 30])
+def test_max_tokens_inside_a_draft_stops_exactly(llm, max_new_tokens):
+    plain, spec = both(llm, max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
+    assert spec.token_ids == plain.token_ids and len(spec.token_ids) == max_new_tokens
+    assert spec.finish_reason == "length"
+
+
+def test_stop_strings_inside_a_draft_stop_exactly(llm):
+    full = llm.generate(TEXT, max_new_tokens=40, temperature=0, ignore_eos=True)[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    if not stop.strip():
+        pytest.skip("the greedy text has no printable stop candidate at its middle")
+    plain, spec = both(llm, max_new_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+    assert spec.text == plain.text and spec.finish_reason == plain.finish_reason == "stop"
+    assert stop not in spec.text
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)])
+def test_truncation_to_one_token_equals_greedy(llm, kw):
+    greedy = llm.generate(TEXT, max_new_tokens=24, temperature=0, ignore_eos=True)[0].token_ids
+    got = llm.generate(TEXT, max_new_tokens=24, temperature=1.3, seed=3, ignore_eos=True, speculative=True, **kw)
+    assert got[0].token_ids == greedy
+
+
+def test_seeded_sampling_reproduces_with_every_option(llm):
+    kw = dict(max_new_tokens=32, temperature=0.9, top_p=0.95, top_k=50, min_p=0.01, repetition_penalty=1.1,
+              presence_penalty=0.1, frequency_penalty=0.1, seed=11, logprobs=True, top_logprobs=1,
+              ignore_eos=True, speculative=4, n=2)
+    a = llm.generate([TEXT, "Hello! How can I"], **kw)
+    b = llm.generate([TEXT], **kw)
+    assert [c.token_ids for c in a[:2]] == [c.token_ids for c in b]   # batching does not change a request
+    assert a[0].logprobs == pytest.approx(b[0].logprobs, abs=1e-4)
+    assert all(len(c.logprobs) == len(c.token_ids) for c in a)
+
+
+def test_sampled_tokens_follow_the_model_distribution():
+    """The second token (the first verified against a draft) has the model's marginal law: its
+    exact distribution sum_t1 p(t1) p(t2 | t1) from full forwards, against 3,072 samples."""
+    V = 12
+    model = make_tiny_model(seed=3, vocab_size=V)
+    prompt = [2, 7, 8, 9, 7, 8, 9, 7, 8]
+    with torch.no_grad():
+        p1 = model(torch.tensor([prompt])).float()[0, -1].softmax(-1)
+        ctx = torch.tensor([prompt + [t] for t in range(V)])
+        p2 = (p1[:, None] * model(ctx).float()[:, -1].softmax(-1)).sum(0)
+    engine = Engine(model, speculative=4)
+    reqs = [Request(prompt, SamplingParams(max_new_tokens=3, temperature=1.0, ignore_eos=True, n=64, seed=s))
+            for s in range(48)]
+    counts = torch.zeros(V)
+    for _ in engine.run(reqs):
+        pass
+    for r in reqs:
+        for s in r.sequences:
+            counts[s.token_ids[1]] += 1
+    assert engine.spec_stats.drafted > 1000 and 0 < engine.spec_stats.accepted < engine.spec_stats.drafted
+    N = counts.sum()
+    big = p2 * N >= 5   # rare tokens are pooled into one cell
+    observed, expected = counts[big], p2[big] * N
+    if not big.all():
+        observed = torch.cat([observed, counts[~big].sum()[None]])
+        expected = torch.cat([expected, (p2[~big] * N).sum()[None]])
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 32.9, chi2   # at most 11 degrees of freedom: p < 0.0005

@@ -3,15 +3,19 @@
     python benchmarks/speculative.py                          # every figure (mini shape, bf16)
     python benchmarks/speculative.py --only copy --batches 1 --rounds 3
 
-    copy    greedy decode of a prompt that holds a text and starts repeating it (an edit or copy
-            request), batch 1 and batch 8: tokens/s with speculation on over off (targets >= 2x
-            at batch 1, >= 1.5x at batch 8), the acceptance rate and tokens per row-forward
+    copy    greedy decode whose output copies a known text (an edit or repeat request), batch 1 and
+            batch 8: tokens/s with speculation on over off (targets >= 2x at batch 1, >= 1.5x at
+            batch 8), the acceptance rate and tokens per row-forward
     random  random prompts (nothing to copy): the same ratio (target >= 0.97, at most 3% slower)
 
-The mini shape (compare_transformers.py) is built once under ``--dir`` with random weights; a
-random model does not follow a copy request, so on the copy prompts what it drafts from is its own
-repetitive greedy output and the prompt, and the acceptance it reaches is printed beside each
-figure. Each round runs the same requests with speculation off then on (the order alternates
+The mini shape (compare_transformers.py) is built once under ``--dir`` with random weights. A
+random model does not follow a request to repeat its prompt, so the copy workload gives the
+drafter the text the output will copy instead: each prompt's greedy continuation, computed once
+beforehand, is added as a draft source (`Drafter.add_source`, what a caller editing a document
+does). bf16 logits of a random model often tie exactly, and a multi-token forward may break a tie
+the other way than a one-token step, so the source is the continuation the speculative engine
+itself produces (``identical_rows`` reports how many rows equal the non-speculative output). What is measured is then what copy-heavy decoding gains: the cost of verifying drafts
+against the tokens they save; the acceptance is printed beside each figure. Each round runs the same requests with speculation off then on (the order alternates
 between rounds); the figure is the median ratio, printed with the 1-minute load average. Decode
 threads: ``--threads`` (default 1, the setting for shared cores; see docs/performance.md). The last
 line is one JSON object.
@@ -56,31 +60,29 @@ def build(shape: str, root: Path) -> Path:
 
 
 def prompts(kind: str, batch: int, vocab: int, length: int) -> list[list[int]]:
-    """``copy``: a text of ``length`` tokens, then its first third again (the copy has begun);
-    ``random``: ``length`` random tokens."""
-    out = []
-    for b in range(batch):
-        g = torch.Generator().manual_seed(1000 * b + length)
-        text = torch.randint(10, vocab, (length,), generator=g).tolist()
-        out.append([2] + (text + text[:length // 3] if kind == "copy" else text))
-    return out
+    """``length`` random tokens per row (a different seed per kind and row)."""
+    seed = 7919 if kind == "copy" else 0
+    return [[2] + torch.randint(10, vocab, (length - 1,), generator=torch.Generator().manual_seed(seed + b)).tolist()
+            for b in range(batch)]
 
 
-def timed(engine, batch_prompts, new_tokens: int) -> tuple[float, int]:
+def timed(engine, batch_prompts, new_tokens: int, sources=None) -> tuple[float, int, list]:
     from zaya.engine import Request
     from zaya.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     requests = [Request(p, params, i) for i, p in enumerate(batch_prompts)]
-    for r in requests:
-        engine.add(r)
+    for i, r in enumerate(requests):
+        for seq in engine.add(r):
+            if sources and seq.drafter is not None:
+                seq.drafter.add_source(sources[i])
     while engine.waiting:  # prefill (and the first token) outside the timed decode
         engine.step()
     start = time.perf_counter()
     tokens = 0
     while engine.active:
         tokens += sum(e.token_id is not None for e in engine.step())
-    return time.perf_counter() - start, tokens
+    return time.perf_counter() - start, tokens, [r.sequences[0].token_ids for r in requests]
 
 
 def compare(llm, kind: str, batch: int, args) -> dict:
@@ -90,24 +92,44 @@ def compare(llm, kind: str, batch: int, args) -> dict:
                "on": Engine(llm.model, cache=llm.cache, prefix_caching=False, speculative=args.k)}
     work = prompts(kind, batch, llm.config.vocab_size, args.prompt_tokens)
     timed(engines["off"], [p[:64] for p in work[:1]], 8)  # warm-up
-    ratios, rates, loads = [], {"off": [], "on": []}, []
+    sources = None
+    if kind == "copy":  # the text each output copies: its greedy continuation
+        sources = [seq.token_ids for seq in _greedy(engines["off"], work, args.new_tokens)]
+        for _ in range(2):  # bf16 logits tie often in a random model, and a multi-token forward may
+            # break a tie the other way: take the continuation the speculative run itself produces
+            sources = timed(engines["on"], work, args.new_tokens, sources)[2]
+    ratios, rates, loads, same = [], {"off": [], "on": []}, [], []
     for r in range(args.rounds):
         order = ("off", "on") if r % 2 == 0 else ("on", "off")
-        speed = {}
+        speed, outputs = {}, {}
         for name in order:
-            seconds, tokens = timed(engines[name], work, args.new_tokens)
+            seconds, tokens, outputs[name] = timed(engines[name], work, args.new_tokens, sources)
             speed[name] = tokens / seconds
             rates[name].append(speed[name])
+        same += [a == b for a, b in zip(outputs["on"], outputs["off"])]
         ratios.append(speed["on"] / speed["off"])
         loads.append(load_avg())
     stats = engines["on"].spec_stats
     out = {"ratio": round(statistics.median(ratios), 3), "off_tok_s": round(statistics.median(rates["off"]), 2),
            "on_tok_s": round(statistics.median(rates["on"]), 2), "acceptance": _round(stats.acceptance),
-           "tokens_per_forward": _round(stats.tokens_per_forward), "load": max(loads)}
+           "tokens_per_forward": _round(stats.tokens_per_forward), "identical_rows": round(sum(same) / len(same), 3),
+           "load": max(loads)}
     print(f"{kind} batch {batch}: {out['off_tok_s']} -> {out['on_tok_s']} tok/s, ratio {out['ratio']} "
-          f"(acceptance {out['acceptance']}, {out['tokens_per_forward']} tokens per row-forward; load {out['load']})",
+          f"(acceptance {out['acceptance']}, {out['tokens_per_forward']} tokens per row-forward, greedy rows "
+          f"identical to off: {out['identical_rows']}; load {out['load']})",
           flush=True)
     return out
+
+
+def _greedy(engine, batch_prompts, new_tokens: int):
+    from zaya.engine import Request
+    from zaya.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    requests = [Request(p, params, i) for i, p in enumerate(batch_prompts)]
+    for _ in engine.run(requests):
+        pass
+    return [r.sequences[0] for r in requests]
 
 
 def _round(x):

@@ -181,3 +181,10 @@ def test_sampled_tokens_follow_the_model_distribution():
         expected = torch.cat([expected, (p2[~big] * N).sum()[None]])
     chi2 = float(((observed - expected) ** 2 / expected).sum())
     assert chi2 < 32.9, chi2   # at most 11 degrees of freedom: p < 0.0005
+
+
+def test_drafts_from_an_added_source():
+    d = Drafter(8)
+    d.add_source([5, 6, 7, 8, 9, 10])
+    assert d.propose([1, 2, 7], 10) == [8, 9, 10]       # own tokens have no earlier 7
+    assert d.propose([1, 2, 7, 3, 7], 10) == [3, 7]     # own tokens first

@@ -58,6 +58,15 @@ class Drafter:
         self.failures = 0
         self.off = 0              # steps left without drafting
         self.backoff = BACKOFF
+        self.sources: list[tuple[list[int], list[dict[tuple, int]]]] = []
+
+    def add_source(self, tokens: list[int]) -> None:
+        """Also draft from ``tokens``, a text the output is expected to copy that is not in the
+        prompt (a document being edited, the candidates of an aggregation); the sequence's own
+        tokens are looked up first."""
+        index = [{} for _ in range(MAX_NGRAM + 1)]
+        _index_ngrams(index, tokens, 1, len(tokens))
+        self.sources.append((list(tokens), index))
 
     def propose(self, tokens: list[int], room: int) -> list[int]:
         """Up to min(k, room) tokens that followed the latest earlier occurrence of the longest
@@ -65,18 +74,17 @@ class Drafter:
         if self.off:
             self.off -= 1
             return []
-        end = len(tokens) - 1
-        for e in range(max(self.indexed, 1), end + 1):  # n-grams ending at e (exclusive), e < len
-            for n in range(1, min(MAX_NGRAM, e) + 1):
-                self.index[n][tuple(tokens[e - n:e])] = e
-        self.indexed = max(self.indexed, end + 1)
+        _index_ngrams(self.index, tokens, max(self.indexed, 1), len(tokens) - 1)
+        self.indexed = max(self.indexed, len(tokens))
         k = min(self.k, room)
         if k < 1:
             return []
         for n in range(min(MAX_NGRAM, len(tokens)), 0, -1):
-            e = self.index[n].get(tuple(tokens[-n:]))
-            if e is not None:
-                return tokens[e:e + k]
+            tail = tuple(tokens[-n:])
+            for text, index in [(tokens, self.index)] + self.sources:
+                e = index[n].get(tail)
+                if e is not None and e < len(text):
+                    return text[e:e + k]
         return []
 
     def update(self, drafted: int, accepted: int) -> None:
@@ -91,6 +99,14 @@ class Drafter:
         if self.failures >= FAILURES:
             self.off, self.failures = self.backoff, 0
             self.backoff = min(MAX_BACKOFF, self.backoff * 2)
+
+
+def _index_ngrams(index: list[dict[tuple, int]], tokens: list[int], first: int, last: int) -> None:
+    """Record, for every n-gram (n <= MAX_NGRAM) ending just before position e in first..last, that
+    e follows it (later occurrences overwrite earlier ones)."""
+    for e in range(first, last + 1):
+        for n in range(1, min(MAX_NGRAM, e) + 1):
+            index[n][tuple(tokens[e - n:e])] = e
 
 
 @dataclass

@@ -208,13 +208,17 @@ def test_seed_reproducible_and_n(client):
     assert [c.index for c in chat.choices] == [0, 1]
 
 
-def test_speculative_via_extra_body(client):
+def test_speculative_via_extra_body(server, client):
     """Greedy output is the same with prompt-lookup speculation on, per request."""
     kw = dict(model=MODEL, prompt="one two three one two three one two", max_tokens=24, temperature=0)
     plain = client.completions.create(extra_body={"ignore_eos": True, "speculative": False}, **kw).choices[0]
     for value in (True, 3):
         spec = client.completions.create(extra_body={"ignore_eos": True, "speculative": value}, **kw).choices[0]
         assert spec.text == plain.text and spec.finish_reason == plain.finish_reason == "length"
+    with server.http() as http:
+        metrics = http.get("/metrics").text
+    drafted = [line for line in metrics.splitlines() if line.startswith("zaya_spec_draft_tokens ")]
+    assert drafted and float(drafted[0].split()[1]) > 0 and "zaya_decode_tokens " in metrics
 
 
 def test_stop_string(client):

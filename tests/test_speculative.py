@@ -188,3 +188,25 @@ def test_drafts_from_an_added_source():
     d.add_source([5, 6, 7, 8, 9, 10])
     assert d.propose([1, 2, 7], 10) == [8, 9, 10]       # own tokens have no earlier 7
     assert d.propose([1, 2, 7, 3, 7], 10) == [3, 7]     # own tokens first
+
+
+def test_rsa_rounds_report_drafting(llm):
+    """Aggregation rounds draft from the candidates in their prompts; round 0 does not draft."""
+    from zaya.rsa import LocalBackend, solve
+
+    result = solve(LocalBackend(llm), "What is 2 + 3?", profile="cpu-tiny", seed=0, progress=False)
+    first, agg = result.rounds
+    assert first["draft_acceptance"] is None and first["tokens_per_forward"] == 1.0
+    assert agg["tokens_per_forward"] is not None and agg["tokens_per_forward"] >= 1.0
+    off = solve(LocalBackend(llm), "What is 2 + 3?", profile="cpu-tiny", seed=0, progress=False, speculative="off")
+    assert off.rounds[1]["draft_acceptance"] is None
+    with pytest.raises(Exception, match="speculative must be one of"):
+        solve(LocalBackend(llm), "x", profile="cpu-tiny", speculative="sometimes")
+
+
+def test_bench_reports_acceptance():
+    from zaya.bench import speed
+
+    out = speed(make_tiny_model(), prefill_tokens=16, new_tokens=12, batches=(1,), bandwidth=1e9, rounds=1,
+                speculative=4)
+    assert out["speculative"] == 4 and out["tokens_per_forward"] >= 1.0 and out["decode_b1_tok_s"] > 0

@@ -248,6 +248,8 @@ class Lockstep:
     def __init__(self, backend, parties: int):
         self.backend, self.active = backend, parties
         self.name = getattr(backend, "name", "backend")
+        self.drafts = getattr(backend, "drafts", False)
+        self.spec_stats = getattr(backend, "spec_stats", None)
         self.cond = threading.Condition()
         self.pending: list[dict] = []
         self.generation = 0

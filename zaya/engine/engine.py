@@ -84,13 +84,14 @@ class Engine:
     budget), ``block_size``, ``max_seqs`` (live sequences) and ``prefix_caching``. ``step_tokens``
     is the per-step token budget (decode rows plus prefill tokens); ``prefill_chunk`` the longest
     prefill forward. ``speculative`` is the longest prompt-lookup draft for requests that do not
-    say (0: off; zaya.engine.speculative)."""
+    say (0: off; zaya.engine.speculative); decode work is counted in ``stats`` (a shared
+    `SpecStats`, else the engine's own)."""
 
     def __init__(self, model, tokenizer=None, *, max_context: int | None = None, prefill_chunk: int = 512,
                  threads: int | None = None, cache: PagedCache | None = None, cache_memory: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, max_seqs: int = DEFAULT_MAX_SEQS,
                  prefix_caching: bool = True, step_tokens: int | None = None, identity: str = "",
-                 speculative: int = 0):
+                 speculative: int = 0, stats: spec.SpecStats | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.threads = decode_threads() if threads is None else threads
         self.config = model.config
@@ -114,7 +115,7 @@ class Engine:
         self.preemptions = 0                 # rows that gave their blocks back to be recomputed
         self.speculative = self._draft_limit(speculative)
         self.verify: spec.Verify | None = None   # a verify forward's rows, until sampled
-        self.spec_stats = spec.SpecStats()
+        self.spec_stats = stats if stats is not None else spec.SpecStats()  # shared when given
 
     # -- admission ------------------------------------------------------------------------------
     def check(self, prompt_len: int, params: SamplingParams) -> None:

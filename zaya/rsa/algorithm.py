@@ -203,6 +203,10 @@ class _Run:
                             top_k=cfg.final_top_k)
         for i, (messages, ps, stat) in enumerate(zip(prompts, parents, stats, strict=True)):
             self.audit("prompt", round=t, index=i, n=n, parents=ps, messages=messages, **stat)
+        if getattr(self.backend, "drafts", False):  # a backend with prompt-lookup speculative decoding
+            sampling["speculative"] = cfg.speculative == "all" or (cfg.speculative == "aggregation" and t >= 1)
+        stats = getattr(self.backend, "spec_stats", None)
+        before = dict(stats.as_dict()) if stats is not None else None
         started = time.perf_counter()
         bar = self._bar(t, len(prompts) * n, final)
         try:
@@ -213,6 +217,7 @@ class _Run:
             if bar:
                 bar.close()
         seconds = time.perf_counter() - started
+        decode = _decode_stats(before, stats)
         pass_on = not final and (t < cfg.rounds or cfg.selection == "final_agg")
         members = []
         for i, cands in enumerate(outputs):
@@ -234,7 +239,7 @@ class _Run:
                        "finish_reasons": dict(Counter(m.candidate.finish_reason for m in members)),
                        "prompt_tokens": sum(m.candidate.prompt_tokens for m in members),
                        "completion_tokens": sum(m.candidate.completion_tokens for m in members),
-                       "seconds": round(seconds, 3)}
+                       "seconds": round(seconds, 3), **decode}
             self.rounds.append(summary)
             self.audit("round", **summary)
         return members
@@ -307,3 +312,13 @@ def _split_problem(problem) -> tuple[list[dict], str, list[dict]]:
     if not users or not isinstance(users[-1].get("content"), str):
         raise RSAError("problem must be a string or a message list with a text user message")
     return messages, users[-1]["content"], [m for m in messages if m.get("role") == "system"]
+
+
+def _decode_stats(before: dict | None, stats) -> dict:
+    """A round's speculative-decoding figures from a backend's cumulative `SpecStats`."""
+    if before is None:
+        return {}
+    now = stats.as_dict()
+    d = {k: now[k] - before[k] for k in ("row_forwards", "tokens", "drafted", "accepted")}
+    return {"draft_acceptance": round(d["accepted"] / d["drafted"], 3) if d["drafted"] else None,
+            "tokens_per_forward": round(d["tokens"] / d["row_forwards"], 3) if d["row_forwards"] else None}

@@ -70,6 +70,17 @@ class State:
         m.gauge("zaya_batch_size", "Sequences (rows) being decoded now.", lambda: self.scheduler.active_rows)
         m.gauge("zaya_running_requests", "Requests being decoded now.", lambda: self.scheduler.active_requests)
         m.gauge("zaya_rsa_running", "Markovian RSA runs in progress.", lambda: len(self.rsa_running))
+        m.gauge("zaya_spec_draft_tokens", "Prompt-lookup draft tokens verified (cumulative).",
+                lambda: self._spec("drafted"))
+        m.gauge("zaya_spec_accepted_tokens", "Draft tokens accepted (cumulative).", lambda: self._spec("accepted"))
+        m.gauge("zaya_decode_row_forwards", "Rows in decode or verify forwards (cumulative).",
+                lambda: self._spec("row_forwards"))
+        m.gauge("zaya_decode_tokens", "Tokens those row-forwards produced (cumulative); over "
+                "zaya_decode_row_forwards: tokens per forward.", lambda: self._spec("tokens"))
+
+    def _spec(self, field: str) -> int:
+        stats = getattr(self.scheduler.engine, "spec_stats", None)
+        return getattr(stats, field, 0)
 
     def check_model(self, name: str) -> None:
         if name not in self.model_names:

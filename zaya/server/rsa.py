@@ -45,6 +45,7 @@ class SchedulerBackend(TokenTools):
     """An RSA generator backend that decodes through the server's scheduler."""
 
     name = "zaya-server"
+    drafts = True  # takes ``speculative`` (prompt-lookup drafting) per call
 
     def __init__(self, state, on_progress=None):
         self.state, self.llm, self.tokenizer = state, state.llm, state.llm.tokenizer
@@ -53,7 +54,7 @@ class SchedulerBackend(TokenTools):
         self.round = -1
 
     def generate(self, messages_list, *, n, max_tokens, temperature, top_p, top_k, seed, enable_thinking=None,
-                 batch_size=None, progress=None):
+                 batch_size=None, progress=None, speculative=None):
         self.round += 1
         sched = self.state.scheduler
         texts = [self.llm.render_chat(m, enable_thinking=enable_thinking) for m in messages_list]
@@ -68,7 +69,7 @@ class SchedulerBackend(TokenTools):
                 for c, first in enumerate(range(0, n, chunk)):
                     params = SamplingParams.from_kwargs(max_new_tokens=max_tokens, temperature=temperature,
                                                         top_p=top_p, top_k=top_k, n=min(chunk, n - first),
-                                                        seed=derive_seed(seed, p, c))
+                                                        seed=derive_seed(seed, p, c), speculative=speculative)
                     sched.check(len(ids), params)
                     j = len(jobs)
                     jobs.append((sched.submit(ids, params, lambda item, j=j: inbox.put((j, item)),

@@ -7,6 +7,9 @@
             batch 8: tokens/s with speculation on over off (targets >= 2x at batch 1, >= 1.5x at
             batch 8), the acceptance rate and tokens per row-forward
     random  random prompts (nothing to copy): the same ratio (target >= 0.97, at most 3% slower)
+    rsa     Markovian RSA with the built-in model (profile cpu-small, two problems): the seconds of
+            the aggregation rounds with drafting (RSAConfig.speculative="aggregation") over without,
+            the draft acceptance and tokens per row-forward of those rounds, and the accuracy of both
 
 The mini shape (compare_transformers.py) is built once under ``--dir`` with random weights. A
 random model does not follow a request to repeat its prompt, so the copy workload gives the
@@ -121,6 +124,37 @@ def compare(llm, kind: str, batch: int, args) -> dict:
     return out
 
 
+def compare_rsa(args) -> dict:
+    import zaya
+    from zaya.rsa import LocalBackend, solve
+
+    llm = zaya.load()
+    problems = [("Start with 10, then apply -5, +8, *4, -3 in order. What is the result?", "41"),
+                ("Start with 22, then apply *2, -2, +6, *2, +2, -3 in order. What is the result?", "97")]
+    seconds = {"off": [], "aggregation": []}
+    right = {"off": 0, "aggregation": 0}
+    figures = []
+    for r in range(args.rounds):
+        for mode in (("off", "aggregation") if r % 2 == 0 else ("aggregation", "off")):
+            for question, answer in problems:
+                result = solve(LocalBackend(llm), question, profile="cpu-small", seed=r, progress=False,
+                               speculative=mode)
+                seconds[mode].append(sum(x["seconds"] for x in result.rounds[1:]))
+                right[mode] += result.answer == answer
+                if mode == "aggregation":
+                    figures += [(x["draft_acceptance"], x["tokens_per_forward"]) for x in result.rounds[1:]]
+    acc = [a for a, _ in figures if a is not None]
+    out = {"aggregation_seconds_ratio": round(sum(seconds["aggregation"]) / sum(seconds["off"]), 3),
+           "draft_acceptance": round(statistics.mean(acc), 3) if acc else None,
+           "tokens_per_forward": round(statistics.mean(t for _, t in figures), 3),
+           "correct_off": right["off"], "correct_on": right["aggregation"], "runs": len(seconds["off"]),
+           "load": load_avg()}
+    print(f"rsa cpu-small: aggregation rounds {out['aggregation_seconds_ratio']}x the time without drafting "
+          f"(acceptance {out['draft_acceptance']}, {out['tokens_per_forward']} tokens per row-forward; correct "
+          f"{out['correct_on']} vs {out['correct_off']} of {out['runs']}; load {out['load']})", flush=True)
+    return out
+
+
 def _greedy(engine, batch_prompts, new_tokens: int):
     from zaya.engine import Request
     from zaya.sampling import SamplingParams
@@ -140,7 +174,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "zaya-spec-bench")
     ap.add_argument("--shape", default="mini", choices=list(SHAPES))
-    ap.add_argument("--only", default="copy,random")
+    ap.add_argument("--only", default="copy,random,rsa")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--k", type=int, default=8, help="longest draft (default 8)")
@@ -151,9 +185,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     import zaya
 
-    llm = zaya.load(build(args.shape, args.dir))
+    kinds = args.only.split(",")
     result = {"shape": args.shape, "threads": args.threads, "load_at_start": load_avg(), "figures": {}}
-    for kind in args.only.split(","):
+    if "rsa" in kinds:
+        result["figures"]["rsa"] = compare_rsa(args)
+    llm = zaya.load(build(args.shape, args.dir))
+    for kind in (k for k in kinds if k != "rsa"):
         for batch in map(int, args.batches.split(",")):
             result["figures"][f"{kind}_b{batch}"] = compare(llm, kind, batch, args)
     result["load_at_end"] = load_avg()

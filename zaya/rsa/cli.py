@@ -20,7 +20,7 @@ import os
 import sys
 
 from zaya.commands import add_model_args
-from zaya.rsa.config import PROFILES, SELECTIONS
+from zaya.rsa.config import PROFILES, SELECTIONS, SPECULATIVE
 
 
 def register(subparsers) -> None:
@@ -42,6 +42,8 @@ def register(subparsers) -> None:
     g.add_argument("--selection", choices=SELECTIONS)
     g.add_argument("--seed", type=int)
     g.add_argument("--batch-size", type=int, help="local: max sequences decoded together")
+    g.add_argument("--speculative", choices=SPECULATIVE,
+                   help="prompt-lookup speculative decoding in: off | aggregation (default) | all rounds")
     g.add_argument("--template", help="aggregation template name, or a string with "
                    "{question} and {candidates}")
     b = p.add_argument_group("remote backend (OpenAI-compatible)")
@@ -84,7 +86,7 @@ def run(args) -> int:
             audit_path=args.audit, progress=not args.no_progress,
             n=args.n, k=args.k, rounds=args.rounds, budget=args.budget, tail=args.tail,
             temperature=args.temperature, top_p=args.top_p, selection=args.selection,
-            seed=args.seed, batch_size=args.batch_size)
+            seed=args.seed, batch_size=args.batch_size, speculative=args.speculative)
     finally:
         if hasattr(backend, "close"):
             backend.close()
@@ -94,8 +96,10 @@ def run(args) -> int:
     print(f"vote ({len(result.population)} candidates, {result.vote.no_answer} without answer): "
           f"{votes}")
     for r in result.rounds:
+        drafting = "" if r.get("draft_acceptance") is None else \
+            f", drafts {r['draft_acceptance']:.0%} accepted, {r['tokens_per_forward']:.2f} tok/forward"
         print(f"  round {r['round']}: {r['answers'] or '{}'} "
-              f"({r['completion_tokens']} tok, {r['seconds']:.1f}s)")
+              f"({r['completion_tokens']} tok, {r['seconds']:.1f}s{drafting})")
     rate = result.completion_tokens / result.seconds if result.seconds > 0 else 0.0
     print(f"cost: {result.completion_tokens} decode + {result.prompt_tokens} prompt tokens, "
           f"{result.requests} sequences, {result.seconds:.1f}s ({rate:.1f} tok/s); "

@@ -210,3 +210,27 @@ def test_bench_reports_acceptance():
     out = speed(make_tiny_model(), prefill_tokens=16, new_tokens=12, batches=(1,), bandwidth=1e9, rounds=1,
                 speculative=4)
     assert out["speculative"] == 4 and out["tokens_per_forward"] >= 1.0 and out["decode_b1_tok_s"] > 0
+
+
+def test_joining_requests_and_a_full_pool_keep_greedy_exact():
+    """Requests joining while others verify drafts, and preemption when the pool runs short."""
+    from zaya.engine.cache import bytes_per_block, state_bytes
+
+    model = make_tiny_model(seed=4)
+    prompts = [copy_prompt(10 + s, n=16) for s in range(4)]
+    kw = dict(max_new_tokens=50, temperature=0, ignore_eos=True)
+    want = run(Engine(model), prompts, **kw)
+    blocks = 10  # 4 rows of up to 75 positions need 20 blocks of 16
+    memory = 8 * state_bytes(model.config, torch.float32) + blocks * bytes_per_block(model.config, torch.float32, 16)
+    eng = Engine(model, block_size=16, max_seqs=8, cache_memory=memory, speculative=8)
+    requests = [Request(p, SamplingParams(**kw), i) for i, p in enumerate(prompts)]
+    eng.add(requests[0])
+    for _ in range(6):
+        eng.step()
+    for r in requests[1:]:
+        eng.add(r)
+    while eng.active:
+        eng.step()
+        assert eng.cache.blocks_used() <= blocks
+    assert eng.preemptions > 0 and eng.spec_stats.accepted > 0
+    assert [r.sequences[0].token_ids for r in requests] == want

@@ -22,44 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SHAPES = {
-    "mini": dict(vocab_size=32768, hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
-                 num_key_value_heads=2, head_dim=128, num_experts=16, moe_intermediate_size=1024,
-                 router_hidden_size=256),
-    "real4": dict(vocab_size=262272, hidden_size=2048, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=2, head_dim=128, num_experts=16, moe_intermediate_size=2048,
-                  router_hidden_size=256),
-}
-
-
-def build(shape: str, root: Path, group_size: int) -> dict[str, Path]:
-    import transformers
-
-    from zaya.checkpoint import save_quantized
-    from zaya.quant import QuantSpec
-
-    base = root / shape
-    if not (base / "config.json").is_file():
-        print(f"building a random {shape} checkpoint in {base} ...", file=sys.stderr)
-        torch.manual_seed(0)
-        cfg = transformers.ZayaConfig(**SHAPES[shape], max_position_embeddings=4096)
-        with torch.device("cpu"):
-            model = transformers.ZayaForCausalLM(cfg).to(torch.bfloat16)
-        with torch.no_grad():  # trained-like scales: no all-equal router logits, a spread of expert choices
-            for name, p in model.named_parameters():
-                if p.dim() >= 2 and "conv" not in name:
-                    p.normal_(0.0, 0.02)
-        model.save_pretrained(base)
-        del model
-    paths = {"bf16": base}
-    for bits in (8, 4):
-        out = root / f"{shape}-int{bits}"
-        if not (out / "config.json").is_file():
-            save_quantized(base, out, QuantSpec(bits, group_size))
-        paths[f"int{bits}"] = out
-    return paths
+from zaya_side import SHAPES, ZayaRunner, build, checkpoint_bytes_per_token, file_bytes, prompts  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------ runners
@@ -74,7 +39,7 @@ class HFRunner:
 
     @torch.inference_mode()
     def decode(self, batch, prompt_len, new_tokens, seed):
-        ids = _prompts(batch, prompt_len, self.vocab, seed)
+        ids = prompts(batch, prompt_len, self.vocab, seed)
         out = self.model(ids, use_cache=True, logits_to_keep=1)
         past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
         start = time.perf_counter()
@@ -85,39 +50,23 @@ class HFRunner:
 
     @torch.inference_mode()
     def prefill(self, tokens, seed):
-        ids = _prompts(1, tokens, self.vocab, seed)
+        ids = prompts(1, tokens, self.vocab, seed)
         start = time.perf_counter()
         self.model(ids, use_cache=True, logits_to_keep=1)
         return tokens / (time.perf_counter() - start)
 
-
-class ZayaRunner:
-    """zaya through its Engine (the path `generate` and the server use)."""
-
-    def __init__(self, path: Path, quantize=None):
-        import zaya
-
-        self.llm = zaya.load(path, dtype="bf16", quantize=quantize)
-        self.model = self.llm.model
-
-    def decode(self, batch, prompt_len, new_tokens, seed):
-        from zaya.bench import decode_rate
-
-        return decode_rate(self.model, batch, prompt_len, new_tokens + 1, seed)
-
-    def prefill(self, tokens, seed):
-        from zaya.bench import prefill_rate
-
-        return prefill_rate(self.model, tokens, seed)
-
-
-def _prompts(batch, length, vocab, seed):
-    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    @torch.inference_mode()
+    def logits(self, tokens, seed):
+        """Full-sequence fp32 logits, as a scoring call asks for them."""
+        ids = prompts(1, tokens, self.vocab, seed)
+        start = time.perf_counter()
+        self.model(ids).logits.float()
+        return tokens / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------- peak RSS
 RSS_CHILD = r"""
-import json, sys, torch
+import json, sys
 import zaya
 from zaya.bench import peak_rss
 base = peak_rss()
@@ -132,10 +81,6 @@ def rss(path: Path, quantize=None) -> dict:
     out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), quantize or "-"], capture_output=True,
                          text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def file_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -165,6 +110,7 @@ def main(argv=None) -> int:
         "decode_b8": lambda r, s: r.decode(8, 32, args.new_tokens, s),
         "decode_b1_ctx1024": lambda r, s: r.decode(1, 1024, args.new_tokens, s),
         "prefill_512": lambda r, s: r.prefill(512, s),
+        "logits_512": lambda r, s: r.logits(512, s),
     }
     chosen = args.workloads.split(",")
     for r in runners.values():  # warm-up: first-call allocations, lazy kernel selection
@@ -189,14 +135,14 @@ def main(argv=None) -> int:
             cells.append(f"{med[n]:9.1f}" + (f" ({ratio:5.2f}x)" if ratio and n != "transformers" else " " * 9))
         print(f"{w:<18}" + "".join(f"{c:>22}" for c in cells))
     if "bf16" in runners:
-        from zaya.bench import measure_bandwidth, weight_bytes_per_token
+        from zaya.bench import measure_bandwidth
 
         bw = measure_bandwidth()
         results["bandwidth_gb_s"] = bw / 1e9
         results["mbu_b1"] = {}
         for n in runners:
             if n != "transformers" and "decode_b1" in chosen:
-                mbu = results["tok_s"]["decode_b1"][n] * weight_bytes_per_token(runners[n].model) / bw
+                mbu = results["tok_s"]["decode_b1"][n] * checkpoint_bytes_per_token(paths[n]) / bw
                 results["mbu_b1"][n] = mbu
         print(f"MBU at batch 1 (bandwidth measured now: {bw / 1e9:.1f} GB/s): " +
               ", ".join(f"{n} {v:.0%}" for n, v in results["mbu_b1"].items()))

@@ -14,6 +14,15 @@ kernels to a dequantized copy (``zaya.quant.DEQUANT_ROWS``) comes from here.
 ``--attention`` times one decode step's attention (8 query heads, 2 KV heads of 128, bf16 cache)
 through PyTorch's SDPA and through ``zaya.cpu_attention.decode_attention`` for growing cache lengths
 (``zaya.cpu_attention.DECODE_ATTENTION_MIN_KEYS`` comes from here).
+
+``--zaya-kernels`` times the decode kernels of ``zaya.kernels`` for every weight format on the
+ZAYA1-8B shapes against PyTorch's paths, alternated, in GB/s of weight bytes next to a memory
+read bandwidth measured in the same run (``benchmarks/decode_kernels.py``; 2 threads unless
+``--threads``):
+
+    python benchmarks/kernels.py --zaya-kernels
+    python benchmarks/kernels.py --zaya-kernels --shapes gate_up --rows 1,8 --rounds 5
+    python benchmarks/kernels.py --zaya-kernels --compute   # per-core ceiling, weights in L3
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def timed(fn, repeat: int) -> float:
@@ -52,7 +62,19 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--attention", action="store_true", help="time decode attention instead")
+    ap.add_argument("--zaya-kernels", action="store_true", help="time zaya.kernels' formats instead")
+    ap.add_argument("--shapes", default="attn,gate_up,down,head", help="with --zaya-kernels")
+    ap.add_argument("--rounds", type=int, default=3, help="with --zaya-kernels: alternated rounds")
+    ap.add_argument("--compute", action="store_true", help="with --zaya-kernels: compute ceiling, 1 thread")
     args = ap.parse_args(argv)
+    if args.zaya_kernels:
+        from decode_kernels import compute_ceiling, run
+
+        torch.set_num_threads(args.threads or 2)
+        rows = [int(r) for r in ("1,2,4,8" if args.rows == ap.get_default("rows") else args.rows).split(",")]
+        if args.compute:
+            return compute_ceiling(rows, args.repeat)
+        return run(args.shapes.split(","), rows, args.rounds, args.repeat)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.attention:

@@ -117,18 +117,17 @@ def serve_in_process(model: str, max_batch: int, max_queue: int, threads: int | 
     if model == "tests-tiny":
         import tempfile
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from tiny_model import make_tiny_model_dir
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.tiny_model import make_tiny_model_dir
 
         model = str(make_tiny_model_dir(Path(tempfile.mkdtemp(prefix="zaya-load-"))))
     llm = zaya.load(model)
     app = create_app(llm, ServerConfig(model_name="load", max_batch=max_batch, max_queue=max_queue))
-    sock = socket.socket()
+    sock = socket.socket()  # bound here and handed to uvicorn: no window for another process to take the port
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    sock.close()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
     return f"http://127.0.0.1:{port}", server

@@ -15,8 +15,9 @@
             (target >= 0.95)
     memory  32 concurrent streams: the peak cache bytes of the reference and of this code
 
-The reference is the tree of ``--reference`` (default: the parent of the commit that removed the
-dense ``zaya/cache.py``), unpacked with ``git archive``. Random checkpoints (bf16) are built once
+The reference is the tree of ``--reference`` (default: the newest commit on HEAD's first-parent
+line that still has the dense ``zaya/cache.py``, i.e. main just before the paged cache was merged),
+unpacked with ``git archive``. Random checkpoints (bf16) are built once
 under ``--dir``. Every figure is printed with the 1-minute load average while it was measured,
 since medians on a busy machine are still noisy; the last line is one JSON object.
 """
@@ -211,11 +212,9 @@ def run(requests):
         if start is None and len(firsts) == sum(r.params.n for r in requests):
             start = time.perf_counter()
         c = eng.cache
-        if hasattr(c, "blocks_used"):
-            from zaya.engine.cache import bytes_per_block, state_bytes
-            used = c.blocks_used() * bytes_per_block(c.config, c.dtype, c.block_size)
-            peak = max(peak, used + len(eng.rows) * state_bytes(c.config, c.dtype))
-        elif c is not None:
+        if hasattr(c, "used_bytes"):  # paged: the blocks, snapshots and state slots held
+            peak = max(peak, c.used_bytes())
+        elif c is not None:  # the dense cache of the reference: what it allocated
             peak = max(peak, c.nbytes())
     return tokens / (time.perf_counter() - start), peak
 
@@ -247,10 +246,10 @@ class Worker:
 
 
 def reference_tree(rev: str | None, out: Path) -> tuple[Path, str]:
-    if rev is None:
-        removed = subprocess.check_output(["git", "rev-list", "-1", "HEAD", "--", "zaya/cache.py"], cwd=ROOT,
-                                          text=True).strip()
-        rev = f"{removed}^"
+    if rev is None:  # the newest commit on the first-parent line that still had the dense cache
+        line = subprocess.check_output(["git", "rev-list", "--first-parent", "HEAD"], cwd=ROOT, text=True).split()
+        rev = next(sha for sha in line if subprocess.run(["git", "cat-file", "-e", f"{sha}:zaya/cache.py"], cwd=ROOT,
+                                                         capture_output=True).returncode == 0)
     sha = subprocess.check_output(["git", "rev-parse", rev], cwd=ROOT, text=True).strip()
     archive = subprocess.run(["git", "archive", sha, "zaya"], cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)

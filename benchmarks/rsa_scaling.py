@@ -34,8 +34,7 @@ def run_solve(args, rounds: int) -> dict:
 
     def tracking_step(self):
         nonlocal peak_cache
-        if self.cache is not None:
-            peak_cache = max(peak_cache, self.cache.nbytes())
+        peak_cache = max(peak_cache, self.cache.used_bytes())  # blocks and state slots held
         return step(self)
 
     Engine.step = tracking_step

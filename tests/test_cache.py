@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from tiny_model import make_tiny_model, make_tiny_model_dir
+from tests.tiny_model import make_tiny_model, make_tiny_model_dir
 from zaya.engine.blocks import NULL_BLOCK, BlockPool, chain_hash, seed_hash
 from zaya.engine.cache import PagedCache, parse_memory
 from zaya.engine.runner import ForwardBatch
@@ -254,3 +254,18 @@ def test_budget_errors_name_the_flag():
     assert parse_memory("2GiB") == 2 << 30 and parse_memory("512MB") == 512 * 10**6 and parse_memory(7) == 7
     with pytest.raises(ZayaError, match="cache size"):
         parse_memory("lots")
+
+
+def test_used_bytes_counts_held_blocks_snapshots_and_slots():
+    from zaya.engine.cache import bytes_per_block, state_bytes
+
+    model = make_tiny_model()
+    cache = new_cache(model)
+    assert cache.used_bytes() == 0
+    seq = cache.open(ids(40))
+    assert cache.reserve(seq, 40)
+    blocks = -(-40 // BS)
+    assert cache.used_bytes() == blocks * bytes_per_block(model.config, torch.float32, BS) + \
+        state_bytes(model.config, torch.float32)
+    cache.close(seq)
+    assert cache.used_bytes() == 0

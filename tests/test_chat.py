@@ -6,8 +6,8 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_model import make_tiny_model
-from tiny_tokenizer import make_tokenizer_dir
+from tests.tiny_model import make_tiny_model
+from tests.tiny_tokenizer import make_tokenizer_dir
 
 from zaya.chat import (
     DEFAULT_CHAT_TEMPLATE,

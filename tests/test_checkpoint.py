@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zaya
-from legacy_layout import write_legacy
-from tiny_model import make_tiny_model_dir
+from tests.legacy_layout import write_legacy
+from tests.tiny_model import make_tiny_model_dir
 from zaya.checkpoint import convert
 from zaya.errors import CheckpointError, ConfigError
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tiny_model import make_tiny_model_dir
+import zaya
+from tests.tiny_model import make_tiny_model_dir
 from zaya.cli import build_parser, main
 
 
@@ -21,11 +22,16 @@ def test_every_subcommand_has_help(capsys):
         assert "usage: zaya " + name in capsys.readouterr().out
 
 
-def test_generate_streams_text(tmp_path, capsys):
-    path = make_tiny_model_dir(tmp_path / "m")
-    assert main(["generate", "Hello", "--model", str(path), "--max-new-tokens", "5", "-t", "0", "--raw"]) == 0
-    captured = capsys.readouterr()
-    assert "5 tokens" in captured.err or "finish: stop" in captured.err
+def test_generate_streams_text(tiny_model_dir, capsys):
+    llm = zaya.load(tiny_model_dir)
+    chat = llm.apply_chat_template([{"role": "user", "content": "Hello"}])
+    for flags, prompt in ((["--raw"], "Hello"), ([], chat)):
+        assert main(["generate", "Hello", "--model", str(tiny_model_dir), "--max-new-tokens", "5", "-t", "0",
+                     *flags]) == 0
+        want = llm.generate(prompt, max_new_tokens=5, temperature=0)[0]
+        captured = capsys.readouterr()
+        assert want.text and captured.out == want.text + "\n", flags
+        assert f"[{len(want.token_ids)} tokens in " in captured.err and f"finish: {want.finish_reason}]" in captured.err
 
 
 def test_info_reports_params_and_skip_audit(tmp_path, capsys):
@@ -44,3 +50,21 @@ def test_info_reports_params_and_skip_audit(tmp_path, capsys):
 def test_clear_error_without_traceback(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path)]) == 1
     assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_generate_json_schema_and_thinking_budget(tmp_path, capsys):
+    """The built-in model under --json-schema (inline or a file) answers valid JSON after its reasoning."""
+    schema = {"type": "object", "properties": {"result": {"type": "integer", "minimum": 0, "maximum": 999}},
+              "required": ["result"], "additionalProperties": False}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    prompt = "Start with 6, then apply +5 in order. What is the result?"
+    for flag in (json.dumps(schema), str(path)):
+        assert main(["generate", prompt, "--json-schema", flag, "--thinking-budget", "20", "-t", "0",
+                     "--max-new-tokens", "80"]) == 0
+        out = capsys.readouterr().out
+        assert "finish" not in out and json.loads(out.rsplit("</think>", 1)[1])["result"] >= 0
+    assert main(["generate", prompt, "--json-schema", "{not json"]) == 1
+    assert "--json-schema is not valid JSON" in capsys.readouterr().err
+    assert main(["generate", prompt, "--json-schema", '{"type": "nope"}']) == 1
+    assert "schema" in capsys.readouterr().err

@@ -6,15 +6,16 @@ import pytest
 import torch
 
 import zaya
-from tiny_model import make_tiny_model_dir
+from tests.tiny_model import make_tiny_model_dir
 from zaya.engine import Engine, Request
 from zaya.errors import ContextLengthError, ZayaError
-from zaya.sampling import SamplingParams, apply_penalties, filter_logits
+from zaya.sampling import (DEFAULT_MAX_NEW_TOKENS, SamplingParams, apply_penalties, filter_logits,
+                           fit_max_new_tokens)
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    return zaya.load(make_tiny_model_dir(tmp_path_factory.mktemp("m")))
+def llm(tiny_model_dir):
+    return zaya.load(tiny_model_dir)
 
 
 PROMPT = "The quick brown fox"
@@ -119,10 +120,32 @@ def test_errors_are_clear(llm):
         llm.generate(PROMPT, stop=[str(i) for i in range(17)])
     with pytest.raises(TypeError, match="unknown sampling argument"):
         llm.generate(PROMPT, temprature=1)
-    with pytest.raises(ContextLengthError, match="exceeds the context limit of 1024"):
+    with pytest.raises(ContextLengthError, match=r"max_new_tokens \(1020\) does not fit: .* so \d+ are left"):
         llm.generate(PROMPT, max_new_tokens=1020)
     with pytest.raises(ZayaError, match="token ids must be in"):
         llm.generate([[1, 2, 999999]])
+
+
+def test_max_new_tokens_rule():
+    assert fit_max_new_tokens(17, 1024) == DEFAULT_MAX_NEW_TOKENS          # unset: the default cap
+    assert fit_max_new_tokens(17, 1024, default=4096) == 1007               # ... or the context's end
+    assert fit_max_new_tokens(1000, 1024, default=4096) == 24
+    assert fit_max_new_tokens(17, 1024, 1007) == 1007                       # explicit and fits
+    with pytest.raises(ContextLengthError, match=r"--max-new-tokens \(1008\) does not fit: the prompt takes 17 of "
+                                                 r"the context's 1024 tokens, so 1007 are left"):
+        fit_max_new_tokens(17, 1024, 1008, name="--max-new-tokens")
+    with pytest.raises(ContextLengthError, match="fills the context of 1024 tokens"):
+        fit_max_new_tokens(1024, 1024)
+
+
+def test_unset_max_new_tokens_fits_each_prompt(tmp_path):
+    short = zaya.load(make_tiny_model_dir(tmp_path / "short", max_position_embeddings=64))
+    long_prompt, short_prompt = list(range(10, 60)), [10, 11, 12]
+    out = short.generate([long_prompt, short_prompt], temperature=0, ignore_eos=True)
+    assert [len(c.token_ids) for c in out] == [14, 61]                      # each runs to the context's end
+    assert all(c.finish_reason == "length" for c in out)
+    with pytest.raises(ZayaError, match="max_new_tokens must be a positive integer"):
+        short.generate([short_prompt], max_new_tokens=0)
 
 
 def test_continuous_batching_join_and_cancel(llm):
@@ -154,11 +177,17 @@ def test_continuous_batching_join_and_cancel(llm):
 
 
 def test_chat_returns_reasoning_and_content(llm):
-    out = llm.chat([{"role": "user", "content": "What is 12 + 30?"}], max_new_tokens=16, temperature=0)
-    assert out.completion.finish_reason in ("stop", "length")
-    assert out.reasoning is None or isinstance(out.reasoning, str)
-    ids = llm.apply_chat_template([{"role": "user", "content": "hi"}])
-    assert ids[0] == llm.tokenizer.bos_id
+    messages = [{"role": "user", "content": "What is 12 + 30?"}]
+    ids = llm.apply_chat_template(messages)
+    assert ids[0] == llm.tokenizer.bos_id and llm.tokenizer.decode(ids[-2:]).endswith("<think>\n")
+    want = llm.generate([ids], max_new_tokens=16, temperature=0)[0]
+    out = llm.chat(messages, max_new_tokens=16, temperature=0)
+    assert out.completion.token_ids == want.token_ids and out.completion.text == want.text != ""
+    # the template leaves <think> open: the text up to </think> is reasoning, the rest content
+    reasoning, _, content = want.text.partition("</think>")
+    assert (out.reasoning or "", out.content) == (reasoning.strip(), content.strip())
+    plain = llm.chat(messages, max_new_tokens=16, temperature=0, enable_thinking=False)
+    assert plain.reasoning is None and plain.content == plain.completion.text.strip() != ""
 
 
 # -------------------------------------------------------------------------------- paged cache
@@ -190,6 +219,20 @@ def test_chat_turn_two_reuses_turn_one_up_to_the_dropped_reasoning(llm):
     # the reasoning of an earlier turn is not rendered, so turn 2 differs from turn 1's prompt at its
     # generation prompt: everything before is reused, to the block boundary
     assert common < len(a) and r2.completion.cached_tokens == common // llm.cache.block_size * llm.cache.block_size
+
+
+def test_rsa_round_prompts_share_the_template_and_question(llm):
+    from zaya.rsa.prompts import ZYPHRA
+
+    question = "Start with 22, then apply *2, -2, +6, *2, +2, -3 in order. What is the result?"
+    tails = ["22 * 2 = 44, 44 - 2 = 42", "so the result is 90", "first 44, then 42, 48", "I get 95 in the end"]
+    prompts = [llm.apply_chat_template([{"role": "user", "content": ZYPHRA(question, tails[i:] + tails[:i])}])
+               for i in range(len(tails))]
+    common = next(i for i, column in enumerate(zip(*prompts)) if len(set(column)) > 1)
+    bs = llm.cache.block_size
+    assert common >= 2 * bs  # the chat template's opening, the instruction and the question come first
+    done = llm.generate(prompts, max_new_tokens=2, temperature=0)
+    assert all(c.cached_tokens >= common // bs * bs for c in done[1:])
 
 
 def test_n_samples_share_the_prompt_blocks(llm):
@@ -246,3 +289,12 @@ def test_budget_errors_are_clear(llm):
         eng.check(100, SamplingParams(max_new_tokens=50))
     with pytest.raises(ZayaError, match="too small for one sequence"):
         Engine(llm.model, llm.tokenizer, cache_memory=1000)
+    with pytest.raises(ZayaError, match="too small for one sequence.*cache_memory="):  # at load, not first use
+        zaya.LLM(llm.model, llm.tokenizer, cache_memory="1kB")
+    small = zaya.LLM(llm.model, llm.tokenizer, cache_memory=memory)
+    with pytest.raises(ContextLengthError, match="cache budget.*--cache-memory"):
+        small.generate([list(range(10, 110))], max_new_tokens=50)
+    with pytest.raises(ContextLengthError, match="fills the context.*KV cache budget.*--cache-memory"):
+        small.generate([list(range(10, 140))])
+    # an unset max_new_tokens runs to the end of what the budget holds, not of the model's context
+    assert len(small.generate([list(range(10, 60))], temperature=0, ignore_eos=True)[0].token_ids) == 128 - 50

@@ -95,14 +95,10 @@ def test_single_only():
     assert "majority" not in report and "rsa" not in report
 
 
-def test_cli_on_tiny_model(tmp_path, capsys):
-    try:
-        from tiny_model import make_tiny_model_dir
-    except ImportError:
-        from tests.tiny_model import make_tiny_model_dir
+def test_cli_on_tiny_model(tmp_path, tiny_model_dir, capsys):
     from zaya.cli import main
 
-    model = make_tiny_model_dir(tmp_path / "tiny")
+    model = tiny_model_dir
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n"
                             for i in range(2)))

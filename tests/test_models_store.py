@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tiny_model import make_tiny_model_dir
-
 from zaya import models_store as ms
 from zaya.cli import main
 from zaya.commands import resolve_model_name
@@ -31,10 +29,9 @@ def _add_repo(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = 
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
+def cache(tmp_path, monkeypatch, tiny_model_dir):
     cache = tmp_path / "hub"
-    tiny = make_tiny_model_dir(tmp_path / "tiny")
-    _add_repo(cache, "Zyphra/ZAYA1-tiny", {p.name: p.read_bytes() for p in tiny.iterdir()})
+    _add_repo(cache, "Zyphra/ZAYA1-tiny", {p.name: p.read_bytes() for p in tiny_model_dir.iterdir()})
     _add_repo(cache, "someone/not-a-model", {"README.md": b"hello"})
     _add_repo(cache, "someone/half", {"config.json": b'{"model_type": "zaya"}',
                                       "model.safetensors.index.json":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_model import randomize_, tiny_config
+from tests.tiny_model import randomize_, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -112,8 +112,38 @@ def test_bf16_within_bf16_tolerance(tmp_path, name):
 
 
 def test_skip_class_outputs_zero_like_reference(tmp_path):
+    """Layer by layer: the same tokens go to the skip class as in the reference, their MoE output
+    is zero in both, and every MoE output matches the reference's."""
     hf, path = hf_checkpoint(tmp_path, "skip-reachable")
     llm = zaya.load(path)
     ids = prompt(24, seed=5)[None]
-    _, counts = llm.model(ids, expert_counts=True)
+    ours, ref, ref_skip = {}, {}, {}
+
+    def keep(store, i):
+        def hook(module, args, out):  # the MoE output, one row per token
+            store[i] = out[0].detach().flatten(0, -2)
+        return hook
+
+    def keep_skip(i, router):
+        def hook(module, args, out):  # the reference's choice, before it masks the skip class away
+            biased = out[0].detach().float().softmax(-1) + router.balancing_biases
+            ref_skip[i] = biased.argmax(-1) == hf.config.num_experts
+        return hook
+
+    hooks = []
+    for i, (a, b) in enumerate(zip(llm.model.model.layers, hf.model.layers)):
+        hooks += [a.mlp.register_forward_hook(keep(ours, i)), b.mlp.register_forward_hook(keep(ref, i)),
+                  b.mlp.gate.register_forward_hook(keep_skip(i, b.mlp.gate))]
+    with torch.no_grad():
+        logits, counts = llm.model(ids, expert_counts=True)
+        ref_logits = hf(ids).logits
+    for h in hooks:
+        h.remove()
     assert counts[:, -1].sum() > 0, "the test config must actually route some tokens to the skip class"
+    assert len(ours) == len(ref) == len(ref_skip) == hf.config.num_hidden_layers
+    for i in range(len(ours)):
+        skip = ref_skip[i]
+        assert int(skip.sum()) == int(counts[i, -1]), f"layer {i}: skip tokens differ from the reference"
+        assert torch.equal(ours[i][skip], torch.zeros_like(ours[i][skip])) and torch.equal(ref[i][skip], ours[i][skip])
+        assert (ours[i] - ref[i]).abs().max().item() < 1e-5, f"layer {i}: MoE output differs from the reference"
+    assert (logits - ref_logits).abs().max().item() < 1e-4

@@ -8,12 +8,29 @@ import pytest
 import torch
 
 import zaya
-from tiny_model import make_tiny_model_dir
+import zaya.kernels
+from tests.tiny_model import make_tiny_model_dir
 from zaya.checkpoint import save_quantized
 from zaya.errors import CheckpointError, ConfigError
 from zaya.quant import QuantLinear, QuantSpec, dequantize, quantize_tensor
 
 QUANT = dict(hidden_size=64, moe_intermediate_size=64)  # int4 groups of 32 divide every width
+# PyTorch's packed CPU kernels, where this build has them: without zaya's kernels decode must run on them
+KERNELS = {8: hasattr(torch.ops.aten, "_weight_int8pack_mm"),
+           4: hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+           and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")}
+
+
+@pytest.fixture(params=["zaya", "torch"])
+def kernel_set(request, monkeypatch):
+    """Both kernel sets quantized weights can run on: zaya's (when its library builds) and
+    PyTorch's packed ones (what is used when it does not)."""
+    if request.param == "zaya":
+        if not zaya.kernels.available():
+            pytest.skip(f"zaya kernels unavailable: {zaya.kernels.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(zaya.kernels, "available", lambda: False)
+    return request.param
 
 
 def _linear(w, spec, dtype):
@@ -28,11 +45,15 @@ def _linear(w, spec, dtype):
 
 @pytest.mark.parametrize("bits,group,tol", [(8, 0, 0.01), (4, 32, 0.15), (4, 64, 0.15)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quant_linear_matches_float(bits, group, tol, dtype):
+def test_quant_linear_matches_float(bits, group, tol, dtype, kernel_set):
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(96, 128, generator=g), torch.randn(5, 128, generator=g)
     spec = QuantSpec(bits, group or 64)
     q, parts = _linear(w, spec, dtype)
+    if kernel_set == "zaya":
+        assert isinstance(q.w.kernel, zaya.kernels.Matmul)
+    else:
+        assert q.w.kernel is None and q.w.fast == KERNELS[bits]  # 5 rows: the packed kernel's path
     ref = x @ w.t()
     y = q(x.to(dtype)).float()
     rel = ((y - ref).norm() / ref.norm()).item()
@@ -42,11 +63,15 @@ def test_quant_linear_matches_float(bits, group, tol, dtype):
     assert (y - deq).abs().max().item() <= 0.02 * deq.abs().max().item() + 1e-3
 
 
-def test_quant_portable_fallback_equals_kernel():
+def test_quant_portable_fallback_equals_kernel(monkeypatch):
+    monkeypatch.setattr(zaya.kernels, "available", lambda: False)
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(64, 64, generator=g), torch.randn(3, 64, generator=g)
     for spec in (QuantSpec(8), QuantSpec(4, 32)):
         q, _ = _linear(w, spec, torch.float32)
+        if not KERNELS[spec.bits]:
+            continue  # nothing to compare the fallback with
+        assert q.w.fast
         fast = q(x)
         q.w.fast = False
         assert (q(x) - fast).abs().max().item() < 1e-3
@@ -60,7 +85,7 @@ def test_spec_parsing():
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4:32"])
-def test_quantized_model_tracks_float(tmp_path, quantize):
+def test_quantized_model_tracks_float(tmp_path, quantize, kernel_set):
     path = make_tiny_model_dir(tmp_path / "m", **QUANT)
     ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(2))
     ref = zaya.load(path).logits(ids)
@@ -116,19 +141,31 @@ def test_quantized_checkpoint_is_strict(tmp_path):
 
 @pytest.mark.parametrize("rows", [1, 5, 40, 130])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quant_matmul_paths_agree(rows, bits):
-    """Few rows go through the packed kernel, many through a copy dequantized for the call
-    (DEQUANT_ROWS): every path computes x @ dequantize(w)^T."""
-    from zaya.quant import QuantWeight
+def test_quant_matmul_paths_agree(rows, bits, monkeypatch):
+    monkeypatch.setattr(zaya.kernels, "available", lambda: False)
+    """Few rows go through the packed kernel (where this torch build has it), many through a copy
+    dequantized for the call (DEQUANT_ROWS): every path computes x @ dequantize(w)^T, and that is
+    as close to the float x @ w^T as the quantization allows."""
+    from zaya.quant import DEQUANT_ROWS, QuantWeight
 
     torch.manual_seed(rows)
     w = torch.randn(48, 64) * 0.05
     parts = quantize_tensor(w, QuantSpec(bits, 32), torch.bfloat16)
     x = torch.randn(rows, 64).bfloat16()
-    got = QuantWeight(*parts, *([None] if bits == 8 else []), torch.bfloat16).matmul(x).float()
+    weight = QuantWeight(*parts, *([None] if bits == 8 else []), torch.bfloat16)
+    assert weight.fast == KERNELS[bits]
+    on_kernel, calls = weight.fast and rows < DEQUANT_ROWS[bits], []
+    if on_kernel:  # decode-sized: the packed kernel itself must run, not a dequantized copy
+        name = "_weight_int8pack_mm" if bits == 8 else "_weight_int4pack_mm_for_cpu"
+        kernel = getattr(torch.ops.aten, name)
+        monkeypatch.setattr(torch.ops.aten, name, lambda *a: calls.append(name) or kernel(*a))
+    got = weight.matmul(x).float()
+    assert len(calls) == on_kernel
     want = x.float() @ dequantize(*parts, *([None] if bits == 8 else []), torch.float32).T
     assert got.shape == (rows, 48)
     assert torch.allclose(got, want, atol=0.02, rtol=0.02)
+    # and against the float weight, within what the quantization itself costs
+    assert ((got - x.float() @ w.T).norm() / (x.float() @ w.T).norm()).item() < (0.02 if bits == 8 else 0.15)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from zaya.rsa import (
     PROFILES,
     ZYPHRA,
+    RSARun,
     Candidate,
     LocalBackend,
     RSAError,
@@ -23,9 +24,11 @@ from zaya.rsa import (
     majority_vote,
     make_config,
     normalize_answer,
+    run_batched,
     solve,
 )
-from zaya.rsa.backends import TokenTools, _chunks, split_think
+from zaya.chat import split_reasoning
+from zaya.rsa.backends import TokenTools, _chunks
 
 
 class WordTokenizer:
@@ -102,7 +105,8 @@ class ScriptedBackend(TokenTools):
         ids = self._encode(text)
         if len(ids) > max_tokens:
             text = self.tokenizer.decode(ids[:max_tokens])
-            reasoning, content = split_think(text, started_in_reasoning=True)
+            reasoning, content = split_reasoning(text, started_in_reasoning=True)
+            reasoning = reasoning or ""
             finish, ids = "length", ids[:max_tokens]
         prompt = sum(self.count_tokens(m["content"]) for m in messages) + 3 * len(messages)
         return Candidate(text, reasoning, content, finish, prompt, len(ids))
@@ -175,13 +179,6 @@ def test_tail_is_the_last_tau_tokens(text, tau):
     tail = raw.tail(text, tau)
     assert text.endswith(tail) and raw.count_tokens(tail) <= tau
     assert len(tail.encode()) >= min(tau, len(text.encode())) - 1  # at most one char shaved
-
-
-def test_split_think():
-    assert split_think("a b</think> c", True) == ("a b", "c")
-    assert split_think("cut off", True) == ("cut off", "")
-    assert split_think("<think>x</think>y", False) == ("x", "y")
-    assert split_think("plain", False) == ("", "plain")
 
 
 # ---------------------------------------------------------------- templates and profiles
@@ -370,6 +367,58 @@ def test_message_problem_keeps_system_prompt():
 def test_progress_bar_runs(capsys):
     _, result = run(profile="cpu-tiny", budget=200, progress=True)
     assert "round 1" in capsys.readouterr().err and result.answer == "42"
+
+
+# ---------------------------------------------------------------- the step machine and its drivers
+
+
+def test_step_machine_requests_and_feed(tmp_path):
+    backend = ScriptedBackend()
+    audit = tmp_path / "run.jsonl"
+    run = RSARun(backend, "What is 6*7?", profile="cpu-tiny", n=3, k=2, rounds=1, budget=50,
+                 seed=3, selection="final_agg", audit_path=audit)
+    first = run.next_request()
+    assert (first.round, first.final, first.n, len(first.prompts), first.label) == (0, False, 3, 1, "round 0")
+    assert first.sampling() == dict(max_tokens=50, temperature=1.0, top_p=1.0, top_k=0,
+                                    seed=first.seed, enable_thinking=None, batch_size=None)
+    assert run.next_request() is first  # asking again does not advance the run
+    with pytest.raises(RSAError, match="expected 3 candidates for each of 1 prompts"):
+        run.feed(backend.generate(first.prompts, n=2, **first.sampling()))
+    labels = []
+    while (request := run.next_request()) is not None:
+        labels.append((request.label, request.sequences))
+        run.feed(backend.generate(request.prompts, n=request.n, **request.sampling()))
+    assert labels == [("round 0", 3), ("round 1", 3), ("final", 1)]
+    assert run.result.answer == "42" and run.result.final.id == "final"
+    assert json.loads(audit.read_text().splitlines()[-1])["event"] == "final"
+    with pytest.raises(RSAError, match="finished"):
+        run.feed([])
+    # driven by hand, the step machine gives what solve() gives
+    solved = solve(ScriptedBackend(), "What is 6*7?", profile="cpu-tiny", n=3, k=2, rounds=1,
+                   budget=50, seed=3, selection="final_agg", progress=False)
+    assert _no_seconds(solved) == _no_seconds(run.result)
+
+
+def _no_seconds(result):
+    members = [m.to_dict() for m in [*result.population, result.final]]
+    for m in members:
+        m["seconds"] = 0.0
+    return members, result.vote
+
+
+def test_run_batched_merges_the_steps_of_many_runs():
+    backend = ScriptedBackend()
+    runs = [RSARun(backend, f"Problem {i}?", profile="cpu-tiny", n=4, k=2, rounds=2, budget=50, seed=i)
+            for i in range(3)]
+    first_seeds = [r.next_request().seed for r in runs]
+    run_batched(backend, runs)
+    assert len(backend.calls) == 3  # one call per round, not per run and round
+    assert [len(c["messages_list"]) for c in backend.calls] == [3, 12, 12]
+    assert [c["n"] for c in backend.calls] == [4, 1, 1]
+    assert backend.calls[0]["seed"] == first_seeds[0]  # the first run's seed serves the batch
+    for i, r in enumerate(runs):
+        assert r.next_request() is None and len(r.result.population) == 4
+        assert all(f"Problem {i}?" in m[-1]["content"] for m in backend.calls[1]["messages_list"][4 * i:4 * i + 4])
 
 
 # ---------------------------------------------------------------- LocalBackend over a mock LLM

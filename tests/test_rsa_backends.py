@@ -5,13 +5,14 @@ errors."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import test_rsa
+from tests import test_rsa
 
 from zaya.rsa import BackendError, OpenAIBackend, solve
 
@@ -149,17 +150,20 @@ def test_concurrency_is_bounded(server):
     with OpenAIBackend(server.url, max_concurrency=2, tokenizer=WordTokenizer()) as backend:
         ticks = []
         ask(backend, ["q"], n=6, progress=lambda tok, done: ticks.append(done))
-    assert server.max_in_flight <= 2 and len(server.requests) == 6 and sum(ticks) == 6
+    # at most 2 at once, and the 2 are used: 50 ms per request leaves the second time to start
+    assert server.max_in_flight == 2 and len(server.requests) == 6 and sum(ticks) == 6
 
 
 def test_http_errors_are_clear(server):
     with OpenAIBackend(server.url, tokenizer=WordTokenizer()) as backend:
         with pytest.raises(BackendError, match=r"HTTP 500: upstream exploded: CUDA out of memory"):
             ask(backend, ["please FAIL"])
-    with OpenAIBackend("http://127.0.0.1:9", model="m", tokenizer=WordTokenizer(),
-                       timeout=2) as backend:
-        with pytest.raises(BackendError, match="127.0.0.1:9/v1/chat/completions failed"):
-            ask(backend, ["q"])
+    with socket.socket() as closed:  # bound but not listening: a connection to it is refused
+        closed.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{closed.getsockname()[1]}"
+        with OpenAIBackend(f"http://{address}", model="m", tokenizer=WordTokenizer(), timeout=2) as backend:
+            with pytest.raises(BackendError, match=f"{address}/v1/chat/completions failed"):
+                ask(backend, ["q"])
     server.tokenize_routes = False
     with OpenAIBackend(server.url) as backend:
         with pytest.raises(BackendError, match="--tokenizer"):
@@ -192,15 +196,19 @@ def test_cli_solve_against_server(server, tmp_path, capsys):
     from zaya.cli import main
 
     audit = tmp_path / "cli.jsonl"
-    code = main(["solve", "What is 8+9?", "--backend-url", server.url, "--profile", "cpu-tiny",
-                 "--n", "2", "--k", "2", "--budget", "16", "--seed", "0", "--concurrency", "2",
-                 "--audit", str(audit), "--no-progress"])
+    args = ["solve", "What is 8+9?", "--backend-url", server.url, "--profile", "cpu-tiny", "--n", "2", "--k", "2",
+            "--budget", "16", "--seed", "0", "--concurrency", "2", "--no-progress"]
+    code = main(args + ["--audit", str(audit), "--json"])
     out = capsys.readouterr().out.strip().splitlines()
-    assert code == 0 and out[0] == "answer: 17"
+    assert code == 0 and out[0] == "answer: 17" and out[1].startswith("vote: 17 x2 (2 candidates")
     assert any(line.startswith("cost: ") for line in out)
-    summary = json.loads(out[-1])
+    summary = json.loads(out[-1])  # --json: the full summary, as the audit's last record holds it
     assert summary["answer"] == "17" and summary["requests"] == 4 and summary["config"]["n"] == 2
-    assert audit.exists()
+    assert json.loads(audit.read_text().splitlines()[-1])["summary"]["requests"] == 4
+    assert main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]  # without: one compact line for scripts
+    assert json.loads(last) == {"answer": "17", "votes": {"17": 2}, "completion_tokens": summary["completion_tokens"],
+                                "seconds": json.loads(last)["seconds"]} and len(last) < 120
     server.requests.clear()
     code = main(["solve", "please FAIL", "--backend-url", server.url, "--profile", "cpu-tiny",
                  "--no-progress"])

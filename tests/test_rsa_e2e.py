@@ -10,24 +10,13 @@ import json
 
 import pytest
 
-pytest.importorskip("zaya.engine")
-
-try:
-    from tiny_model import make_tiny_model_dir
-except ImportError:
-    try:
-        from tests.tiny_model import make_tiny_model_dir
-    except ImportError:
-        pytest.skip("tests/tiny_model.py (make_tiny_model_dir) is not there yet",
-                    allow_module_level=True)
-
 import zaya
 from zaya.rsa import LocalBackend, solve
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    return zaya.load(str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))))
+def llm(tiny_model_dir):
+    return zaya.load(str(tiny_model_dir))
 
 
 def test_cpu_tiny_profile_end_to_end(llm, tmp_path):
@@ -58,11 +47,13 @@ def test_seeded_runs_repeat_through_generate_and_stream(llm):
     assert texts(progress=False) == texts(progress=True)
 
 
-def test_llm_solve_method_if_present(llm):
-    if not hasattr(llm, "solve"):
-        pytest.skip("LLM.solve is not wired yet")
-    result = llm.solve("1+1?", profile="cpu-tiny", budget=8, seed=0, progress=False)
-    assert len(result.population) == 4
+def test_llm_solve_is_solve_on_a_local_backend(llm):
+    kw = dict(profile="cpu-tiny", budget=8, seed=0, progress=False)
+    result = llm.solve("1+1?", **kw)
+    assert len(result.population) == result.config.n == 4
+    direct = solve(LocalBackend(llm), "1+1?", **kw)
+    assert [m.candidate.text for m in result.population] == [m.candidate.text for m in direct.population]
+    assert result.answer == direct.answer and result.completion_tokens == direct.completion_tokens
 
 
 def test_batch_size_chunks_round_zero(llm):

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,56 +22,21 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tiny_model import make_tiny_model_dir
-
 import zaya
 from zaya.engine import TokenEvent
 from zaya.server import ServerConfig, create_app
 from zaya.server.responses import ChatChoice
 from zaya.server.scheduler import DONE, QueueFull, Scheduler
 
-torch.set_num_threads(1)  # two shared cores: one for the scheduler, one for the clients
+from tests.live_server import LiveServer
+
 MODEL = "tiny"
 HI = [{"role": "user", "content": "Hello! What is 12 + 30?"}]
 
 
-class LiveServer:
-    def __init__(self, app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.state = app.state.zaya
-
-    def client(self, api_key="unused", **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kw)
-
-    def http(self, timeout=60, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout, **kw)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def llm(model_dir):
-    return zaya.load(model_dir, max_context=512)
+def llm(tiny_model_dir):
+    return zaya.load(tiny_model_dir, max_context=512)
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +130,96 @@ def test_models_health_metrics(server, client):
                  "zaya_request_duration_seconds_bucket", "zaya_time_to_first_token_seconds_count"):
         assert name in text
     assert 'zaya_requests_total{route="/v1/chat/completions",status="200"}' in text
+    cache = server.state.cache
+    gauges = dict(line.split() for line in text.splitlines() if line.startswith(("zaya_cache", "zaya_prefix")))
+    assert int(gauges["zaya_cache_blocks_total"]) == cache.num_blocks - 1
+    assert int(gauges["zaya_cache_blocks_used"]) + int(gauges["zaya_cache_blocks_free"]) == cache.num_blocks - 1
+    assert 0 <= float(gauges["zaya_prefix_cache_hit_rate"]) <= 1
+    assert "# TYPE zaya_prefix_cache_hit_tokens_total counter" in text
+
+
+def _random_ids(seed, n=120):
+    return torch.randint(10, 200, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cached_tokens_in_usage(server, client, stream):
+    bs = server.state.cache.block_size
+    ids = _random_ids(seed=7 + stream)
+
+    def completion_usage():
+        if not stream:
+            return client.completions.create(model=MODEL, prompt=ids, max_tokens=2).usage
+        chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=2, stream=True,
+                                                stream_options={"include_usage": True}))
+        return chunks[-1].usage
+
+    first, again = completion_usage(), completion_usage()
+    assert first.prompt_tokens_details.cached_tokens == 0
+    assert again.prompt_tokens_details.cached_tokens == (len(ids) - 1) // bs * bs
+    messages = [{"role": "system", "content": f"Rules {stream}: " + "be brief and exact. " * 30}] + HI
+    kw = dict(model=MODEL, messages=messages, max_tokens=2)
+    if stream:
+        usages = [list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))[-1]
+                  .usage for _ in range(2)]
+    else:
+        usages = [client.chat.completions.create(**kw).usage for _ in range(2)]
+    assert usages[0].prompt_tokens_details.cached_tokens == 0
+    assert usages[1].prompt_tokens_details.cached_tokens == (usages[1].prompt_tokens - 1) // bs * bs > 0
+
+
+def test_cache_budget_limits_and_names_the_flag(llm, tiny_model_dir, capsys):
+    from zaya.cli import main
+    from zaya.engine.cache import bytes_per_block, state_bytes
+
+    memory = 256 * state_bytes(llm.config, torch.float32) + 6 * bytes_per_block(llm.config, torch.float32, 32)
+    small = zaya.LLM(llm.model, llm.tokenizer, cache_memory=memory, max_context=512)
+    live = LiveServer(create_app(small, ServerConfig(model_name=MODEL)))
+    try:
+        assert live.state.max_context == 6 * 32
+        with live.http() as http:
+            r = http.post("/v1/completions", json={"model": MODEL, "prompt": _random_ids(1, 150), "max_tokens": 100})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+            message = r.json()["error"]["message"]
+            assert "KV cache budget" in message and "--cache-memory" in message
+            ok = http.post("/v1/completions", json={"model": MODEL, "prompt": _random_ids(1, 150), "max_tokens": 5})
+            assert ok.status_code == 200
+    finally:
+        live.stop()
+    assert main(["serve", "--model", str(tiny_model_dir), "--cache-memory", "1000"]) == 1
+    err = capsys.readouterr().err
+    assert "too small for one sequence" in err and "--cache-memory" in err
+
+
+def test_a_full_pool_queues_requests_and_loses_none(llm):
+    from zaya.engine.cache import bytes_per_block, state_bytes
+
+    memory = 256 * state_bytes(llm.config, torch.float32) + 8 * bytes_per_block(llm.config, torch.float32, 32)
+    small = zaya.LLM(llm.model, llm.tokenizer, cache_memory=memory, max_context=512)
+    prompts = [_random_ids(20 + i, 100) for i in range(4)]
+    want = [c.token_ids for c in llm.generate(prompts, max_new_tokens=60, temperature=0, ignore_eos=True)]
+    live = LiveServer(create_app(small, ServerConfig(model_name=MODEL, step_tokens=64)))
+    try:
+        assert live.state.scheduler.engine.step_tokens == 64
+        results = [None] * len(prompts)
+
+        def call(i):  # each needs 5 of the 8 blocks: they run one or two at a time, the rest wait
+            with live.http() as http:
+                body = {"model": MODEL, "prompt": prompts[i], "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+                        "logprobs": 0}
+                results[i] = http.post("/v1/completions", json=body).json()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r, ids in zip(results, want):
+            tokens = r["choices"][0]["logprobs"]["tokens"]
+            assert len(tokens) == 60 and tokens == [live.state.token_text(t) for t in ids]
+        assert small.cache.blocks_used() == 0
+    finally:
+        live.stop()
 
 
 def test_chat_reasoning_split_live(client):
@@ -233,6 +289,7 @@ def test_stop_string(client):
 def test_streaming_chat_matches_whole(client):
     kw = dict(model=MODEL, messages=HI, max_tokens=16, seed=5, logprobs=True)
     whole = client.chat.completions.create(**kw).choices[0]
+    assert whole.message.reasoning_content  # the template opens <think>: there is reasoning to compare
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
     reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
@@ -291,7 +348,9 @@ def test_chat_choice_stream_equals_whole():
 
 
 # -- RSA ------------------------------------------------------------------------------------------
-RSA = {"profile": "cpu-tiny", "n": 3, "k": 2, "max_tokens": 12, "tail_tokens": 8}
+# The aggregation template alone is ~480 tokens with the test tokenizer: budget + K*tau must fit the
+# 512-token context that is left (see zaya.rsa.fit).
+RSA = {"profile": "cpu-tiny", "n": 3, "k": 2, "max_tokens": 8, "tail_tokens": 4}
 
 
 def test_rsa_via_extra_body(server, client):
@@ -307,10 +366,56 @@ def test_rsa_via_extra_body(server, client):
     assert len(final.model_extra["rsa"]["rounds"]) == 2
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens  # same seed, same run
     with server.http() as http:
-        for body in ({"rsa": {"profile": "nope"}}, {"rsa": {"n": "4"}}, {"rsa": {"zzz": 1}}, {"rsa": True},
-                     {"rsa": RSA, "n": 2}):
+        for body in ({"rsa": {"profile": "nope"}}, {"rsa": {"n": "4"}}, {"rsa": {"zzz": 1}}, {"rsa": RSA, "n": 2},
+                     # an explicit budget that cannot fit; the default profile's K=4 empty tails fill the context
+                     {"rsa": dict(RSA, max_tokens=30)}, {"rsa": True}):
             resp = http.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, **body})
             assert resp.status_code == 400 and resp.json()["error"]["param"].startswith(("rsa", "n")), resp.text
+            too_long = resp.json()["error"]["code"] == "context_length_exceeded"
+            assert too_long == (body["rsa"] is True or body["rsa"].get("max_tokens") == 30), resp.text
+            assert not too_long or "tokens of context are left" in resp.json()["error"]["message"]
+
+
+def test_rsa_profile_lengths_fit_the_context(server, client):
+    """The default profile asks beta=16384, tau=4096; on a 512-token server both shrink to fit."""
+    r = client.chat.completions.create(model=MODEL, messages=HI, seed=4,
+                                       extra_body={"rsa": {"n": 2, "k": 2, "rounds": 1}})
+    cfg, context = r.model_extra["rsa"]["config"], r.model_extra["rsa"]["context"]
+    assert cfg["budget"] < 16384 and 0 < cfg["tail"] < 4096
+    assert context["max_sequence_tokens"] <= 512
+
+
+def test_api_error_maps_every_kind_of_failure():
+    from zaya.errors import ContextLengthError, ZayaError
+    from zaya.server.http import api_error
+    from zaya.server.protocol import ApiError
+    from zaya.server.scheduler import ShuttingDown
+
+    def shape(exc, **kw):
+        e = api_error(exc, **kw)
+        return e.status, e.body()["error"]["param"], e.body()["error"]["code"], e.body()["error"]["message"]
+
+    same = ApiError(418, "teapot")
+    assert api_error(same) is same and api_error(same, rsa=True) is same
+    assert shape(ShuttingDown("bye"))[:1] == shape(ShuttingDown("bye"), rsa=True)[:1] == (503,)
+    too_long = ContextLengthError("prompt + max_new_tokens exceeds the context limit")
+    assert shape(too_long) == (400, None, "context_length_exceeded", str(too_long))
+    assert shape(too_long, rsa=True) == (400, "rsa", "context_length_exceeded",
+                                         f"RSA: {too_long}; lower rsa budget or tail")
+    assert shape(ZayaError("bad"), rsa=True) == (400, "rsa", None, "RSA: bad")
+    assert shape(RuntimeError("boom"))[0] == shape(RuntimeError("boom"), rsa=True)[0] == 500
+
+
+def test_rsa_disconnect_cancels_its_jobs(slow_server):
+    server = slow_server
+    body = {"model": MODEL, "messages": HI, "seed": 1,
+            "rsa": {"profile": "cpu-tiny", "n": 2, "k": 2, "max_tokens": 12, "tail_tokens": 2}}
+    # two rounds of 12 steps at >= 50 ms a step: the client gives up long before the run ends
+    with server.http(timeout=0.5) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=body)
+    assert _wait_idle(server, timeout=10), "the RSA run's rows were not freed after the client left"
+    with server.http() as http:
+        assert http.get("/health").json()["rsa_running"] == 0
 
 
 # -- auth, limits, errors -------------------------------------------------------------------------
@@ -352,8 +457,15 @@ BAD = [
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "fox " * 600}]}).encode(), 400, "messages"),
     (json.dumps({"model": MODEL, "messages": HI, "top_logprobs": 3}).encode(), 400, "top_logprobs"),
     (json.dumps({"model": MODEL, "messages": HI, "logprobs": True, "top_logprobs": 50}).encode(), 400, "top_logprobs"),
-    (json.dumps({"model": MODEL, "messages": HI, "response_format": {"type": "json_object"}}).encode(), 400,
+    (json.dumps({"model": MODEL, "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "foo"}}}}).encode(), 400, "response_format"),
+    (json.dumps({"model": MODEL, "messages": HI, "response_format": {"type": "grammar"}}).encode(), 400,
      "response_format"),
+    (json.dumps({"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
+                 "tool_choice": {"type": "function", "function": {"name": "g"}}}).encode(), 400, "tool_choice"),
+    (json.dumps({"model": MODEL, "messages": HI, "tool_choice": "required"}).encode(), 400, "tool_choice"),
+    (json.dumps({"model": MODEL, "messages": HI, "thinking_budget": -1}).encode(), 400, "thinking_budget"),
+    (json.dumps({"model": MODEL, "messages": HI, "reasoning_effort": "max"}).encode(), 400, "reasoning_effort"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(),
      400, "messages.0.content"),
     (json.dumps({"model": MODEL, "messages": HI, "chat_template_kwargs": {"messages": 1}}).encode(), 400,
@@ -396,7 +508,8 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st
                      st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=12)
 _FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "min_p", "n", "stop", "seed",
            "logprobs", "top_logprobs", "stream", "stream_options", "tools", "tool_choice", "chat_template_kwargs",
-           "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format", "echo"]
+           "presence_penalty", "frequency_penalty", "repetition_penalty", "response_format", "echo", "thinking_budget",
+           "reasoning_effort", "parallel_tool_calls"]
 _bodies = st.one_of(
     _json,
     st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=5),
@@ -434,9 +547,11 @@ def _cancelled(server) -> float:
     return float(line[0].split()[-1])
 
 
-def _slow_engine(llm, delay=0.01):
+def _slow_engine(llm, delay=0.05):
     """A real engine whose steps take at least `delay` seconds, so that a test can observe a
-    request while it is still running on any machine."""
+    request while it is still running on any machine: 450 tokens take over 20 s, far longer than
+    a client starved of CPU on a loaded machine needs to read a few events and ask (at 10 ms a
+    step the health check once found the stream's rows gone under heavy load)."""
     engine = llm.engine()
     step = engine.step
     engine.step = lambda: (time.sleep(delay), step())[1]
@@ -554,24 +669,31 @@ def test_scheduler_fifo_batching_and_bounds():
     assert sum(len(b) for b in got[1][:-1]) == 3 * 2
 
 
-def test_sigterm_graceful(model_dir, tmp_path):
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+@pytest.mark.slow
+def test_sigterm_graceful(tiny_model_dir, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(zaya.__file__).parent.parent), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "zaya.cli", "serve", "--model", str(model_dir), "--port",
-                             str(port), "--log-level", "warning"], env=env, stderr=subprocess.PIPE)
+    # --port 0: the server binds a free port itself and names it in uvicorn's startup line (info level)
+    proc = subprocess.Popen([sys.executable, "-m", "zaya.cli", "serve", "--model", str(tiny_model_dir), "--port", "0",
+                             "--log-level", "info"], env=env, stderr=subprocess.PIPE, text=True)
+    log, ports = [], queue.Queue()
+
+    def read_log():  # also keeps the pipe drained while the server runs
+        for line in proc.stderr:
+            log.append(line)
+            if m := re.search(r"running on http://127\.0\.0\.1:(\d+)", line):
+                ports.put(int(m.group(1)))
+        ports.put(None)  # the server exited
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        body = {"model": model_dir.name, "prompt": "hi", "max_tokens": 60, "ignore_eos": True, "stream": True}
+        try:
+            port = ports.get(timeout=60)
+        except queue.Empty:
+            pytest.fail("the server logged no address within 60 s:\n" + "".join(log))
+        assert port, "the server exited before it listened:\n" + "".join(log)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        body = {"model": tiny_model_dir.name, "prompt": "hi", "max_tokens": 60, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
             next(lines)
@@ -580,6 +702,11 @@ def test_sigterm_graceful(model_dir, tmp_path):
         assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
         # uvicorn re-raises the signal after its graceful shutdown, so the exit status is -SIGTERM
         assert proc.wait(20) in (0, -signal.SIGTERM)
+        reader.join(10)
+        started = "".join(log)
+        assert "KV cache" in started and "(default: from" in started and "prefix caching on" in started
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.wait()
+        reader.join(5)

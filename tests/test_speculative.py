@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zaya
-from tiny_model import make_tiny_model, make_tiny_model_dir
+from tests.tiny_model import make_tiny_model, make_tiny_model_dir
 from zaya.engine import Engine, Request
 from zaya.engine.speculative import Drafter
 from zaya.errors import ZayaError

@@ -7,7 +7,7 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_tokenizer import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID, make_tokenizer_dir
+from tests.tiny_tokenizer import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID, make_tokenizer_dir
 
 from zaya.errors import CheckpointError
 from zaya.tokenizer import IncrementalDecoder, Tokenizer
@@ -34,16 +34,6 @@ VARIANTS = [
     (True, True, True, None),
     (True, False, False, {"add_bos_token": True}),
 ]
-
-
-@pytest.fixture(scope="module")
-def gemma_dir(tmp_path_factory):
-    return make_tokenizer_dir(tmp_path_factory.mktemp("gemma"))
-
-
-@pytest.fixture(scope="module")
-def bytelevel_dir(tmp_path_factory):
-    return make_tokenizer_dir(tmp_path_factory.mktemp("bytelevel"), byte_level=True)
 
 
 @pytest.mark.parametrize("byte_level,add_bos,add_eos,flags", VARIANTS)
@@ -86,8 +76,8 @@ def test_gemma_class_pipeline_is_rebuilt_like_transformers(tmp_path):
         assert ours.decode(ids) == ref.decode(ids)
 
 
-def test_zaya1_style_post_processing(gemma_dir):
-    tok = Tokenizer.from_dir(gemma_dir)
+def test_zaya1_style_post_processing(tokenizer_dir):
+    tok = Tokenizer.from_dir(tokenizer_dir)
     body = tok.encode("Hello! How can I assist you today?", add_special_tokens=False)
     assert tok.encode("Hello! How can I assist you today?") == [BOS_ID, *body, END_OF_TURN_ID]
     assert tok.encode_prompt("Hello! How can I assist you today?") == [BOS_ID, *body]
@@ -100,8 +90,8 @@ def test_encode_prompt_without_bos(tmp_path):
     assert tok.encode("hi there")[-1] == END_OF_TURN_ID
 
 
-def test_special_ids_and_vocab(gemma_dir):
-    tok = Tokenizer.from_dir(gemma_dir)
+def test_special_ids_and_vocab(tokenizer_dir):
+    tok = Tokenizer.from_dir(tokenizer_dir)
     assert (tok.bos_id, tok.pad_id, tok.eos_id) == (BOS_ID, PAD_ID, END_OF_TURN_ID)
     assert tok.eos_ids == {END_OF_TURN_ID, EOS_ID}  # tokenizer eos + generation_config.json
     assert tok.vocab_size == 512
@@ -172,6 +162,7 @@ def test_errors_name_the_file(tmp_path):
         Tokenizer.from_dir(good)
 
 
+@pytest.mark.slow
 def test_zaya_does_not_import_transformers():
     code = "import sys, zaya.tokenizer, zaya.chat; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -186,8 +177,8 @@ def _stream(tok, ids, skip):
     return deltas, dec.flush()
 
 
-def test_incremental_holds_back_split_emoji(gemma_dir):
-    tok = Tokenizer.from_dir(gemma_dir)
+def test_incremental_holds_back_split_emoji(tokenizer_dir):
+    tok = Tokenizer.from_dir(tokenizer_dir)
     ids = tok.encode("ok 😀 done", add_special_tokens=False)
     assert len(ids) > 5  # the emoji is four byte tokens
     deltas, tail = _stream(tok, ids, skip=False)
@@ -202,8 +193,8 @@ _hyp = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 @_hyp
 @given(ids=st.lists(st.integers(0, 511), max_size=40), skip=st.booleans(), byte_level=st.booleans())
-def test_incremental_equals_full_decode_random_ids(gemma_dir, bytelevel_dir, ids, skip, byte_level):
-    tok = _load(bytelevel_dir if byte_level else gemma_dir)
+def test_incremental_equals_full_decode_random_ids(tokenizer_dir, byte_level_tokenizer_dir, ids, skip, byte_level):
+    tok = _load(byte_level_tokenizer_dir if byte_level else tokenizer_dir)
     deltas, tail = _stream(tok, ids, skip)
     assert "".join(deltas) + tail == tok.decode(ids, skip_special_tokens=skip)
 
@@ -211,8 +202,8 @@ def test_incremental_equals_full_decode_random_ids(gemma_dir, bytelevel_dir, ids
 @_hyp
 @given(text=st.text(alphabet=st.sampled_from(list("ab ü中😀👍🏽\n<>")) | st.characters(), max_size=30),
        skip=st.booleans(), byte_level=st.booleans())  # fmt: skip
-def test_incremental_equals_full_decode_of_text(gemma_dir, bytelevel_dir, text, skip, byte_level):
-    tok = _load(bytelevel_dir if byte_level else gemma_dir)
+def test_incremental_equals_full_decode_of_text(tokenizer_dir, byte_level_tokenizer_dir, text, skip, byte_level):
+    tok = _load(byte_level_tokenizer_dir if byte_level else tokenizer_dir)
     ids = tok.encode(text)
     deltas, tail = _stream(tok, ids, skip)
     assert "".join(deltas) + tail == tok.decode(ids, skip_special_tokens=skip)

@@ -3,43 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tiny_model import make_tiny_model_dir
-from tiny_train import config_dict, losses, write_chat, write_config
+from tests.tiny_model import make_tiny_model_dir
+from tests.tiny_train import config_dict, finish, losses, subprocess_env, torchrun, write_chat, write_config
 
 import zaya
 from zaya.chat import DEFAULT_CHAT_TEMPLATE
 from zaya.errors import ConfigError
 from zaya.train import TrainingError, from_dict, train
 from zaya.train import loop as loop_mod
+from zaya.train import loss as loss_mod
 from zaya.train.checkpoints import complete_checkpoints, read_trainer_state
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine is shared: one intra-op thread keeps tiny runs fast and deterministic
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 def run(tmp_path, **sections):
@@ -94,6 +75,7 @@ def test_resume_after_stop_reproduces_the_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path):
     """Kill -9 a real training process partway, resume it, and compare with an uninterrupted run."""
     common = {"steps": 400, "save_every": 2, "keep_checkpoints": 3}
@@ -125,7 +107,7 @@ def test_resume_after_kill(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = loop_mod.token_loss
+    real = loss_mod.token_loss
     calls = {"n": 0}
 
     def poisoned(logits, targets, mask):
@@ -133,7 +115,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         loss = real(logits, targets, mask)
         return loss * float("nan") if calls["n"] > 2 * 4 else loss  # 2 micro-batches per step: step 5 fails
 
-    monkeypatch.setattr(loop_mod, "token_loss", poisoned)
+    real_run = loop_mod.Trainer.run
+
+    def counted_run(self, *args, **kwargs):
+        calls["n"] = 0  # count the training forwards only (the memory check before them runs the loss too)
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(loss_mod, "token_loss", poisoned)
+    monkeypatch.setattr(loop_mod.Trainer, "run", counted_run)
     with pytest.raises(TrainingError) as err:
         run(tmp_path, train={"steps": 8, "save_every": 2})
     message = str(err.value)
@@ -206,19 +195,16 @@ def test_cli_plot_and_errors(tmp_path, capsys):
     assert "matches no files" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """torchrun with 2 CPU processes (gloo) against 1 process, same global batch."""
     common = {"steps": 5, "global_batch": 8, "micro_batch": 2, "eval_every": 5}
     one = write_config(tmp_path, "one.toml", train={**common, "out_dir": str(tmp_path / "one")})
     two = write_config(tmp_path, "two.toml", train={**common, "out_dir": str(tmp_path / "two")})
     procs = [subprocess.Popen([sys.executable, "-m", "zaya.train", str(one)], env=subprocess_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT),
-             subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "-m", "zaya.train", str(two)], env=subprocess_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)]
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT), torchrun(two)]
     for p in procs:
-        out = p.communicate(timeout=300)[0].decode()
-        assert p.returncode == 0, out[-3000:]
+        finish(p)
     a, b = losses(tmp_path / "one" / "metrics.jsonl"), losses(tmp_path / "two" / "metrics.jsonl")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in a)

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_tokenizer import make_tokenizer_dir
-from tiny_train import config_dict, write_chat, write_config
+from tests.tiny_train import config_dict, write_chat, write_config
 
 from zaya.errors import ConfigError
 from zaya.tokenizer import Tokenizer
@@ -20,8 +19,8 @@ from zaya.train.data import DataError, Document, Encoder, Order, build, pack_bfd
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return Tokenizer.from_dir(make_tokenizer_dir(tmp_path_factory.mktemp("tok")))
+def tok(tokenizer_dir):
+    return Tokenizer.from_dir(tokenizer_dir)
 
 
 def masked_text(tok, doc: Document, keep: bool = True) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_tokenizer import make_tokenizer_dir
+from tests.tiny_tokenizer import make_tokenizer_dir
 
 TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, moe_intermediate_size=32, num_experts=4, router_hidden_size=16,
@@ -69,3 +69,13 @@ def make_tiny_model_dir(path: Path, seed: int = 0, tokenizer: bool = True, skip_
     if tokenizer:
         make_tokenizer_dir(path, vocab_size=model.config.vocab_size)
     return path
+
+
+@torch.no_grad()
+def greedy_reference(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation by re-running the whole sequence each step (no cache): the reference
+    that a loaded model's cached decoding is compared with."""
+    seq = list(prompt)
+    for _ in range(new_tokens):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
-from tiny_tokenizer import make_tokenizer_dir
+from tests.tiny_tokenizer import make_tokenizer_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WORDS = ("the quick brown fox jumps over lazy dog what is twelve plus thirty answer forty two hello how can "
          "assist you today let me think about this step by step sea sky wind function returns value").split()
@@ -62,13 +67,15 @@ def config_dict(tmp: Path, **sections) -> dict:
 
 def write_config(tmp: Path, name: str = "cfg.toml", **sections) -> Path:
     """The same as a TOML file (for subprocess runs)."""
-    raw = config_dict(tmp, **sections)
+    return write_toml(tmp / name, config_dict(tmp, **sections))
+
+
+def write_toml(path: Path, raw: dict) -> Path:
     lines = []
     for section, values in raw.items():
         lines.append(f"[{section}]")
         for k, v in values.items():
             lines.append(f"{k} = {json.dumps(v)}")
-    path = tmp / name
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -79,4 +86,24 @@ def losses(metrics: Path) -> dict[int, float]:
         rec = json.loads(line)
         if "loss" in rec:
             out[rec["step"]] = rec["loss"]
+    return out
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def torchrun(config: Path, *args: str, ranks: int = 2) -> subprocess.Popen:
+    """``torchrun --nproc-per-node RANKS -m zaya.train CONFIG ARGS`` on CPU (gloo), started in the background."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                             str(ranks), "-m", "zaya.train", str(config), "--no-progress", *args],
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out = proc.communicate(timeout=timeout)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
     return out

@@ -17,7 +17,8 @@ import time
 import torch
 
 from zaya.commands import add_model_args, resolve_model_name
-from zaya.engine import Engine, Request, SpecStats
+from zaya.engine import Engine, PagedCache, Request, SpecStats
+from zaya.engine.cache import state_bytes
 from zaya.engine.runner import ForwardBatch, forward
 from zaya.llm import load
 from zaya.sampling import SamplingParams
@@ -74,17 +75,18 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def _engine(model, speculative: int = 0, stats=None):
-    return Engine(model, None, prefix_caching=False, speculative=speculative, stats=stats)
+def _engine(model, cache: PagedCache | None = None, speculative: int = 0, stats=None):
+    return Engine(model, None, cache=cache, prefix_caching=False, speculative=speculative, stats=stats)
 
 
 def decode_rate(model, batch: int, prompt_len: int = 32, new_tokens: int = 64, seed: int = 0,
-                speculative: int = 0, stats=None) -> float:
-    """Summed decode tok/s over ``batch`` rows (prefill excluded), greedy, EOS ignored;
-    ``speculative``: prompt-lookup drafts of up to that many tokens (decode work goes to ``stats``)."""
+                cache: PagedCache | None = None, speculative: int = 0, stats=None) -> float:
+    """Summed decode tok/s over ``batch`` rows (prefill excluded), greedy, EOS ignored; ``cache``
+    is the paged cache to run in (default: a new one with the default budget); ``speculative``:
+    prompt-lookup drafts of up to that many tokens (decode work goes to ``stats``)."""
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
-    engine = _engine(model, speculative, stats)
+    engine = _engine(model, cache, speculative, stats)
     params = SamplingParams.from_kwargs(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     for i in range(batch):
         engine.add(Request(torch.randint(3, V, (prompt_len,), generator=g).tolist(), params, i))
@@ -96,9 +98,9 @@ def decode_rate(model, batch: int, prompt_len: int = 32, new_tokens: int = 64, s
     return max(1, tokens) / (time.perf_counter() - t)
 
 
-def prefill_rate(model, tokens: int = 512, seed: int = 0) -> float:
+def prefill_rate(model, tokens: int = 512, seed: int = 0, cache: PagedCache | None = None) -> float:
     ids = torch.randint(3, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(seed))
-    cache = _engine(model).cache
+    cache = _engine(model, cache).cache
     seq = cache.open(ids[0].tolist())
     cache.reserve(seq, tokens)
     with torch.inference_mode():
@@ -110,23 +112,33 @@ def prefill_rate(model, tokens: int = 512, seed: int = 0) -> float:
 
 
 def speed(model, *, prefill_tokens=512, new_tokens=64, batches=(1, 8), bandwidth=None, rounds=3,
-          speculative: int = 0) -> dict:
+          cache: PagedCache | None = None, speculative: int = 0) -> dict:
     bandwidth = bandwidth or measure_bandwidth()
-    decode_rate(model, 1, new_tokens=4)  # warm-up (allocator, lazy kernels, compiled graphs)
+    cache = cache or _engine(model).cache  # one pool for every run, as a server has
+    decode_rate(model, 1, new_tokens=4, cache=cache)  # warm-up (allocator, lazy kernels, compiled graphs)
     out = {"prefill_tokens": prefill_tokens,
-           "prefill_tok_s": statistics.median(prefill_rate(model, prefill_tokens, s) for s in range(rounds))}
+           "prefill_tok_s": statistics.median(prefill_rate(model, prefill_tokens, s, cache) for s in range(rounds))}
     stats = SpecStats()
     for b in batches:
         out[f"decode_b{b}_tok_s"] = statistics.median(
-            decode_rate(model, b, new_tokens=new_tokens, seed=s, speculative=speculative, stats=stats)
+            decode_rate(model, b, new_tokens=new_tokens, seed=s, cache=cache, speculative=speculative, stats=stats)
             for s in range(rounds))
     if speculative:
         out.update(speculative=speculative, draft_acceptance=stats.acceptance, tokens_per_forward=stats.tokens_per_forward)
     per_token = weight_bytes_per_token(model)
     achieved = out.get("decode_b1_tok_s", 0) * per_token
     out.update(weight_bytes_per_token=per_token, achieved_gb_s=achieved / 1e9, bandwidth_gb_s=bandwidth / 1e9,
-               mbu=achieved / bandwidth, peak_rss_bytes=peak_rss())
+               mbu=achieved / bandwidth, peak_rss_bytes=peak_rss(), **cache_report(cache))
     return out
+
+
+def cache_report(cache: PagedCache) -> dict:
+    """The pool a run used: its budget, blocks, and the bytes one more token of context costs
+    (KV in every layer plus its share of the CCA snapshot kept beside each block)."""
+    return {"cache_memory_bytes": cache.memory, "cache_blocks": cache.num_blocks - 1,
+            "cache_block_size": cache.block_size, "cache_capacity_tokens": cache.capacity_tokens,
+            "cache_bytes_per_token": cache.bytes_per_token,
+            "cca_state_bytes_per_sequence": state_bytes(cache.config, cache.dtype)}
 
 
 # --------------------------------------------------------------------------------------- quality
@@ -164,11 +176,13 @@ def cmd_bench(args) -> int:
         print(json.dumps(results))
         return 0
     start = time.perf_counter()
-    llm = load(path, dtype=args.dtype, quantize=args.quantize)
+    llm = load(path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter, cache_memory=args.cache_memory,
+               prefix_caching=args.prefix_caching)
     load_s = time.perf_counter() - start
     rss_after_load = peak_rss()
     r = speed(llm.model, prefill_tokens=args.prefill_tokens, new_tokens=args.new_tokens,
-              batches=tuple(int(b) for b in args.batches.split(",")), rounds=args.rounds, speculative=args.speculative)
+              batches=tuple(int(b) for b in args.batches.split(",")), rounds=args.rounds, cache=llm.cache,
+              speculative=args.speculative)
     r.update(model=str(llm.path), dtype=str(next(llm.model.parameters()).dtype).replace("torch.", ""),
              quantize=args.quantize or (llm.config.quantization or {}).get("bits"), load_s=load_s,
              peak_rss_after_load_bytes=rss_after_load)
@@ -181,6 +195,9 @@ def cmd_bench(args) -> int:
               f"{'n/a' if acc is None else f'{acc:.1%}'}, {r['tokens_per_forward']:.2f} tokens per row-forward")
     print(f"weights read per token {r['weight_bytes_per_token'] / 1e6:.1f} MB, achieved {r['achieved_gb_s']:.1f} GB/s "
           f"of {r['bandwidth_gb_s']:.1f} GB/s measured (MBU {r['mbu']:.0%}), peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB")
+    print(f"kv cache {r['cache_bytes_per_token']:,.0f} bytes per token (+ {r['cca_state_bytes_per_sequence']:,} bytes "
+          f"of CCA state per sequence); pool {r['cache_blocks']:,} blocks x {r['cache_block_size']} tokens = "
+          f"{r['cache_capacity_tokens']:,} tokens in {r['cache_memory_bytes'] / 2**20:,.1f} MiB")
     print(json.dumps(r))
     return 0
 

@@ -319,13 +319,14 @@ def _param_schemas(tools, name: str) -> dict | None:
     return None
 
 
-def _schema_types(schema) -> set[str]:
+def schema_types(schema) -> set[str]:
+    """The JSON types a schema allows (through type, anyOf / oneOf, or a string enum)."""
     if not isinstance(schema, dict):
         return set()
     kind = schema.get("type")
     types = set(kind) if isinstance(kind, list) else {kind} if isinstance(kind, str) else set()
     for alt in schema.get("anyOf", []) + schema.get("oneOf", []):
-        types |= _schema_types(alt)
+        types |= schema_types(alt)
     if "enum" in schema and not types:
         types = {"string"} if all(isinstance(v, str) for v in schema["enum"]) else set()
     return types
@@ -339,7 +340,7 @@ def _typed_value(raw: str, schema) -> Any:
     """A parameter value typed by its JSON schema: strings stay verbatim, other types are parsed
     as JSON; a value that doesn't parse to an allowed type stays a string. Without a schema,
     whatever parses as JSON is taken as JSON."""
-    types = _schema_types(schema)
+    types = schema_types(schema)
     if types == {"string"}:
         return raw
     try:

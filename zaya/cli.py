@@ -9,14 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zaya import bench, commands, evaluate, models_store
+from zaya import bench, commands, evaluate, models_store, repl, solve
 from zaya.errors import ZayaError
-from zaya.rsa import cli as rsa_cli
 from zaya.server import cli as server_cli
 from zaya.train import cli as train_cli
 
 # Modules that contribute subcommands, in the order they appear in --help.
-COMMAND_MODULES = [commands, rsa_cli, bench, train_cli, server_cli, models_store, evaluate]
+COMMAND_MODULES = [repl, commands, solve, bench, train_cli, server_cli, models_store, evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

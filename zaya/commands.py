@@ -1,4 +1,4 @@
-"""Core subcommands: generate, chat, convert, info."""
+"""Core subcommands: generate, convert, quantize, export, info (`zaya chat` is zaya.repl)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from zaya.chat import ReasoningParser, generation_starts_in_reasoning, parse_tool_calls
-from zaya.checkpoint import convert, open_checkpoint, resolve, save_quantized
+from zaya.checkpoint import convert, merge_adapter, open_checkpoint, resolve, save_quantized
+from zaya.errors import ZayaError
 from zaya.llm import DEFAULT_MODEL, load, parse_dtype
 from zaya.model import ZayaForCausalLM
 from zaya.models_store import find_local
 from zaya.quant import QuantSpec
+from zaya.sampling import DEFAULT_MAX_NEW_TOKENS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,11 +25,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="weight dtype (default: checkpoint's)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization at load time")
     p.add_argument("--max-context", type=int, default=None, help="refuse requests longer than this many tokens")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a LoRA adapter (PEFT format, e.g. a zaya train checkpoint) applied unmerged")
+    p.add_argument("--cache-memory", default=None, metavar="SIZE",
+                   help="KV cache budget, bytes or a size such as 4GiB or 512MB (default: a quarter of the free "
+                        "memory, at most what 32 full-context sequences need; printed at start by serve)")
+    p.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",
+                   help="do not reuse cached prompt prefixes across requests")
 
 
-def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+    """Sampling flags; an unset --max-new-tokens runs up to the context's end, at most ``max_new_tokens``."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: what the context leaves after the prompt, at most {max_new_tokens}")
     g.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy (default 1.0)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
@@ -48,7 +58,8 @@ def sampling_kwargs(args) -> dict:
 
 def load_from_args(args):
     return load(resolve_model_name(args.model), dtype=args.dtype, quantize=args.quantize,
-                     max_context=args.max_context)
+                max_context=args.max_context, adapter=args.adapter, cache_memory=args.cache_memory,
+                prefix_caching=args.prefix_caching)
 
 
 def resolve_model_name(name):
@@ -67,6 +78,7 @@ def cmd_generate(args) -> int:
     else:
         messages = [{"role": "user", "content": args.prompt}]
         prompt = llm.apply_chat_template(messages, enable_thinking=False if args.no_think else None)
+    kwargs.update(constraint_kwargs(args))
     start, tokens, reason = time.perf_counter(), 0, None
     for ev in llm.stream([prompt], n=1, **kwargs):
         tokens += ev.token_id is not None
@@ -80,66 +92,47 @@ def cmd_generate(args) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------- chat
-DIM, RESET = "\033[2m", "\033[0m"
+def add_constraint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("structured output (after </think>; the reasoning stays free)")
+    g.add_argument("--json", action="store_true", help="answer with a JSON object")
+    g.add_argument("--json-schema", default=None, metavar="SCHEMA",
+                   help="answer with JSON valid under this schema (inline JSON or a file path)")
+    g.add_argument("--thinking-budget", type=int, default=None, metavar="N",
+                   help="reasoning tokens before </think> is forced")
 
 
-def cmd_chat(args) -> int:
-    llm = load_from_args(args)
-    if llm.tokenizer is None:
-        print("zaya: error: this model has no tokenizer, so it cannot chat", file=sys.stderr)
-        return 1
-    color = sys.stdout.isatty()
-    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("Chatting with", llm.path or "the model", "- /reset clears the conversation, /exit quits.", file=sys.stderr)
-    while True:
+def constraint_kwargs(args) -> dict:
+    """``json_schema`` / ``thinking_budget`` for `LLM.generate` from the flags above."""
+    out = {}
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith(("{", "true", "false")):
+            path = Path(text).expanduser()
+            if not path.is_file():
+                raise ZayaError(f"--json-schema: {text!r} is neither inline JSON nor a file")
+            text = path.read_text()
         try:
-            line = input(">>> ")
-        except EOFError:
-            print()
-            return 0
-        if not line.strip():
-            continue
-        if line.strip() in ("/exit", "/quit", "/bye"):
-            return 0
-        if line.strip() == "/reset":
-            history = history[:1] if args.system else []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        history.append({"role": "user", "content": line})
-        text = llm.render_chat(history, enable_thinking=False if args.no_think else None)
-        ids = llm.tokenizer.encode(text, add_special_tokens=False)
-        parser = ReasoningParser(generation_starts_in_reasoning(text))
-        reasoning, content, in_reasoning = [], [], False
-        for ev in llm.stream([ids], **sampling_kwargs(args)):
-            r, c = parser.feed(ev.text)
-            if ev.finish_reason:
-                r2, c2 = parser.flush()
-                r, c = r + r2, c + c2
-            if r:
-                if not in_reasoning:
-                    sys.stdout.write((DIM if color else "") + "thinking: ")
-                    in_reasoning = True
-                sys.stdout.write(r)
-                reasoning.append(r)
-            if c:
-                if in_reasoning:
-                    sys.stdout.write((RESET if color else "") + "\n\n")
-                    in_reasoning = False
-                sys.stdout.write(c)
-                content.append(c)
-            sys.stdout.flush()
-        if in_reasoning and color:
-            sys.stdout.write(RESET)
-        sys.stdout.write("\n")
-        answer, _ = parse_tool_calls("".join(content).strip())
-        history.append({"role": "assistant", "content": answer})
+            out["json_schema"] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ZayaError(f"--json-schema is not valid JSON: {exc}") from None
+    elif args.json:
+        out["json_schema"] = {"type": "object"}
+    if args.thinking_budget is not None:
+        out["thinking_budget"] = args.thinking_budget
+    return out
 
 
 # ------------------------------------------------------------------------------------- convert
 def cmd_convert(args) -> int:
     layout = convert(args.src, args.dst)
     print(f"wrote {args.dst} in the native layout (source layout: {layout})")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- export
+def cmd_export(args) -> int:
+    out = merge_adapter(resolve(resolve_model_name(args.src)), resolve(args.merge_lora), Path(args.dst))
+    print(f"wrote {out}: {args.src} with the adapter {args.merge_lora} merged into its weights")
     return 0
 
 
@@ -176,8 +169,12 @@ def model_report(path) -> dict:
             audit.append({"layer": int(native.split(".")[2]), "expert_bias_max": float(b[:-1].max()),
                           "skip_bias": float(b[-1]), "skip_reachable": margin < 1.0})
     audit.sort(key=lambda a: a["layer"])
+    files = [ckpt.path] if ckpt.path.is_file() else sorted(ckpt.path.glob("*.safetensors"))
     return {
         "path": str(ckpt.path), "layout": ckpt.layout, "config": config.to_dict(),
+        "format": str(ckpt.stored) if ckpt.stored is not None else f"safetensors, {config.dtype}",
+        "quantization": ckpt.stored.to_config() if ckpt.stored is not None else None,
+        "file_bytes": sum(f.stat().st_size for f in files),
         "parameters": {"total": total, "embedding": embed, "non_embedding": body,
                        "active_per_token": active_body, "active_with_lm_head": active_body + embed},
         "kv_bytes_per_token": kv_per_token,
@@ -194,6 +191,7 @@ def cmd_info(args) -> int:
         return 0
     c, p = report["config"], report["parameters"]
     print(f"model      {report['path']}  ({report['layout']} layout)")
+    print(f"format     {report['format']}, {report['file_bytes'] / 1e9:.2f} GB on disk")
     print(f"shape      {c['num_hidden_layers']} layers, hidden {c['hidden_size']}, vocab {c['vocab_size']}, "
           f"{c['num_attention_heads']} q heads / {c['num_key_value_heads']} kv heads x {c['head_dim']}, "
           f"{c['num_experts']} experts x {c['moe_intermediate_size']} (+ skip), router {c['router_hidden_size']}")
@@ -218,19 +216,21 @@ def register(sub) -> None:
     add_sampling_args(p)
     p.add_argument("--raw", action="store_true", help="no chat template: continue the text as-is")
     p.add_argument("--no-think", action="store_true", help="ask the chat template to skip reasoning")
+    add_constraint_args(p)
     p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("chat", help="interactive chat (streams tokens, shows reasoning apart)")
-    add_model_args(p)
-    add_sampling_args(p, max_new_tokens=1024)
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--no-think", action="store_true", help="ask the chat template to skip reasoning")
-    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("convert", help="rewrite a (legacy) checkpoint in the native layout")
     p.add_argument("src", help="checkpoint directory or hub repo id")
     p.add_argument("dst", help="output directory")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("export", help="write a plain checkpoint with a LoRA adapter merged into the base",
+                       description="Fold a LoRA adapter (PEFT format, e.g. a zaya train checkpoint) into the base "
+                                   "weights, one safetensors file at a time; the output loads like any checkpoint.")
+    p.add_argument("src", help="the base checkpoint: a directory, hub repo id or `zaya list` name")
+    p.add_argument("dst", help="output directory")
+    p.add_argument("--merge-lora", required=True, metavar="ADAPTER", help="the adapter directory (or hub repo id)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quantize", help="write a weight-only int8/int4 copy of a checkpoint",
                        description="Quantize attention projections, experts and the embedding/LM head; the "

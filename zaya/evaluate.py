@@ -27,13 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import zaya
+from zaya.rsa import LocalBackend, RSARun, run_batched, sample_pool
 from zaya.rsa.answers import boxed_answer, extract_boxed, majority_vote, normalize_answer
 from zaya.rsa.backends import derive_seed
+from zaya.rsa.config import PROFILES, make_config
+from zaya.rsa.drivers import progress_bar
+from zaya.tasks import builtin_test_set, problem_records
 
 # ------------------------------------------------------------------------------------- data
 _PROBLEM_KEYS = ("problem", "question", "prompt", "Problem", "Question")
@@ -43,8 +47,6 @@ _ANSWER_KEYS = ("answer", "final_answer", "Answer", "expected_answer")
 def load_problems(path: str | Path | None = None, *, limit: int | None = None) -> list[dict]:
     """Records ``{"id", "problem", "answer"}`` from a JSONL file, or the built-in held-out set."""
     if path is None:
-        from zaya.tasks import builtin_test_set, problem_records
-
         return problem_records(builtin_test_set(limit or 200))
     out = []
     for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
@@ -92,23 +94,6 @@ def vote_of(answers, finishes) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- running
-def sample_pool(backend, problems, *, samples: int, max_tokens: int, temperature: float, top_p: float,
-                seed: int | None, max_batch: int = 256, suffix: str = "", progress: bool = True):
-    """``samples`` independent candidates per problem; problems are decoded together in chunks."""
-    per = max(1, max_batch // samples)
-    out, bar = [], _bar(len(problems), "samples", progress)
-    for start in range(0, len(problems), per):
-        chunk = problems[start:start + per]
-        msgs = [[{"role": "user", "content": p["problem"] + suffix}] for p in chunk]
-        out += backend.generate(msgs, n=samples, max_tokens=max_tokens, temperature=temperature,
-                                top_p=top_p, top_k=0, seed=derive_seed(seed, start))
-        if bar:
-            bar.update(len(chunk))
-    if bar:
-        bar.close()
-    return out
-
-
 def evaluate(backend, problems: list[dict], *, samples: int = 4, majority: bool = False, rsa=None,
              max_tokens: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
              seed: int | None = 0, suffix: str = "", progress: bool = True) -> dict:
@@ -117,8 +102,6 @@ def evaluate(backend, problems: list[dict], *, samples: int = 4, majority: bool 
     ``rsa`` is an ``RSAConfig`` (or None to skip RSA). Its budget is also the budget of the
     independent samples, so token counts compare like with like.
     """
-    from zaya.rsa.algorithm import solve
-
     budget = rsa.budget if rsa is not None else (max_tokens or 1024)
     pool_size = samples
     if majority:
@@ -126,8 +109,9 @@ def evaluate(backend, problems: list[dict], *, samples: int = 4, majority: bool 
     report = {"problems": len(problems), "temperature": temperature, "top_p": top_p, "seed": seed,
               "budget": budget, "suffix": suffix}
     started = time.perf_counter()
-    pool = sample_pool(backend, problems, samples=pool_size, max_tokens=budget, temperature=temperature,
-                       top_p=top_p, seed=seed, suffix=suffix, progress=progress)
+    pool = sample_pool(backend, [p["problem"] + suffix for p in problems], samples=pool_size,
+                       max_tokens=budget, temperature=temperature, top_p=top_p, seed=seed,
+                       progress=progress)
     pool_seconds = time.perf_counter() - started
     records = []
     for p, cands in zip(problems, pool):
@@ -145,60 +129,46 @@ def evaluate(backend, problems: list[dict], *, samples: int = 4, majority: bool 
         "seconds": pool_seconds,
     }
     if majority:
-        sizes = sorted({m for m in (1, 2, 4, 8, 16, 32, 64, 128) if m <= pool_size} | {pool_size})
-        report["majority"] = []
-        for m in sizes:
-            correct = 0
-            for r in records:
-                winner = vote_of(r["samples"][:m], r["sample_finish"][:m])
-                correct += is_correct(winner, r["answer"])
-                if m == pool_size:
-                    r["majority"] = winner
-            report["majority"].append({
-                "samples": m, "accuracy": correct / n,
-                "decode_tokens_per_problem": sum(sum(r["sample_tokens"][:m]) for r in records) / n})
+        report["majority"] = _majority(records, pool_size)
     if rsa is not None:
-        report["rsa"] = _run_rsa(solve, backend, problems, records, rsa, suffix, seed, progress)
+        report["rsa"] = _run_rsa(backend, problems, records, rsa, suffix, seed, progress)
     report["seconds"] = time.perf_counter() - started
     report["per_problem"] = records
     return report
 
 
-def _run_rsa(solve, backend, problems, records, cfg, suffix, seed, progress, group: int = 16) -> dict:
+def _majority(records: list[dict], pool_size: int) -> list[dict]:
+    """Accuracy of a vote over the first m samples, for m = 1, 2, 4, ... and the whole pool."""
+    n = max(1, len(records))
+    sizes = sorted({m for m in (1, 2, 4, 8, 16, 32, 64, 128) if m <= pool_size} | {pool_size})
+    out = []
+    for m in sizes:
+        correct = 0
+        for r in records:
+            winner = vote_of(r["samples"][:m], r["sample_finish"][:m])
+            correct += is_correct(winner, r["answer"])
+            if m == pool_size:
+                r["majority"] = winner
+        out.append({"samples": m, "accuracy": correct / n,
+                    "decode_tokens_per_problem": sum(sum(r["sample_tokens"][:m]) for r in records) / n})
+    return out
+
+
+def _run_rsa(backend, problems, records, cfg, suffix, seed, progress, group: int = 16) -> dict:
     """Markovian RSA on every problem; ``group`` problems run in lockstep so that their rounds
-    decode as one batch (``Lockstep``), which is what makes hundreds of problems feasible on a CPU."""
+    decode as one batch (``run_batched``), which is what makes hundreds of problems feasible on a
+    CPU."""
     rounds = [Counter() for _ in range(cfg.rounds + 1)]
     final_correct, tokens, started = 0, 0, time.perf_counter()
-    bar = _bar(len(problems), "rsa", progress)
-    results = [None] * len(problems)
-
-    def one(i):
-        results[i] = solve(lockstep, problems[i]["problem"] + suffix, profile=cfg, progress=False,
-                           seed=derive_seed(seed, 7, i))
-
+    bar = progress_bar(len(problems), "rsa", progress)
     for start in range(0, len(problems), group):
         idx = list(range(start, min(len(problems), start + group)))
-        lockstep = Lockstep(backend, len(idx))
-        _in_threads(one, idx, lockstep)
-        for i in idx:
-            p, rec, result = problems[i], records[i], results[i]
-            cum = 0
-            rec["rsa_rounds"] = []
-            for t, population in enumerate(result.candidates):
-                right = [is_correct(m.answer, p["answer"]) for m in population]
-                winner = vote_of([m.answer for m in population],
-                                 [m.candidate.finish_reason for m in population])
-                cum += sum(m.candidate.completion_tokens for m in population)
-                stats = rounds[t]
-                stats["population"] += sum(right) / len(right)
-                stats["vote"] += is_correct(winner, p["answer"])
-                stats["tokens"] += cum
-                rec["rsa_rounds"].append({"round": t, "correct": sum(right), "of": len(right),
-                                          "vote": winner})
-            rec["rsa_answer"] = result.answer
-            rec["rsa_correct"] = is_correct(result.answer, p["answer"])
-            final_correct += rec["rsa_correct"]
-            tokens += result.completion_tokens
+        runs = [RSARun(backend, problems[i]["problem"] + suffix, profile=cfg,
+                       seed=derive_seed(seed, 7, i)) for i in idx]
+        run_batched(backend, runs)
+        for i, run in zip(idx, runs):
+            final_correct += _score_rsa(problems[i], records[i], run.result, rounds)
+            tokens += run.result.completion_tokens
         if bar:
             bar.update(len(idx))
             bar.set_postfix_str(f"acc {final_correct / (idx[-1] + 1):.3f}", refresh=False)
@@ -216,95 +186,25 @@ def _run_rsa(solve, backend, problems, records, cfg, suffix, seed, progress, gro
     }
 
 
-def _in_threads(fn, items, lockstep) -> None:
-    errors = []
-
-    def target(i):
-        try:
-            fn(i)
-        except BaseException as exc:  # surfaced below, after every thread is done
-            errors.append(exc)
-        finally:
-            lockstep.leave()
-
-    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in items]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
-class Lockstep:
-    """A backend shared by ``parties`` threads that each run one RSA problem.
-
-    Each ``generate`` call waits until every still-running thread has made its call; then one
-    merged call (per distinct ``n`` and sampling settings) goes to the real backend, so the
-    round-t prompts of all problems decode together. Tokens and tails use the real backend.
-    The merged call uses the first caller's seed: results are reproducible for a fixed group.
-    """
-
-    def __init__(self, backend, parties: int):
-        self.backend, self.active = backend, parties
-        self.name = getattr(backend, "name", "backend")
-        self.drafts = getattr(backend, "drafts", False)
-        self.spec_stats = getattr(backend, "spec_stats", None)
-        self.cond = threading.Condition()
-        self.pending: list[dict] = []
-        self.generation = 0
-
-    def count_tokens(self, text):
-        return self.backend.count_tokens(text)
-
-    def tail(self, text, tau):
-        return self.backend.tail(text, tau)
-
-    def generate(self, messages_list, *, n, progress=None, **sampling):
-        call = {"messages": list(messages_list), "n": n, "sampling": sampling, "result": None}
-        with self.cond:
-            self.pending.append(call)
-            self._maybe_run()
-            while call["result"] is None:
-                self.cond.wait()
-        if isinstance(call["result"], BaseException):
-            raise call["result"]
-        return call["result"]
-
-    def leave(self):
-        with self.cond:
-            self.active -= 1
-            self._maybe_run()
-
-    def _maybe_run(self):
-        """Run the pending calls once every active thread has one (called with the lock held)."""
-        if not self.pending or len(self.pending) < self.active:
-            return
-        calls, self.pending = self.pending, []
-        groups: dict = {}
-        for c in calls:
-            key = (c["n"], tuple(sorted((k, v) for k, v in c["sampling"].items() if k != "seed")))
-            groups.setdefault(key, []).append(c)
-        try:
-            for (n, _), group in groups.items():
-                merged = [m for c in group for m in c["messages"]]
-                out = self.backend.generate(merged, n=n, **group[0]["sampling"])
-                at = 0
-                for c in group:
-                    c["result"] = out[at:at + len(c["messages"])]
-                    at += len(c["messages"])
-        except BaseException as exc:
-            for c in calls:
-                c["result"] = exc
-        self.cond.notify_all()
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="prob", dynamic_ncols=True, file=sys.stderr)
+def _score_rsa(problem: dict, rec: dict, result, rounds: list[Counter]) -> bool:
+    """Per-round population and vote accuracy of one run into ``rounds`` and ``rec``; returns
+    whether its final answer is right."""
+    cum = 0
+    rec["rsa_rounds"] = []
+    for t, population in enumerate(result.candidates):
+        right = [is_correct(m.answer, problem["answer"]) for m in population]
+        winner = vote_of([m.answer for m in population],
+                         [m.candidate.finish_reason for m in population])
+        cum += sum(m.candidate.completion_tokens for m in population)
+        stats = rounds[t]
+        stats["population"] += sum(right) / len(right)
+        stats["vote"] += is_correct(winner, problem["answer"])
+        stats["tokens"] += cum
+        rec["rsa_rounds"].append({"round": t, "correct": sum(right), "of": len(right),
+                                  "vote": winner})
+    rec["rsa_answer"] = result.answer
+    rec["rsa_correct"] = is_correct(result.answer, problem["answer"])
+    return rec["rsa_correct"]
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -369,8 +269,6 @@ def plot(report: dict, path: str | Path, title: str | None = None) -> Path:
 
 # ---------------------------------------------------------------------------------------- CLI
 def register(subparsers) -> None:
-    from zaya.rsa.config import PROFILES
-
     p = subparsers.add_parser(
         "eval", help="accuracy on a problem set: single sample, majority vote, Markovian RSA",
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -404,10 +302,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import zaya
-    from zaya.rsa.backends import LocalBackend
-    from zaya.rsa.config import make_config
-
     problems = load_problems(args.data, limit=args.limit)
     rsa = None
     rsa_flags = dict(n=args.n, k=args.k, rounds=args.rounds, budget=args.budget, tail=args.tail,

@@ -7,6 +7,7 @@ on itself (``solve``, zaya.rsa). It sits above rsa: rsa drives an LLM through th
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Iterator
 
@@ -14,13 +15,20 @@ import torch
 
 from zaya import rsa
 from zaya.chat import DEFAULT_CHAT_TEMPLATE, generation_starts_in_reasoning, parse_assistant, render_chat
-from zaya.checkpoint import load_model, resolve
+from zaya.checkpoint import load_model, load_tokenizer, resolve
 from zaya.engine import Completion, Engine, PagedCache, Request, SpecStats, TokenEvent, parse_memory
-from zaya.errors import CheckpointError, ZayaError
-from zaya.sampling import SamplingParams
+from zaya.engine.cache import CACHE_FLAGS, pool_blocks
+from zaya.errors import CheckpointError, ContextLengthError, ZayaError
+from zaya.grammar import REASONING_EFFORT, make_guide, schema_of_response_format
+from zaya.rsa.fit import fit_for_model
+from zaya.sampling import SamplingParams, fit_max_new_tokens
 from zaya.tokenizer import Tokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "zaya-tiny"
+
+# generate / stream / chat keywords that constrain the output rather than sample it
+_CONSTRAINT_ARGS = ("response_format", "json_schema", "thinking_budget", "tools", "tool_choice",
+                    "parallel_tool_calls")
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
@@ -35,13 +43,17 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 
 def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: str | None = None,
-         max_context: int | None = None, cache_memory=None, prefix_caching: bool = True) -> LLM:
+         max_context: int | None = None, adapter: str | Path | None = None, cache_memory=None,
+         prefix_caching: bool = True) -> LLM:
     """Load a ZAYA checkpoint (a local directory or a hub repo id) as an `LLM`.
 
     With no ``model``, the small built-in model that ships with zaya is loaded (no download).
     ``dtype`` defaults to the checkpoint's; ``quantize`` is ``"int8"`` or ``"int4"`` (weight-only).
+    ``adapter`` (a directory or hub repo id with a LoRA adapter in PEFT's format) is applied
+    unmerged; the tokenizer and chat template come from it when it carries them (a checkpoint of
+    ``zaya train`` does), else from the base.
     ``cache_memory`` is the KV cache budget (bytes, or a size such as ``"4GiB"``; default: from
-    the free memory and the model, see docs/engine.md); ``prefix_caching=False`` turns off the
+    the free memory and the model, see docs/server.md); ``prefix_caching=False`` turns off the
     reuse of cached prompt prefixes.
     """
     if model is None:
@@ -49,10 +61,15 @@ def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: 
             raise CheckpointError(f"the built-in model is not installed at {DEFAULT_MODEL}; pass a model path")
         model = DEFAULT_MODEL
     path = resolve(model)
-    net, config, layout = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize)
-    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    extra = resolve(adapter) if adapter is not None else None
+    net, config, layout = load_model(path, dtype=parse_dtype(dtype), device=device, quantize=quantize, adapter=extra)
+    # an adapter directory's own tokenizer wins (it may add tokens); else the checkpoint's
+    tokenizer = Tokenizer.from_dir(extra) if extra is not None and (extra / "tokenizer.json").is_file() \
+        else load_tokenizer(path)
+    # the prefix cache's identity: anything that changes a token's keys and values
+    identity = f"{path}|{layout}|{quantize or config.quantization}|{extra}"
     return LLM(net, tokenizer, path=path, layout=layout, max_context=max_context, cache_memory=cache_memory,
-               prefix_caching=prefix_caching, identity=f"{path}|{layout}|{quantize or config.quantization}")
+               prefix_caching=prefix_caching, identity=identity)
 
 
 class LLM:
@@ -64,6 +81,8 @@ class LLM:
         self.config = model.config
         self.max_context = max_context or self.config.max_position_embeddings
         self.cache_memory = parse_memory(cache_memory)
+        if self.cache_memory is not None:  # a budget too small fails here, not at the first request
+            pool_blocks(self.config, self._cache_dtype(), self.cache_memory)
         self.prefix_caching = prefix_caching
         self.identity = identity if identity is not None else f"{path}|{layout}"
         self._cache: PagedCache | None = None
@@ -80,11 +99,17 @@ class LLM:
             ids = ids[None]
         mask = None if attention_mask is None else torch.as_tensor(attention_mask, dtype=torch.long)
         device = next(self.model.parameters()).device
-        return self.model(ids.to(device), attention_mask=None if mask is None else mask.to(device)).float()
+        return self.model(ids.to(device), attention_mask=None if mask is None else mask.to(device),
+                          logits_dtype=torch.float32)
 
     # -- generation -----------------------------------------------------------------------------
     def _requests(self, prompts, kwargs) -> list[Request]:
+        """One Request per prompt. An unset ``max_new_tokens`` runs up to the context's end, at most
+        ``DEFAULT_MAX_NEW_TOKENS`` (``fit_max_new_tokens``), so it can differ between prompts."""
+        kwargs = dict(kwargs)
+        constraint = {k: kwargs.pop(k) for k in _CONSTRAINT_ARGS if k in kwargs}
         params = SamplingParams.from_kwargs(**kwargs)
+        requested = kwargs.get("max_new_tokens")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -97,19 +122,53 @@ class LLM:
                 ids = self.tokenizer.encode_prompt(prompt)
             else:
                 ids = [int(t) for t in prompt]
-            out.append(Request(ids, params, i))
+            budget = self._fit(len(ids), requested)
+            guide = self.guide(ids, max_new_tokens=budget, **constraint) if constraint else None
+            out.append(Request(ids, dataclasses.replace(params, max_new_tokens=budget, constraint=guide), i))
         return out
+
+    def _fit(self, prompt_len: int, requested: int | None) -> int:
+        """``fit_max_new_tokens`` within the context and what the KV cache budget holds."""
+        limit = min(self.max_context, self.cache.sequence_limit)
+        try:
+            return fit_max_new_tokens(prompt_len, limit, requested)
+        except ContextLengthError as exc:
+            if limit < self.max_context:
+                raise ContextLengthError(f"{exc} (the KV cache budget of {self.cache.memory / 2**20:,.1f} MiB holds "
+                                         f"{limit:,} tokens; raise {CACHE_FLAGS})") from None
+            raise
 
     @property
     def cache(self) -> PagedCache:
         """The paged KV cache every engine of this LLM shares (built on first use), so a prefix
         computed by one call is reused by the next."""
         if self._cache is None:
-            param = next(self.model.parameters())
-            self._cache = PagedCache(self.config, dtype=param.dtype if param.is_floating_point() else torch.bfloat16,
-                                     device=param.device, memory=self.cache_memory, max_context=self.max_context,
-                                     identity=self.identity, prefix_caching=self.prefix_caching)
+            device = next(self.model.parameters()).device
+            self._cache = PagedCache(self.config, dtype=self._cache_dtype(), device=device, memory=self.cache_memory,
+                                     max_context=self.max_context, identity=self.identity,
+                                     prefix_caching=self.prefix_caching)
         return self._cache
+
+    def _cache_dtype(self) -> torch.dtype:
+        param = next(self.model.parameters())
+        return param.dtype if param.is_floating_point() else torch.bfloat16
+
+    def guide(self, prompt_ids, *, response_format=None, json_schema=None, thinking_budget=None, tools=None,
+              tool_choice="auto", parallel_tool_calls=True, max_new_tokens=None):
+        """The constraint (zaya.grammar) for a prompt: ``json_schema`` (or an OpenAI
+        ``response_format``) and ``tool_choice`` ("auto", "none", "required" or {"name": NAME})
+        shape the answer, after ``</think>`` when the prompt leaves a think block open;
+        ``thinking_budget`` caps the reasoning tokens, then ``</think>`` is forced."""
+        schema = json_schema if json_schema is not None else schema_of_response_format(response_format)
+        if schema is None and thinking_budget is None and tool_choice in (None, "auto"):
+            return None
+        if self.tokenizer is None:
+            raise ZayaError("constrained decoding needs a tokenizer")
+        starts = generation_starts_in_reasoning(self.tokenizer.decode(list(prompt_ids)[-16:]))
+        return make_guide(self.tokenizer, self.config.vocab_size, starts_in_reasoning=starts,
+                          thinking_budget=thinking_budget, schema=schema, tools=tools,
+                          tool_choice=tool_choice or "auto", parallel_tool_calls=parallel_tool_calls,
+                          max_new_tokens=max_new_tokens)
 
     def engine(self, **kwargs) -> Engine:
         """An engine over this LLM's shared cache (the server's scheduler owns one)."""
@@ -146,17 +205,41 @@ class LLM:
                                 enable_thinking=enable_thinking, **kwargs)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def chat(self, messages, *, enable_thinking=None, tools=None, **sampling):
+    def chat(self, messages, *, enable_thinking=None, tools=None, tool_choice="auto", reasoning_effort=None,
+             **sampling):
+        """One assistant turn, parsed (reasoning, content, tool calls). Besides the sampling
+        keywords: ``response_format`` / ``json_schema``, ``tool_choice``, ``parallel_tool_calls``,
+        ``thinking_budget``, and ``reasoning_effort`` ("none" turns thinking off; "minimal" / "low"
+        / "medium" / "high" set the thinking budget of ``zaya.grammar.REASONING_EFFORT``)."""
         if self.tokenizer is None:
             raise ZayaError("chat needs a tokenizer")
+        if reasoning_effort == "none":
+            enable_thinking = False
+        elif reasoning_effort is not None:
+            if reasoning_effort not in REASONING_EFFORT:
+                raise ZayaError(f"reasoning_effort must be none or one of {', '.join(REASONING_EFFORT)}")
+            sampling.setdefault("thinking_budget", REASONING_EFFORT[reasoning_effort])
         text = self.render_chat(messages, tools=tools, enable_thinking=enable_thinking)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
-        completion = self.generate([ids], **sampling)[0]
-        result = parse_assistant(completion.text, generation_starts_in_reasoning(text), tools=tools)
+        completion = self.generate([ids], tools=tools, tool_choice=tool_choice, **sampling)[0]
+        parse = tools if tool_choice != "none" else None
+        result = parse_assistant(completion.text, generation_starts_in_reasoning(text), tools=parse)
         result.completion = completion
         return result
 
     # -- test-time compute ----------------------------------------------------------------------
     def solve(self, problem, profile: str | None = None, **overrides):
-        """Markovian RSA on this model (see zaya.rsa for the profiles and parameters)."""
-        return rsa.solve(rsa.LocalBackend(self), problem, profile=profile, **overrides)
+        """Markovian RSA on this model (see zaya.rsa for the profiles and parameters).
+
+        The profile's budget and tail shrink to fit this model's context; a ``budget`` or ``tail``
+        given here that cannot fit is an error (``zaya.rsa.fit``). A profile given as an
+        ``RSAConfig`` counts as given in full.
+        """
+        fields = {f.name for f in dataclasses.fields(rsa.RSAConfig)}
+        settings = {k: v for k, v in overrides.items() if k in fields}
+        explicit = {k for k, v in settings.items() if v is not None}
+        if isinstance(profile, rsa.RSAConfig):
+            explicit |= {"budget", "tail"}
+        cfg = fit_for_model(self, problem, rsa.make_config(profile, **settings), overrides.get("template"), explicit)
+        rest = {k: v for k, v in overrides.items() if k not in fields}
+        return rsa.solve(rsa.LocalBackend(self), problem, profile=cfg, **rest)

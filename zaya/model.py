@@ -37,6 +37,9 @@ from torch import nn
 from zaya.config import ZayaConfig
 from zaya.context import ForwardContext
 
+# the head's output (in the weight dtype) a chunk of rows may take before it is cast into the
+# logits (``ZayaForCausalLM.head``)
+LOGITS_CHUNK_BYTES = 128 << 20
 
 # ----------------------------------------------------------------------------------- building blocks
 class ZayaRMSNorm(nn.Module):
@@ -154,11 +157,14 @@ class ZayaCCAProjection(nn.Module):
         version at inference (a decode step would otherwise convert them for every token)."""
         w0, w1 = self.conv_qk_depthwise, self.conv_qk_grouped
         params = (w0.weight, w0.bias, w1.weight, w1.bias)
+        G, C, t1 = w1.groups, w1.weight.shape[0], w1.kernel_size[0]
+        if torch.compiler.is_compiling():  # a compiled graph folds the conversions into constants
+            return (w0.weight.float()[:, 0, None, :], w0.bias.float()[:, None],
+                    w1.weight.float().view(G, C // G, C // G * t1), w1.bias.float())
         key = tuple((id(p), p._version) for p in params)
         cached = getattr(self, "_conv_f32", None)
         if cached is not None and cached[0] == key and not torch.is_grad_enabled():
             return cached[1]
-        G, C, t1 = w1.groups, w1.weight.shape[0], w1.kernel_size[0]
         out = (w0.weight.float()[:, 0, None, :], w0.bias.float()[:, None],
                w1.weight.float().view(G, C // G, C // G * t1), w1.bias.float())
         if not torch.is_grad_enabled():
@@ -394,8 +400,9 @@ class ZayaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, cache=None,
-                last_only: bool = False, expert_counts: bool = False):
-        """Logits (B, S, V) in the weight dtype; (B, 1, V) with ``last_only``.
+                last_only: bool = False, expert_counts: bool = False, logits_dtype: torch.dtype | None = None):
+        """Logits (B, S, V) in the weight dtype, or in ``logits_dtype`` (see ``head``); (B, 1, V)
+        with ``last_only``.
 
         With ``expert_counts`` also returns a (num_layers, num_experts + 1) tensor of how many
         (non-pad) tokens each class received, which the balancing controller consumes.
@@ -403,13 +410,33 @@ class ZayaForCausalLM(nn.Module):
         h, counts = self.model(input_ids, attention_mask, cache, expert_counts)
         if last_only:
             h = h[:, -1:]
-        logits = self.lm_head(h)
+        logits = self.head(h, logits_dtype)
         return (logits, counts) if expert_counts else logits
 
+    def head(self, h: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``lm_head`` over h (B, S, H). With a ``dtype`` (fp32 logits for scoring), rows go through
+        the head a chunk at a time and each chunk is cast into one preallocated (B, S, V) result, so
+        a long sequence over a large vocabulary never holds its logits twice (in the weight dtype
+        and upcast); the numbers are those of casting the whole result."""
+        if dtype is None:
+            return self.lm_head(h)
+        B, S, H = h.shape
+        V = self.config.vocab_size
+        out = h.new_empty((B, S, V), dtype=dtype)
+        rows, flat = h.reshape(B * S, H), out.view(B * S, V)
+        step = max(1, LOGITS_CHUNK_BYTES // (V * h.element_size()))
+        for i in range(0, B * S, step):
+            flat[i:i + step] = self.lm_head(rows[i:i + step])
+        return out
+
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Initialise for training from scratch (std = initializer_range; scales 1, biases 0)."""
+    def init_weights(self, seed: int | None = None, assign=None) -> None:
+        """Initialise for training from scratch (std = initializer_range; scales 1, biases 0).
+
+        Random values are drawn whole, in name order, so they depend only on the seed;
+        ``assign(param, value)`` stores one (a sharded trainer copies only its own rows)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        assign = assign or (lambda p, v: p.copy_(v))
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
@@ -421,9 +448,9 @@ class ZayaForCausalLM(nn.Module):
                 p.zero_()
             elif "conv_qk" in name:
                 bound = 1 / math.sqrt(p.shape[1] * p.shape[2]) if p.dim() == 3 else 0.0
-                p.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=gen) if bound else torch.zeros(p.shape))
+                assign(p, torch.empty(p.shape).uniform_(-bound, bound, generator=gen) if bound else torch.zeros(p.shape))
             else:
-                p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
+                assign(p, torch.empty(p.shape).normal_(0.0, std, generator=gen))
         for layer in self.model.layers:
             layer.mlp.gate.balancing_biases.zero_()
             layer.mlp.gate.balancing_biases[-1] = -1.0

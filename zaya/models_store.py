@@ -2,7 +2,8 @@
 
 Models live in huggingface_hub's cache, shared with every other tool that uses the hub:
 ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``. A pull fetches
-only what zaya loads (config, safetensors, tokenizer and template files); the hub shows progress
+only what zaya loads (config, safetensors, tokenizer and template files; for a repo of GGUF files,
+the one ``--quant`` names); the hub shows progress
 bars and resumes interrupted downloads from their ``.incomplete`` files, so running the same
 ``zaya pull`` again continues where it stopped.
 """
@@ -10,6 +11,7 @@ bars and resumes interrupted downloads from their ``.incomplete`` files, so runn
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -64,6 +66,8 @@ def _current_revision(repo):
 
 
 def _describe(path: Path) -> tuple[str, str | None]:
+    if not (path / "config.json").exists() and any(path.glob("*.gguf")):
+        return "gguf", "zaya"
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -101,12 +105,48 @@ def find_local(name: str, cache: Path | None = None) -> str | None:
     return str(exact[0].path) if exact else None
 
 
-def pull(repo_id: str, revision: str | None = None, cache: Path | None = None) -> Path:
+def pick_gguf(files: dict[str, int | None], quant: str | None, repo_id: str) -> list[str]:
+    """The GGUF file(s) of a repo (name -> bytes) that ``quant`` (e.g. Q4_K_M) names: one file or
+    the parts of a split one. Without ``quant`` a repo must hold a single GGUF."""
+    ggufs = sorted(n for n in files if n.endswith(".gguf"))
+    listing = ", ".join(f"{n} ({human_size(files[n]) if files[n] else '?'})" for n in ggufs)
+    if quant is None:
+        if len(ggufs) > 1:
+            raise ZayaError(f"{repo_id} holds several GGUF files: {listing}; pick one with --quant (e.g. --quant "
+                            f"{_quant_of(ggufs[0]) or 'Q4_K_M'})")
+        return ggufs
+    word = re.compile(rf"(?<![A-Za-z0-9]){re.escape(quant)}(?![A-Za-z0-9])", re.IGNORECASE)
+    picked = [n for n in ggufs if word.search(Path(n).name)]
+    if not picked:
+        raise ZayaError(f"{repo_id} has no GGUF file for {quant!r}; it holds: {listing or 'no GGUF files'}")
+    return picked
+
+
+def _quant_of(name: str) -> str | None:
+    m = re.search(r"(?<![A-Za-z0-9])(I?Q\d_[A-Z0-9_]+?|F16|BF16|F32)(?=[.-])", Path(name).name, re.IGNORECASE)
+    return m.group(1) if m else None
+
+
+def _repo_files(repo_id: str, revision: str | None) -> dict[str, int | None]:
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    return {s.rfilename: s.size for s in info.siblings or []}
+
+
+def pull(repo_id: str, revision: str | None = None, cache: Path | None = None, quant: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
+        patterns = DOWNLOAD_PATTERNS
+        files = _repo_files(repo_id, revision) if quant else None
+        if files is not None:
+            picked = pick_gguf(files, quant, repo_id)
+            total = sum(files[n] or 0 for n in picked)
+            print(f"{repo_id}: {', '.join(picked)} ({human_size(total)})", file=sys.stderr)
+            patterns = picked + [p for p in DOWNLOAD_PATTERNS if p != "*.safetensors"]
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
                                  cache_dir=str(cache) if cache else None)
     except LocalEntryNotFoundError as exc:
         raise ZayaError(f"cannot download {repo_id}: the hub is unreachable (offline?)") from exc
@@ -138,7 +178,7 @@ def human_size(n: int) -> str:
 
 # ------------------------------------------------------------------------------------ commands
 def cmd_pull(args) -> int:
-    path = pull(args.repo, args.revision)
+    path = pull(args.repo, args.revision, quant=args.quant)
     layout, _ = _describe(path)
     print(f"{args.repo}: {path} ({layout} layout)")
     return 0
@@ -187,6 +227,8 @@ def register(sub) -> None:
                                    "huggingface_hub cache. Interrupted downloads resume.")
     p.add_argument("repo", help="hub repo id, e.g. Zyphra/ZAYA1-8B")
     p.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
+    p.add_argument("--quant", default=None, help="for a repo of GGUF files: the one to fetch, e.g. Q4_K_M "
+                                                 "(the sizes are shown first)")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("list", help="local models with size and layout")

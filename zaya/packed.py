@@ -2,11 +2,16 @@
 
 PyTorch runs a bf16 ``F.linear`` on CPU through oneDNN, and oneDNN first reorders the weight into
 its blocked layout, on every call. At decode (one row per sequence) that reorder reads and writes
-the whole matrix again, so a bf16 GEMV moves about three times the bytes it needs to. oneDNN can
-keep the weight in its own layout instead: ``torch.ops.mkldnn._reorder_linear_weight`` packs it
-once and ``torch.ops.mkldnn._linear_pointwise`` multiplies by the packed copy (the pair PyTorch's
-own compiler uses when it freezes a CPU model). The results are bit-identical to ``F.linear``;
-the time of a decode step's matmuls drops by about half (``benchmarks/compare_transformers.py``).
+the whole matrix again, so a bf16 GEMV moves about three times the bytes it needs to. zaya keeps
+every bf16 matrix in a layout made for its kernels once, at load:
+
+* the ``zaya.kernels`` layout (``Matmul``), when the compiled kernels are available: one copy
+  serves decode (the matvec kernels read it at close to the memory bandwidth) and prefill (the
+  same loops reuse each block of the weight for many rows), and the experts of a layer are one
+  stack multiplied with a per-row expert index, whatever the batch;
+* otherwise oneDNN's own blocked layout (``torch.ops.mkldnn._reorder_linear_weight`` once, then
+  ``_linear_pointwise``; the pair PyTorch's compiler uses when it freezes a CPU model), with
+  results bit-identical to ``F.linear``.
 
 ``swap_modules`` gives the float linears, CCA projections and experts of a bf16 CPU model their
 packed classes (``PackedLinear``, ``PackedCCAProjection`` with q, k and both value halves in one
@@ -30,21 +35,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zaya import kernels
 from zaya.model import ZayaCCAProjection, ZayaExperts, replace_modules
 
 _OPS = hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 QKV_NAMES = ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed")
 
-# A matrix larger than this (a 262k-token LM head is 1 GB) is packed in row blocks: loading then
-# holds one block beyond the packed copies, and the blocks' products are concatenated.
+# A matrix larger than this (a 262k-token LM head is 1 GB) is read and packed in row blocks, so
+# loading holds one block beyond the packed copies.
 PACK_BLOCK_BYTES = 64 << 20
 
 
 def available(dtype: torch.dtype, device) -> bool:
-    """Whether packing applies: bf16 weights on the CPU with oneDNN, and not switched off."""
-    return (_OPS and dtype == torch.bfloat16 and torch.device(device or "cpu").type == "cpu"
-            and torch.backends.mkldnn.is_available() and os.environ.get("ZAYA_CPU_PACKED", "1") != "0")
+    """Whether packing applies: bf16 weights on the CPU (zaya's kernels, or oneDNN), and not
+    switched off."""
+    cpu = dtype == torch.bfloat16 and torch.device(device or "cpu").type == "cpu"
+    return cpu and os.environ.get("ZAYA_CPU_PACKED", "1") != "0" and (
+        kernels.available() or (_OPS and torch.backends.mkldnn.is_available()))
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -73,34 +81,54 @@ def _read(reader, name: str, param: torch.Tensor, index: int | slice | None = No
     """The module's weight ``name`` (``[index]`` of it) from the reader's fresh memory, else the parameter."""
     t = reader.tensor(name, index) if reader is not None else None
     if t is None:
-        return param if index is None else param[index]
+        return param.detach() if index is None else param.detach()[index]
     return t.to(torch.bfloat16)
+
+
+class OneDNNMatrix:
+    """The fallback when zaya's kernels are unavailable: oneDNN-packed row blocks (bit-identical to
+    ``F.linear``)."""
+
+    def __init__(self, read, n: int, k: int, bias: torch.Tensor | None):
+        rows = max(16, PACK_BLOCK_BYTES // (2 * k) // 16 * 16)
+        blocks = [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+        bias = None if bias is None else bias.detach()
+        self.blocks = [(pack(read(b if len(blocks) > 1 else None)), None if bias is None else bias[b])
+                       for b in blocks]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.blocks) == 1:
+            return matmul(x, *self.blocks[0])
+        return torch.cat([matmul(x, w, b) for w, b in self.blocks], dim=-1)
+
+
+def pack_matrix(read, n: int, k: int, bias: torch.Tensor | None = None):
+    """A bf16 (n, k) matrix, read a row block at a time by ``read(rows)`` (``rows`` a slice, or
+    None for the whole), in the layout of the kernels that will multiply by it: a ``kernels.Matmul``
+    when the compiled kernels are available, else oneDNN row blocks. Either is called as ``m(x)``."""
+    if not kernels.available():
+        return OneDNNMatrix(read, n, k, bias)
+    rows = max(16, PACK_BLOCK_BYTES // (2 * k) // 16 * 16)
+    return kernels.Matmul(kernels.pack_in_blocks(lambda r: kernels.pack_bf16(read(r)), n, rows), bias)
 
 
 # ------------------------------------------------------------------------------------ modules
 class PackedLinear(nn.Linear):
-    """An ``nn.Linear`` (same parameters, same state_dict) that multiplies by packed row blocks."""
+    """An ``nn.Linear`` (same parameters, same state_dict) that multiplies by a packed copy."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.packed: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None  # (block, its bias rows)
+        self.packed = None  # kernels.Matmul or OneDNNMatrix
 
     @torch.no_grad()
     def prepare(self, dtype=None, reader=None) -> None:
-        if not _packable(self.weight):
-            return
-        N, K = self.weight.shape
-        rows = max(16, PACK_BLOCK_BYTES // (2 * K) // 16 * 16)
-        blocks = [slice(i, min(i + rows, N)) for i in range(0, N, rows)]
-        self.packed = [(pack(_read(reader, "weight", self.weight, b if len(blocks) > 1 else None)),
-                        None if self.bias is None else self.bias.detach()[b])
-                       for b in blocks]
+        if _packable(self.weight):
+            self.packed = pack_matrix(lambda rows: _read(reader, "weight", self.weight, rows), self.out_features,
+                                      self.in_features, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and usable(x, self.weight):
-            if len(self.packed) == 1:
-                return matmul(x, *self.packed[0])
-            return torch.cat([matmul(x, w, b) for w, b in self.packed], dim=-1)
+            return self.packed(x)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -109,7 +137,7 @@ class PackedCCAProjection(ZayaCCAProjection):
 
     def __init__(self, config):
         super().__init__(config)
-        self.packed_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.packed_qkv = None
 
     @torch.no_grad()
     def prepare(self, dtype=None, reader=None) -> None:
@@ -118,32 +146,45 @@ class PackedCCAProjection(ZayaCCAProjection):
             return
         weight = torch.cat([_read(reader, f"{n}.weight", p.weight) for n, p in zip(QKV_NAMES, parts)])
         bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
-        self.packed_qkv = (pack(weight), bias)
+        self.packed_qkv = pack_matrix(lambda rows: weight if rows is None else weight[rows], *weight.shape, bias)
 
     def project(self, x: torch.Tensor):
         if self.packed_qkv is None or not usable(x, self.q_proj.weight):
             return super().project(x)
-        qkv = matmul(x, *self.packed_qkv)  # [q | k | v current | v delayed]
+        qkv = self.packed_qkv(x)  # [q | k | v current | v delayed]
         n = self.q_proj.out_features + self.k_proj.out_features
         v_cur, v_del = qkv[..., n:].chunk(2, dim=-1)
         return qkv[..., :n], v_cur, v_del
 
 
 class PackedExperts(ZayaExperts):
-    """Stacked experts with a packed (gate_up, down) pair per expert, read one expert at a time so
-    loading never holds more than one expert's matrix beyond the packed copies."""
+    """Stacked experts, read one expert at a time so loading never holds more than one expert's
+    matrix beyond the packed copies. With zaya's kernels both stacks are one ``Matmul`` each and
+    every row picks its expert inside the kernel (no host synchronisation, each chosen expert's
+    weights read once per call); with oneDNN, a packed (gate_up, down) pair per expert."""
 
     def __init__(self, config):
         super().__init__(config)
-        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.packed = None                      # oneDNN: [(gate_up, down)] per expert
+        self.stacks = None                      # zaya kernels: (gate_up, down) Matmuls over all experts
 
     @torch.no_grad()
     def prepare(self, dtype=None, reader=None) -> None:
         if not _packable(self.gate_up_proj):
             return
+        if kernels.available():
+            self.stacks = tuple(kernels.Matmul(kernels.stack_experts(
+                lambda e, n=name, p=param: kernels.pack_bf16(_read(reader, n, p, e)), self.num_experts))
+                for name, param in (("gate_up_proj", self.gate_up_proj), ("down_proj", self.down_proj)))
+            return
         self.packed = [(pack(_read(reader, "gate_up_proj", self.gate_up_proj, e)),
                         pack(_read(reader, "down_proj", self.down_proj, e)))
                        for e in range(self.num_experts)]
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.stacks is None or not usable(x, self.gate_up_proj):
+            return super().forward(x, index, weight)
+        return kernels.swiglu_experts(*self.stacks, x, index, weight, self.num_experts)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None or not usable(x, self.gate_up_proj):
@@ -179,7 +220,7 @@ def swap_modules(model: nn.Module) -> nn.Module:
     config = getattr(model, "config", None)
 
     def make(name: str, m: nn.Module):
-        if type(m) is ZayaCCAProjection and type(m.q_proj) is nn.Linear:
+        if type(m) is ZayaCCAProjection and all(type(getattr(m, n)) is nn.Linear for n in QKV_NAMES):
             return _rebuilt(lambda: PackedCCAProjection(config), m)
         if type(m) is ZayaExperts:
             return _rebuilt(lambda: PackedExperts(config), m)

@@ -12,10 +12,12 @@ balancing biases. They are a fraction of a percent of the bytes.
 On disk (``zaya quantize``) every quantized tensor ``X`` becomes ``X.qweight`` (int8, or uint8
 holding two int4 values per byte, the even column in the low nibble), ``X.scales`` and for int4
 ``X.zeros`` (both ``(..., N, K / group_size)``). That layout is portable; at load time int4
-weights are repacked in row blocks into the CPU kernel's own layout (which depends on the CPU's
-vector width, so it is never written to disk). On CPU the matmuls run on
-``torch.ops.aten._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``; elsewhere the weight
-is dequantized on the fly (correct everywhere, fast only where a fused kernel exists).
+weights are repacked in row blocks into a kernel's own layout (which depends on the CPU's vector
+width, so it is never written to disk). On CPU the matmuls run on zaya's kernels
+(``zaya.kernels.Matmul``: one layout for decode and prefill, experts chosen per row inside the
+kernel, exact activations by default, ``ZAYA_ACT_INT8=1`` for llama.cpp-style int8 ones); where
+those cannot be built, on ``torch.ops.aten._weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``; elsewhere the
+weight is dequantized on the fly (correct everywhere, fast only where a fused kernel exists).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zaya import kernels
 from zaya.errors import ConfigError
+from zaya.kernels import convert
 from zaya.model import ZayaExperts, replace_modules
 
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the CPU kernel accepts
@@ -147,18 +151,40 @@ def _pack_int4_cpu(qweight) -> torch.Tensor:
     return out
 
 
+def uses_kernels(device) -> bool:
+    """Whether quantized weights on ``device`` are multiplied by zaya's kernels (else PyTorch's)."""
+    return torch.device(device).type == "cpu" and kernels.available()
+
+
+def kernel_weight(source, scales, zeros, *, experts: bool = False) -> kernels.KernelWeight:
+    """zaya's int8 / int4 tensors (``source``: the qweight tensor or its ``FileRows``, read a row
+    block or an expert at a time) in the kernels' layout."""
+    def one(q, s, z):
+        if z is None:
+            return kernels.pack_in_blocks(lambda r: convert.from_zaya_int8(q[r], s[r]), s.shape[0])
+        return kernels.pack_in_blocks(lambda r: convert.from_zaya_int4(q[r], s[r], z[r]), s.shape[0])
+
+    if not experts:
+        return one(source, scales, zeros)
+    return kernels.stack_experts(lambda e: one(source[e], scales[e], None if zeros is None else zeros[e]),
+                                 scales.shape[0])
+
+
 class QuantWeight:
     """One quantized matrix (N, K) and the fastest way to multiply by it on its device."""
 
     def __init__(self, qweight, scales, zeros, dtype, source=None):
         """``source``: the same bytes as ``qweight`` in fresh memory or as a ``FileRows`` (to pack
         without paging in an mmap)."""
+        self.kernel = None
+        self.N, self.K = qweight.shape[0], qweight.shape[1] * (2 if zeros is not None else 1)
+        if uses_kernels(qweight.device):
+            self.kernel = kernels.Matmul(kernel_weight(qweight if source is None else source, scales, zeros))
+            return
         if qweight.device.type == "cpu" and qweight.data_ptr() % 64 and zeros is None:
             qweight = qweight.clone()  # the packed kernels use aligned vector loads; safetensors aligns to 8
         self.qweight, self.zeros, self.dtype = qweight, zeros, dtype
         self.scales = scales
-        self.N = qweight.shape[0]
-        self.K = qweight.shape[1] * (2 if zeros is not None else 1)
         self.packed = self.scale_zeros = None
         cpu = qweight.device.type == "cpu"
         if zeros is None:
@@ -176,6 +202,8 @@ class QuantWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype."""
+        if self.kernel is not None:
+            return self.kernel(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.K)
         if x2.dtype != self.dtype:
@@ -273,18 +301,33 @@ class QuantExperts(ZayaExperts):
         self.gate_up_proj = _ExpertStack(E, 2 * I, H, spec)
         self.down_proj = _ExpertStack(E, H, I, spec)
 
+    def forward(self, x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj.kernel is None:
+            return super().forward(x, index, weight)
+        return kernels.swiglu_experts(self.gate_up_proj.kernel, self.down_proj.kernel, x, index, weight,
+                                      self.num_experts)
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.w[e].matmul(x).chunk(2, dim=-1)
         return self.down_proj.w[e].matmul(F.silu(gate) * up)
 
 
 class _ExpertStack(_QuantBuffers):
+    """One stacked weight of the experts: a kernel over all of them (zaya's kernels choose the
+    expert per row), or a ``QuantWeight`` per expert."""
+
     def __init__(self, E: int, N: int, K: int, spec: QuantSpec):
         super().__init__()
         self._init_buffers(*_shapes(N, K, spec, (E,)), spec)
         self.w: list[QuantWeight] = []
+        self.kernel: kernels.Matmul | None = None
 
     def prepare(self, dtype: torch.dtype, reader=None) -> None:
+        if uses_kernels(self.qweight.device):
+            rows = _rows(reader, self)
+            self.kernel = kernels.Matmul(kernel_weight(self.qweight if rows is None else rows, self.scales,
+                                                       self.zeros, experts=True))
+            return
         E = self.qweight.shape[0]
         z = self.zeros if self.zeros is not None else [None] * E
         rows = _rows(reader, self)
@@ -293,9 +336,9 @@ class _ExpertStack(_QuantBuffers):
 
 
 def _rows(reader, module: _QuantBuffers):
-    """int4 weights are repacked from the checkpoint file's rows when the reader has them, so
-    their mmap'd portable copy is never paged in (int8 weights are used as they are)."""
-    if reader is None or module.zeros is None:
+    """Weights are repacked from the checkpoint file's rows when the reader has them, so their
+    mmap'd portable copy is never paged in (PyTorch's int8 kernel uses int8 weights as they are)."""
+    if reader is None or (module.zeros is None and not uses_kernels(module.qweight.device)):
         return None
     return reader.rows("qweight")
 

@@ -8,19 +8,66 @@ seed reproduces a request whatever else is in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import torch
 
-from zaya.errors import ZayaError
+from zaya.errors import ContextLengthError, ZayaError
 
 MAX_STOP_STRINGS = 16
 MAX_N = 64
 MAX_DRAFT = 16  # the longest speculative draft a request may ask for
+DEFAULT_MAX_NEW_TOKENS = 256  # the Python API's and `zaya generate`'s cap when max_new_tokens is unset
+
+
+def fit_max_new_tokens(prompt_len: int, max_context: int, requested: int | None = None, *,
+                       default: int = DEFAULT_MAX_NEW_TOKENS, name: str = "max_new_tokens") -> int:
+    """How many new tokens a request may generate: the one rule every entry point applies.
+
+    Unset (``requested`` None): up to the context's end, at most ``default``. Set: that many, or a
+    ``ContextLengthError`` that says how many tokens are left. A prompt that fills the context
+    leaves no room at all, which is an error either way. ``name`` is what the caller calls the
+    setting (``max_tokens`` on the server, ``--max-new-tokens`` on the command line).
+    """
+    left = max_context - prompt_len
+    if left < 1:
+        raise ContextLengthError(f"the prompt ({prompt_len} tokens) fills the context of {max_context} tokens: "
+                                 f"no room for new tokens")
+    if requested is None:
+        return min(default, left)
+    if isinstance(requested, int) and requested > left:
+        raise ContextLengthError(f"{name} ({requested}) does not fit: the prompt takes {prompt_len} of the "
+                                 f"context's {max_context} tokens, so {left} are left")
+    return requested
+
+
+class Constraint(Protocol):
+    """A per-sequence hook on the sampling step: constrained decoding, a thinking budget.
+
+    The engine calls it in one place, around `sample`: ``restrict(logits)`` returns the row's
+    logits with every token the constraint forbids at -inf (all but one when it forces a token),
+    and ``accept(token)`` hands it the token that was sampled, so it can advance its state.
+    ``accepts(tokens)`` says how
+    many of a run of proposed tokens (drafted ones, for speculative decoding) it would take in
+    order, without advancing.
+    """
+
+    def restrict(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def accept(self, token: int) -> None: ...
+
+    def accepts(self, tokens: list[int]) -> int: ...
+
+
+class ConstraintSpec(Protocol):
+    """What a request carries: ``start()`` makes the `Constraint` of one of its sequences."""
+
+    def start(self) -> Constraint: ...
 
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -37,6 +84,7 @@ class SamplingParams:
     top_logprobs: int = 0
     speculative: bool | int | None = None   # prompt-lookup drafts: None engine default, False off,
                                             # True on, an int: drafts of at most that many tokens (0: off)
+    constraint: ConstraintSpec | None = None  # structured output / thinking budget (zaya.grammar)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":

@@ -56,8 +56,8 @@ class SafetensorsCheckpoint:
         want = torch.int8 if bits == 8 else torch.uint8
         if t.dtype != want:
             raise CheckpointError(f"tensor {name} has dtype {t.dtype}, expected {want} (int{bits})")
-        if bits == 8 and device.type == "cpu":
-            t = read_aligned(self.files.where[name], name)  # used as-is by the kernel: aligned, not mmap'd
+        if bits == 8 and device.type == "cpu" and not quant.uses_kernels(device):
+            t = read_aligned(self.files.where[name], name)  # used as-is by PyTorch's kernel: aligned, not mmap'd
         return t.to(device=device)
 
     def quantize(self, name: str, load: Callable[[], torch.Tensor], spec: quant.QuantSpec,

@@ -28,7 +28,7 @@ from zaya.quant import QuantSpec, quantize_tensor
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _PLAIN_DTYPES = {"I8": torch.int8, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16,
-                 "F32": torch.float32}
+                 "F32": torch.float32, "F8_E4M3": torch.float8_e4m3fn}
 
 
 class SafetensorsFiles:
@@ -78,6 +78,10 @@ class SafetensorsFiles:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self.where[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype, read from the header (None: one plain reads do not handle)."""
+        return _PLAIN_DTYPES.get(self._open(self.where[name]).get_slice(name).get_dtype())
 
     def get(self, name: str) -> torch.Tensor:
         file = self.where[name]

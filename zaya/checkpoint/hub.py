@@ -12,16 +12,30 @@ DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
 
 def resolve(model: str | os.PathLike) -> Path:
-    """A local directory, or a hub repo id fetched (with a progress bar) into the local cache."""
+    """A local directory, a ``.gguf`` file, or a hub repo id fetched (with a progress bar) into the
+    local cache. A directory without config.json that holds exactly one ``.gguf`` file means that file."""
     path = Path(model).expanduser()
     if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the directory that holds config.json and *.safetensors")
+        return path if (path / "config.json").is_file() else _single_gguf(path)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return path
+        raise CheckpointError(f"{path} is a file; pass a .gguf file or the directory that holds config.json and "
+                              "*.safetensors")
     name = str(model)
     if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
         raise CheckpointError(f"no model directory at {path} (and {name!r} is not a hub repo id like 'Zyphra/ZAYA1-8B')")
-    return download(name)
+    path = download(name)
+    return path if (path / "config.json").is_file() else _single_gguf(path)  # a repo of GGUF files, pulled
+
+
+def _single_gguf(path: Path) -> Path:
+    files = sorted(path.glob("*.gguf"))
+    if len(files) == 1:
+        return files[0]
+    if files:
+        raise CheckpointError(f"{path} holds several GGUF files ({', '.join(f.name for f in files)}); pass one of them")
+    return path  # the loader says what is missing
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:

@@ -3,14 +3,20 @@
     open (config, tensor index) -> build on meta -> choose module classes -> assign weights
     -> prepare kernels
 
+A LoRA adapter (``adapter=DIR``, PEFT's format) is checked against the model right after it is
+built, its modules go in before the device's module classes are chosen (so adapted projections
+and experts are neither packed nor quantized), and its tensors are assigned after the base's:
+the adapter is served unmerged, the base weights stay as the file has them.
+
 Loading is strict and lazy: tensors are memory-mapped (never unpickled), every expected tensor
 must be present exactly once with the right shape, and anything unexpected is an error that
 names the tensor and the file it came from.
 
-What the pipeline reads from a format (``SafetensorsCheckpoint`` today; a GGUF or a
-compressed-tensors reader would be another class with the same members): ``path``, ``config``,
+What the pipeline reads from a format (``SafetensorsCheckpoint``, ``CompressedTensorsCheckpoint``,
+``GGUFCheckpoint``): ``path``, ``config``,
 ``layout``, ``tensors`` (native name -> loader), ``origin(name)``, ``shape(name)``, ``stored`` (None
-or the quantization its stored tensors carry: ``bits``, ``to_config()``), ``swap_modules(model)`` (the
+or the quantization its stored tensors carry: ``bits``, ``to_config()``, ``str()``), optionally
+``source_name(name)`` (the name a tensor has in the file, for messages), ``swap_modules(model)`` (the
 classes the stored tensors need), ``stored_quantized(name, t, device)``, ``quantize(name, load,
 spec, dtype)`` and ``reader()`` (plain reads for the kernels' own copies). Which module classes
 serve the device (prepacked bf16, a CPU decode-attention kernel) is chosen here, from the dtype
@@ -25,8 +31,11 @@ from pathlib import Path
 
 import torch
 
-from zaya import cpu_attention, packed, quant
+from zaya import cpu_attention, lora, packed, quant
+from zaya.checkpoint.adapters import adapter_values
+from zaya.checkpoint import compressed
 from zaya.checkpoint.directory import SafetensorsCheckpoint
+from zaya.checkpoint.gguf import GGUFCheckpoint
 from zaya.checkpoint.files import release_free_heap
 from zaya.config import ZayaConfig
 from zaya.errors import CheckpointError
@@ -35,25 +44,40 @@ from zaya.model import ZayaForCausalLM
 FLOAT32_TENSORS = ("balancing_biases",)  # selection arithmetic is fp32 in the reference
 
 
-def open_checkpoint(path: Path) -> SafetensorsCheckpoint:
-    """The format reader for ``path`` (a directory with config.json and safetensors)."""
+def open_checkpoint(path: Path):
+    """The format reader for ``path``: a ``.gguf`` file, or a directory with config.json and
+    safetensors (compressed-tensors when config.json's ``quantization_config`` says so)."""
+    path = Path(path)
+    if path.is_file():
+        return GGUFCheckpoint(path)  # GGUFCheckpoint says so when the file is no GGUF
+    if compressed.is_compressed_tensors(path):
+        return compressed.CompressedTensorsCheckpoint(path)
     return SafetensorsCheckpoint(path)
 
 
-def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None
-               ) -> tuple[ZayaForCausalLM, ZayaConfig, str]:
+def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, quantize: str | None = None,
+               adapter: Path | None = None) -> tuple[ZayaForCausalLM, ZayaConfig, str]:
     """Build the model on the meta device and assign the checkpoint's tensors to it, strictly.
 
     A checkpoint written by ``zaya quantize`` (a ``quantization`` section in config.json) loads
-    its quantized tensors directly; ``quantize`` quantizes a float checkpoint while loading."""
+    its quantized tensors directly; ``quantize`` quantizes a float checkpoint while loading;
+    ``adapter`` applies a LoRA adapter unmerged."""
     ckpt = open_checkpoint(path)
     spec = quantize_at_load(ckpt, quantize)
     dtype = dtype or getattr(torch, ckpt.config.dtype)
     device = torch.device(device or "cpu")
     model = build(ckpt)
     expected = expected_tensors(ckpt, model)
+    if adapter is not None and (spec or ckpt.stored):
+        raise CheckpointError(f"a LoRA adapter is applied to float weights; {ckpt.path} would be quantized. Merge it "
+                              "first (zaya export --merge-lora), then quantize the merged checkpoint")
+    adapters = adapter_values(adapter, model) if adapter is not None else None
+    if adapters is not None:
+        lora.apply_lora(model, adapters[0])
     choose_modules(model, spec, dtype, device)
     assign_weights(model, read_weights(ckpt, expected, spec, dtype, device))
+    if adapters is not None:
+        lora.assign_adapters(model, adapters[1])
     prepare_kernels(model, dtype, ckpt.reader())
     quantization = ckpt.stored or spec
     if quantization is not None:
@@ -67,7 +91,8 @@ def quantize_at_load(ckpt, quantize) -> quant.QuantSpec | None:
     wanted = quant.QuantSpec.parse(quantize)
     stored = ckpt.stored
     if stored is not None and wanted is not None and stored.bits != wanted.bits:
-        raise CheckpointError(f"{ckpt.path} is already quantized to int{stored.bits}; it cannot be loaded as "
+        label = f"int{stored.bits}" if stored.bits else str(stored)
+        raise CheckpointError(f"{ckpt.path} is already quantized ({label}); it cannot be loaded as "
                               f"int{wanted.bits} (quantize the float checkpoint instead)")
     return None if stored is not None else wanted
 
@@ -85,9 +110,11 @@ def expected_tensors(ckpt, model) -> dict[str, tuple[int, ...]]:
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if ckpt.config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    source = getattr(ckpt, "source_name", lambda n: n)
     unexpected = sorted(set(ckpt.tensors) - set(expected))
     if unexpected:
         n, where = unexpected[0], ckpt.origin(unexpected[0])
+        n = source(n)
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         hint = " (config says tie_word_embeddings=true)" if n == "lm_head.weight" else ""
         raise CheckpointError(f"unexpected tensor {n}{' in ' + where.name if where else ''}{hint}{more}: "
@@ -95,7 +122,7 @@ def expected_tensors(ckpt, model) -> dict[str, tuple[int, ...]]:
     missing = sorted(set(expected) - set(ckpt.tensors))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"tensor {missing[0]} is missing from the checkpoint in {ckpt.path}{more}")
+        raise CheckpointError(f"tensor {source(missing[0])} is missing from the checkpoint in {ckpt.path}{more}")
     return expected
 
 
@@ -116,8 +143,9 @@ def read_weights(ckpt, expected, spec, dtype: torch.dtype, device: torch.device)
     for name, load in ckpt.tensors.items():
         shape = ckpt.shape(name)
         if shape is not None and shape != expected[name]:
-            raise CheckpointError(f"tensor {name} in {ckpt.origin(name).name} has shape {list(shape)}, expected "
-                                  f"{list(expected[name])} from config.json")
+            shown = getattr(ckpt, "source_name", lambda n: n)(name)
+            raise CheckpointError(f"tensor {shown} in {ckpt.origin(name).name} has shape {list(shape)}, expected "
+                                  f"{list(expected[name])} from the config")
         if spec is not None and quant.is_target(name):
             state.update({k: t.to(device=device) for k, t in ckpt.quantize(name, load, spec, dtype).items()})
         else:

@@ -1,20 +1,26 @@
 """Writing checkpoints: config.json plus safetensors in the native layout (sharded past a size),
 with the tokenizer files copied along; ``convert`` and ``save_quantized`` load strictly first, so
-a broken source never produces a half-written output."""
+a broken source never produces a half-written output; ``merge_adapter`` folds a LoRA adapter
+into a base checkpoint file by file."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+from zaya import lora
+from zaya.checkpoint.adapters import adapter_values
 from zaya.checkpoint.files import INDEX_FILE, SINGLE_FILE
 from zaya.checkpoint.hub import resolve
 from zaya.checkpoint.layouts import read_config
-from zaya.checkpoint.loader import load_model
+from zaya.checkpoint.loader import load_model, open_checkpoint
 from zaya.config import ZayaConfig
+from zaya.errors import CheckpointError
 from zaya.model import ZayaForCausalLM
 from zaya.quant import QuantSpec
 
@@ -81,3 +87,38 @@ def save_quantized(src, dst, spec: QuantSpec, dtype: torch.dtype | None = None) 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save(state, config, Path(dst), extra_files=tokenizer_files(src))
     return {"tensors": len(state), "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+
+
+def merge_adapter(base: Path, adapter: Path, out: Path) -> Path:
+    """Write ``base`` + ``adapter`` as a plain checkpoint in ``out``, one safetensors file of the
+    base at a time (the model is never whole in memory), keeping the base's files, names, dtypes
+    and tokenizer files. Written into a temporary directory and renamed when complete."""
+    base, adapter, out = Path(base), Path(adapter), Path(out)
+    ckpt = open_checkpoint(base)
+    if ckpt.layout != "native":
+        raise CheckpointError(f"{base} is in the legacy layout; convert it first (zaya convert)")
+    if ckpt.stored is not None:
+        raise CheckpointError(f"{base} is quantized; merge into the float checkpoint")
+    with torch.device("meta"):
+        skeleton = ZayaForCausalLM(ckpt.config)
+    spec, values = adapter_values(adapter, skeleton)
+    deltas = lora.weight_deltas(skeleton, spec, values)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for file in sorted(set(ckpt.files.where.values())):
+        with safe_open(str(file), framework="pt") as f:
+            part = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata()
+        for name in set(part) & set(deltas):
+            part[name] = (part[name].float() + deltas.pop(name)()).to(part[name].dtype)
+        save_file(part, str(tmp / file.name), metadata=meta)
+    if deltas:
+        raise CheckpointError(f"{base} holds no tensor {next(iter(deltas))}, which the adapter changes")
+    for extra in [base / "config.json", base / INDEX_FILE, *tokenizer_files(base)]:
+        if extra.is_file():
+            shutil.copyfile(extra, tmp / extra.name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

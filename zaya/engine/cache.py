@@ -35,6 +35,7 @@ DEFAULT_SEQUENCES = 32          # ... but no more than this many full-context se
 # A sliding group keeps one block more than its window needs, so a speculative-decoding rollback
 # of up to block_size tokens never needs a block it already gave back.
 WINDOW_MARGIN_BLOCKS = 1
+CACHE_FLAGS = "--cache-memory (cache_memory= in Python)"  # how a user raises the budget
 
 
 class CacheFullError(ZayaError):
@@ -103,6 +104,19 @@ def default_memory(config, dtype, device, max_context: int, block_size: int = DE
     return max(budget, min(per_seq + fixed, int(free * 0.6)))
 
 
+def pool_blocks(config, dtype, memory: int, block_size: int = DEFAULT_BLOCK_SIZE, max_seqs: int = DEFAULT_MAX_SEQS,
+                flag: str = CACHE_FLAGS) -> int:
+    """KV blocks a budget of ``memory`` bytes pays for, after the live state slots; ZayaError
+    naming ``flag`` when that is too few for one sequence (its first block and the next)."""
+    fixed = max_seqs * state_bytes(config, dtype)
+    blocks = (memory - fixed) // bytes_per_block(config, dtype, block_size)
+    if blocks < 2:
+        need = fixed + 2 * bytes_per_block(config, dtype, block_size)
+        raise ZayaError(f"a cache budget of {memory:,} bytes is too small for one sequence of this model "
+                        f"(at least {need:,} bytes); raise {flag}")
+    return blocks
+
+
 def parse_memory(value) -> int | None:
     """Bytes from an int or a string with a unit ("4GiB", "512MB", "2g"); None stays None."""
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
@@ -141,20 +155,15 @@ class PagedCache:
 
     def __init__(self, config, *, dtype, device, memory: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
                  max_seqs: int = DEFAULT_MAX_SEQS, max_context: int | None = None, identity: str = "",
-                 prefix_caching: bool = True, flag: str = "cache_memory="):
+                 prefix_caching: bool = True, flag: str = CACHE_FLAGS):
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.block_size, self.max_seqs, self.flag = block_size, max_seqs, flag
         self.max_context = max_context or config.max_position_embeddings
         self.prefix_caching = prefix_caching
+        self.default_budget = memory is None
         self.memory = default_memory(config, dtype, self.device, self.max_context, block_size, max_seqs) \
             if memory is None else memory
-        fixed = max_seqs * state_bytes(config, dtype)
-        self.num_blocks = (self.memory - fixed) // bytes_per_block(config, dtype, block_size)
-        if self.num_blocks < 2:
-            need = fixed + 2 * bytes_per_block(config, dtype, block_size)
-            raise ZayaError(f"a cache budget of {self.memory:,} bytes is too small for one sequence of this model "
-                            f"(at least {need:,} bytes); raise {flag}")
-        self.num_blocks += 1  # the null block
+        self.num_blocks = pool_blocks(config, dtype, self.memory, block_size, max_seqs, flag) + 1  # + the null block
         self.root = seed_hash(f"{identity}|{config.to_dict()}|{dtype}|{block_size}")
         self.lock = threading.RLock()
         self._allocate_tensors()
@@ -198,6 +207,14 @@ class PagedCache:
 
     def blocks_free(self) -> int:
         return self.groups[0].pool.available
+
+    def used_bytes(self) -> int:
+        """Bytes holding the state of live sequences: the KV blocks in use in every group, the
+        snapshots beside the first group's, and the state slots taken."""
+        e = torch.empty((), dtype=self.dtype).element_size()
+        kv = sum(g.pool.used * (g.kv.numel() // self.num_blocks) * e for g in self.groups)
+        slots = self.max_seqs - len(self.free_slots)
+        return kv + (self.blocks_used() + slots) * state_bytes(self.config, self.dtype)
 
     def blocks_needed(self, tokens: int) -> int:
         """Blocks of the first group a sequence of ``tokens`` positions holds at most."""
@@ -375,6 +392,14 @@ class PagedCache:
             seq.dropped[gi] = max(seq.dropped[gi], keep_from)
 
     # -- reporting ------------------------------------------------------------------------------
+    def describe(self) -> str:
+        """One line for a start-up message: the budget, what it holds and where it came from."""
+        origin = (f"default: from {free_memory(self.device) / 2**30:,.1f} GiB free, set {self.flag} to change"
+                  if self.default_budget else "set by " + self.flag.split()[0])
+        return (f"KV cache {self.memory / 2**20:,.1f} MiB ({origin}): {self.num_blocks - 1:,} blocks of "
+                f"{self.block_size} tokens = {self.capacity_tokens:,} tokens at {self.bytes_per_token:,.0f} bytes per "
+                f"token, {self.max_seqs} sequence slots; prefix caching {'on' if self.prefix_caching else 'off'}")
+
     def stats(self) -> dict:
         return {"block_size": self.block_size, "blocks": self.num_blocks - 1, "blocks_used": self.blocks_used(),
                 "blocks_free": self.blocks_free(), "memory_bytes": self.memory,

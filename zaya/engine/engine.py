@@ -21,14 +21,13 @@ from typing import Iterable, Iterator
 import torch
 
 from zaya.engine import speculative as spec
-from zaya.engine.cache import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SEQS, CacheFullError, PagedCache
+from zaya.engine.cache import CACHE_FLAGS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SEQS, CacheFullError, PagedCache
 from zaya.engine.runner import ForwardBatch, forward
 from zaya.engine.sequence import Request, Sequence, TokenEvent
 from zaya.errors import ContextLengthError, ZayaError
-from zaya.sampling import SamplingParams, apply_penalties, sample, token_logprobs, verify_draft
+from zaya.sampling import (SamplingParams, apply_penalties, fit_max_new_tokens, sample, token_logprobs,
+                           verify_draft)
 from zaya.tokenizer import IncrementalDecoder
-
-CACHE_FLAGS = "--cache-memory (cache_memory= in Python)"
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -122,11 +121,8 @@ class Engine:
         """Raise ContextLengthError (or ZayaError) if the request can never run."""
         if prompt_len < 1:
             raise ZayaError("the prompt is empty")
+        fit_max_new_tokens(prompt_len, self.context_limit, params.max_new_tokens)
         total = prompt_len + params.max_new_tokens
-        if total > self.context_limit:
-            raise ContextLengthError(
-                f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
-                f"limit of {self.context_limit} tokens")
         if not self.cache.fits(total):
             raise ContextLengthError(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) needs more KV cache "
@@ -151,7 +147,12 @@ class Engine:
         if p.logprobs:
             for s in seqs:
                 s.logprobs, s.top_logprobs = [], []
-        limit = spec.draft_limit(p.speculative, self.speculative)
+        if p.constraint is not None:
+            for s in seqs:
+                s.constraint = p.constraint.start()
+        # a constrained row does not draft: its mask depends on every token before it, so a
+        # verify would have to advance the grammar through the draft position by position
+        limit = 0 if p.constraint is not None else spec.draft_limit(p.speculative, self.speculative)
         if limit:
             for s in seqs:
                 s.drafter = spec.Drafter(min(limit, self.cache.block_size - 1))
@@ -333,8 +334,12 @@ class Engine:
         """The next token from ``logits``; where a draft proposed one, by the speculative rule."""
         p = seq.request.params
         scored = logits if seq.counts is None else apply_penalties(logits, seq.counts, seq.seen, p)
+        if seq.constraint is not None:  # the one place constraints act: mask before, advance after
+            scored = seq.constraint.restrict(scored)
         generator = seq.request.generator
         token = sample(scored, p, generator) if draft is None else verify_draft(scored, draft, p, generator)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         logprob = top = None
         if seq.logprobs is not None:
             logprob, top = token_logprobs(logits, token, p.top_logprobs)

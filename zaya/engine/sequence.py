@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zaya.engine.cache import SeqCache
-from zaya.sampling import SamplingParams
+from zaya.sampling import Constraint, SamplingParams
 
 
 @dataclass
@@ -66,6 +66,7 @@ class Sequence:
     seen: torch.Tensor | None = None
     cache: SeqCache | None = None   # its place in the paged cache while it holds one
     drafter: object | None = None   # its speculative.Drafter when it drafts
+    constraint: Constraint | None = None  # structured output / tool call / thinking budget state
 
     def completion(self) -> Completion:
         return Completion(self.text, list(self.token_ids), self.finish_reason or "length",

@@ -20,6 +20,12 @@ breaks it) and the measured maxima are reported in ``RSAResult.context``.
 ``audit_path`` writes one JSON line per event: ``start`` (config), ``prompt`` (messages, parents,
 counted tokens and bound), ``candidate`` (text, tail, answer, token counts, finish reason, seconds),
 ``round`` (answer distribution, tokens, time) and ``final`` (the vote and the summary).
+
+The algorithm is a step machine (``RSARun``): it yields "generate these prompts with these
+settings" (``GenerateRequest``) and is fed the candidates, so it holds no backend loop, thread or
+timer of its own. The drivers (``zaya.rsa.drivers.solve`` for one run, ``run_batched`` for many
+runs whose rounds decode as one batch, ``zaya.server.rsa`` on the server's scheduler) are short
+loops around ``next_request()`` and ``feed()``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from zaya.rsa.answers import Vote, boxed_answer, majority_vote
-from zaya.rsa.backends import Candidate, LocalBackend, derive_seed
+from zaya.rsa.backends import Candidate, derive_seed
 from zaya.rsa.config import RSAConfig, RSAError, make_config
 from zaya.rsa.prompts import resolve_template
 
@@ -117,41 +123,117 @@ class Audit:
             self.file.close()
 
 
-def solve(backend, problem, *, profile=None, template=None, extractor=None, audit_path=None,
-          progress: bool = True, **overrides) -> RSAResult:
-    """Run Markovian RSA on ``problem`` (a string, or a chat-message list ending in the question).
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What a run needs next: ``n`` candidates from each of ``prompts``, sampled with these
+    settings. The keywords of ``sampling()`` are those of ``Backend.generate``."""
 
-    ``backend`` is a ``Backend`` (``LocalBackend``, ``OpenAIBackend``) or a ``zaya.LLM``.
-    ``profile`` names a profile of ``zaya.rsa.config.PROFILES`` (default ``deployment``);
-    ``overrides`` set any ``RSAConfig`` field (``n``, ``k``, ``rounds``, ``budget``, ``tail``,
-    ``temperature``, ``seed``, ``selection``, ``batch_size``, ...). ``template`` is an aggregation
-    template (name, callable or format string), ``extractor`` maps a text to an answer string.
+    round: int                       # 0..T; T+1 for the final aggregation
+    final: bool
+    prompts: list[list[dict]]        # chat messages, one list per prompt
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    enable_thinking: bool | None
+    batch_size: int | None
+    thinking_budget: int | None = None
+    speculative: bool | None = None  # prompt-lookup drafting, for backends that take it
+
+    @property
+    def label(self) -> str:
+        return "final" if self.final else f"round {self.round}"
+
+    @property
+    def sequences(self) -> int:
+        return len(self.prompts) * self.n
+
+    def sampling(self) -> dict:
+        """(``thinking_budget`` and ``speculative`` only when set, so backends written before
+        them keep working.)"""
+        out = dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                   top_k=self.top_k, seed=self.seed, enable_thinking=self.enable_thinking,
+                   batch_size=self.batch_size)
+        if self.thinking_budget is not None:
+            out["thinking_budget"] = self.thinking_budget
+        if self.speculative is not None:
+            out["speculative"] = self.speculative
+        return out
+
+
+class RSARun:
+    """Markovian RSA on one problem as a step machine: it never generates, it asks.
+
+        run = RSARun(backend, problem, profile="cpu-small", seed=0)
+        while (request := run.next_request()) is not None:
+            run.feed(backend.generate(request.prompts, n=request.n, **request.sampling()))
+        run.result                                  # RSAResult
+
+    ``backend`` only counts tokens and cuts tails (``count_tokens``, ``tail``, ``name``); the
+    driver decides how candidates are generated, so one run, many runs in lockstep
+    (``zaya.rsa.drivers``) and the server's scheduler (``zaya.server.rsa``) share this code.
+    Each round is one request holding all of its prompts, so a driver can prefill them together.
+    ``feed`` takes one list of candidates per prompt, ``n`` each, in prompt order.
     """
-    if not hasattr(backend, "count_tokens") and hasattr(backend, "apply_chat_template"):
-        backend = LocalBackend(backend)
-    run = _Run(backend, make_config(profile, **overrides), resolve_template(template),
-               extractor or boxed_answer, progress)
-    run.audit = Audit(audit_path, run.start)
-    try:
-        return run.solve(problem)
-    finally:
-        run.audit.close()
 
-
-class _Run:
-    def __init__(self, backend, cfg: RSAConfig, template, extractor, progress: bool):
-        self.backend, self.cfg, self.template = backend, cfg, template
-        self.extract, self.show_progress = extractor, progress
+    def __init__(self, backend, problem, *, profile=None, template=None, extractor=None,
+                 audit_path=None, **overrides):
+        self.backend, self.cfg = backend, make_config(profile, **overrides)
+        self.template, self.extract = resolve_template(template), extractor or boxed_answer
         self.start = time.perf_counter()
-        self.rng = random.Random(derive_seed(cfg.seed, -1))
+        self.rng = random.Random(derive_seed(self.cfg.seed, -1))
         self.rounds: list[dict] = []
         self.candidates: list[list[Member]] = []
         self.tokens = Counter()
         self.context = {"max_prompt_tokens": 0, "max_completion_tokens": 0,
                         "max_sequence_tokens": 0, "aggregation_prompts": 0}
         self._overheads: dict[int, int] = {}
+        self.result: RSAResult | None = None
+        self.audit = Audit(audit_path, self.start)
+        self._steps = self._run(problem)
+        self._request: GenerateRequest | None = None
+        self._advance(None)
 
-    def solve(self, problem) -> RSAResult:
+    def next_request(self) -> GenerateRequest | None:
+        """The generation this run waits for; None once ``result`` is set."""
+        return self._request
+
+    def feed(self, outputs: list[list[Candidate]]) -> None:
+        """Hand the run the candidates of ``next_request()``; it prepares its next request."""
+        request = self._request
+        if request is None:
+            raise RSAError("this RSA run is finished: there is nothing to feed")
+        if len(outputs) != len(request.prompts) or any(len(o) != request.n for o in outputs):
+            raise RSAError(f"{request.label}: expected {request.n} candidates for each of "
+                           f"{len(request.prompts)} prompts, got {[len(o) for o in outputs]}")
+        self._advance(outputs)
+
+    def close(self) -> None:
+        """Stop early (a driver gave up); the audit file is closed."""
+        self._steps.close()
+        self.audit.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _advance(self, outputs) -> None:
+        try:
+            self._request = self._steps.send(outputs)
+        except StopIteration as stop:
+            self._request, self.result = None, stop.value
+            self.audit.close()
+        except BaseException:
+            self._request = None
+            self.audit.close()
+            raise
+
+    def _run(self, problem):
+        """The algorithm, as a generator: yields requests, receives their candidates."""
         cfg = self.cfg
         messages, self.question, self.system = _split_problem(problem)
         self.audit("start", problem=problem, config=cfg.to_dict(), backend=self.backend.name,
@@ -161,7 +243,7 @@ class _Run:
         self.context.update(question_tokens=q_tokens, tail_tokens=cfg.tail_limit,
                             template_overhead=self._overhead(k),
                             prompt_bound=q_tokens + k * cfg.tail_limit + self._overhead(k))
-        population = self._round(0, [messages], [[]], [{}], n=cfg.n)
+        population = yield from self._round(0, [messages], [[]], [{}], n=cfg.n)
         self.candidates.append(population)
         for t in range(1, cfg.rounds + 1):
             prompts, parents, stats = [], [], []
@@ -171,18 +253,23 @@ class _Run:
                 prompts.append(prompt)
                 parents.append([m.id for m in chosen])
                 stats.append(stat)
-            population = self._round(t, prompts, parents, stats, n=1)
+            population = yield from self._round(t, prompts, parents, stats, n=1)
             self.candidates.append(population)
+        final = None
+        if cfg.selection == "final_agg":
+            final = yield from self._final_aggregation(population, k)
+        return self._result(population, final)
 
+    def _result(self, population: list[Member], final: Member | None) -> RSAResult:
+        cfg = self.cfg
         vote = majority_vote([m.answer for m in population],
                              [m.candidate.finish_reason for m in population])
-        answer = text = final = None
+        answer = text = None
         if cfg.selection == "majority" and vote.winner is not None:
             answer = vote.winner
             winner = population[vote.winner_index].candidate
             text = winner.content or winner.text
-        elif cfg.selection == "final_agg":
-            final = self._final_aggregation(population, k)
+        elif final is not None:
             answer, text = final.answer, final.candidate.content or final.candidate.text
         result = RSAResult(
             answer=answer, text=text, selection=cfg.selection, vote=vote, rounds=self.rounds,
@@ -193,29 +280,29 @@ class _Run:
                    tie=vote.tie, summary=result.to_dict())
         return result
 
-    def _round(self, t: int, prompts, parents, stats, *, n: int, final: bool = False):
+    def _request_for(self, t: int, prompts, n: int, final: bool) -> GenerateRequest:
         cfg = self.cfg
-        sampling = dict(max_tokens=cfg.budget, temperature=cfg.temperature, top_p=cfg.top_p,
-                        top_k=cfg.top_k)
         if final:
-            sampling = dict(max_tokens=cfg.final_budget or cfg.budget,
-                            temperature=cfg.final_temperature, top_p=cfg.final_top_p,
-                            top_k=cfg.final_top_k)
+            sampling = (cfg.final_budget or cfg.budget, cfg.final_temperature, cfg.final_top_p,
+                        cfg.final_top_k)
+        else:
+            sampling = (cfg.budget, cfg.temperature, cfg.top_p, cfg.top_k)
+        speculative = None
+        if getattr(self.backend, "drafts", False):  # a backend with prompt-lookup speculative decoding
+            speculative = cfg.speculative == "all" or (cfg.speculative == "aggregation" and t >= 1)
+        return GenerateRequest(t, final, prompts, n, *sampling, seed=derive_seed(cfg.seed, t),
+                               enable_thinking=cfg.enable_thinking, batch_size=cfg.batch_size,
+                               thinking_budget=cfg.thinking_budget, speculative=speculative)
+
+    def _round(self, t: int, prompts, parents, stats, *, n: int, final: bool = False):
+        """One generation (a generator: yields its request); returns the new members."""
+        cfg = self.cfg
         for i, (messages, ps, stat) in enumerate(zip(prompts, parents, stats, strict=True)):
             self.audit("prompt", round=t, index=i, n=n, parents=ps, messages=messages, **stat)
-        if getattr(self.backend, "drafts", False):  # a backend with prompt-lookup speculative decoding
-            sampling["speculative"] = cfg.speculative == "all" or (cfg.speculative == "aggregation" and t >= 1)
         stats = getattr(self.backend, "spec_stats", None)
-        before = dict(stats.as_dict()) if stats is not None else None
+        before = stats.as_dict() if stats is not None else None
         started = time.perf_counter()
-        bar = self._bar(t, len(prompts) * n, final)
-        try:
-            outputs = self.backend.generate(
-                prompts, n=n, seed=derive_seed(cfg.seed, t), enable_thinking=cfg.enable_thinking,
-                batch_size=cfg.batch_size, progress=bar.update_tokens if bar else None, **sampling)
-        finally:
-            if bar:
-                bar.close()
+        outputs = yield self._request_for(t, prompts, n, final)
         seconds = time.perf_counter() - started
         decode = _decode_stats(before, stats)
         pass_on = not final and (t < cfg.rounds or cfg.selection == "final_agg")
@@ -233,16 +320,19 @@ class _Run:
                            tail_tokens=None if member.tail is None
                            else self.backend.count_tokens(member.tail))
         if not final:
-            answers = Counter(m.answer for m in members if m.answer)
-            summary = {"round": t, "answers": dict(answers.most_common()),
-                       "no_answer": sum(1 for m in members if not m.answer),
-                       "finish_reasons": dict(Counter(m.candidate.finish_reason for m in members)),
-                       "prompt_tokens": sum(m.candidate.prompt_tokens for m in members),
-                       "completion_tokens": sum(m.candidate.completion_tokens for m in members),
-                       "seconds": round(seconds, 3), **decode}
-            self.rounds.append(summary)
-            self.audit("round", **summary)
+            self._summarize_round(t, members, seconds, decode)
         return members
+
+    def _summarize_round(self, t: int, members: list[Member], seconds: float, decode: dict) -> None:
+        answers = Counter(m.answer for m in members if m.answer)
+        summary = {"round": t, "answers": dict(answers.most_common()),
+                   "no_answer": sum(1 for m in members if not m.answer),
+                   "finish_reasons": dict(Counter(m.candidate.finish_reason for m in members)),
+                   "prompt_tokens": sum(m.candidate.prompt_tokens for m in members),
+                   "completion_tokens": sum(m.candidate.completion_tokens for m in members),
+                   "seconds": round(seconds, 3), **decode}
+        self.rounds.append(summary)
+        self.audit("round", **summary)
 
     def _aggregation_prompt(self, t: int, chosen: list[Member]) -> tuple[list[dict], dict]:
         """Render one aggregation prompt and check it against |q| + K*tau + template."""
@@ -266,11 +356,13 @@ class _Run:
             self._overheads[k] = empty - self.backend.count_tokens(self.question) + k
         return self._overheads[k]
 
-    def _final_aggregation(self, population: list[Member], k: int) -> Member:
+    def _final_aggregation(self, population: list[Member], k: int):
         t = self.cfg.rounds + 1
         chosen = self.rng.sample(population, k)
         prompt, stat = self._aggregation_prompt(t, chosen)
-        return self._round(t, [prompt], [[m.id for m in chosen]], [stat], n=1, final=True)[0]
+        members = yield from self._round(t, [prompt], [[m.id for m in chosen]], [stat], n=1,
+                                         final=True)
+        return members[0]
 
     def _account(self, c: Candidate):
         self.tokens.update(prompt=c.prompt_tokens, completion=c.completion_tokens, requests=1)
@@ -278,29 +370,6 @@ class _Run:
         ctx["max_completion_tokens"] = max(ctx["max_completion_tokens"], c.completion_tokens)
         ctx["max_sequence_tokens"] = max(ctx["max_sequence_tokens"],
                                          c.prompt_tokens + c.completion_tokens)
-
-    def _bar(self, t: int, total: int, final: bool):
-        if not self.show_progress:
-            return None
-        return _RoundBar("final" if final else f"round {t}", total)
-
-
-class _RoundBar:
-    """A tqdm bar counting finished candidates, with decoded tokens as a postfix."""
-
-    def __init__(self, desc: str, total: int):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="cand", leave=True, dynamic_ncols=True)
-        self.tokens = 0
-
-    def update_tokens(self, tokens: int, finished: int):
-        self.tokens += tokens
-        self.bar.set_postfix_str(f"{self.tokens} tok", refresh=False)
-        self.bar.update(finished)
-
-    def close(self):
-        self.bar.close()
 
 
 def _split_problem(problem) -> tuple[list[dict], str, list[dict]]:
@@ -315,7 +384,9 @@ def _split_problem(problem) -> tuple[list[dict], str, list[dict]]:
 
 
 def _decode_stats(before: dict | None, stats) -> dict:
-    """A round's speculative-decoding figures from a backend's cumulative `SpecStats`."""
+    """A round's speculative-decoding figures from a backend's cumulative `SpecStats`. Runs that a
+    driver decodes together (``run_batched``) share their backend calls, so each one's figures
+    cover the whole batch it decoded with."""
     if before is None:
         return {}
     now = stats.as_dict()

@@ -16,9 +16,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
-Extractor = Callable[[str], "str | None"]
+from typing import Sequence
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 

@@ -3,7 +3,8 @@
 A backend turns chat-message lists into candidates and measures text in tokens:
 
     generate(messages_list, *, n, max_tokens, temperature, top_p, top_k, seed,
-             enable_thinking=None, batch_size=None, progress=None) -> list[list[Candidate]]
+             enable_thinking=None, batch_size=None, progress=None, thinking_budget=None)
+        -> list[list[Candidate]]
     count_tokens(text) -> int
     tail(text, tau) -> str        # the last tau tokens of text, token-exact
 
@@ -33,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
+from zaya.chat import generation_starts_in_reasoning, split_reasoning
 from zaya.rsa.config import RSAError
 
 Messages = list[dict]
@@ -61,7 +63,8 @@ class Backend(Protocol):
     def generate(self, messages_list: Sequence[Messages], *, n: int, max_tokens: int,
                  temperature: float, top_p: float, top_k: int, seed: int | None,
                  enable_thinking: bool | None = None, batch_size: int | None = None,
-                 progress: Progress | None = None) -> list[list[Candidate]]: ...
+                 progress: Progress | None = None, thinking_budget: int | None = None
+                 ) -> list[list[Candidate]]: ...
 
     def count_tokens(self, text: str) -> int: ...
 
@@ -76,22 +79,44 @@ def derive_seed(seed: int | None, *keys: int) -> int | None:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def split_think(text: str, started_in_reasoning: bool) -> tuple[str, str]:
-    """(reasoning, content) of a completion; used when ``zaya.chat`` is not available."""
-    if not started_in_reasoning:
-        if "<think>" not in text:
-            return "", text
-        text = text.split("<think>", 1)[1]
-    if THINK_END not in text:
-        return text, ""
-    reasoning, content = text.split(THINK_END, 1)
-    return reasoning, content.lstrip()
+def candidate(text: str, started_in_reasoning: bool, finish_reason: str | None, prompt_tokens: int,
+              completion_tokens: int, seconds: float) -> Candidate:
+    """A Candidate from a completion's text, its reasoning split off as the chat layer does."""
+    reasoning, content = split_reasoning(text, started_in_reasoning)
+    return Candidate(text, reasoning or "", content, finish_reason, prompt_tokens, completion_tokens,
+                     seconds)
+
+
+class EventText:
+    """Streamed ``TokenEvent``s gathered per (prompt, sample): text, tokens, finish, time."""
+
+    def __init__(self, start: float | None = None):
+        self.start = time.perf_counter() if start is None else start
+        self.texts: dict[tuple[int, int], list[str]] = {}
+        self.tokens: dict[tuple[int, int], int] = {}
+        self.finished: dict[tuple[int, int], tuple[str, float]] = {}
+
+    def add(self, key: tuple[int, int], ev) -> tuple[int, int]:
+        """Record one event; returns (new tokens, finished sequences) for progress counters."""
+        self.texts.setdefault(key, []).append(ev.text)
+        new = int(ev.token_id is not None)
+        self.tokens[key] = self.tokens.get(key, 0) + new
+        if ev.finish_reason:
+            self.finished[key] = (ev.finish_reason, time.perf_counter() - self.start)
+        return new, int(bool(ev.finish_reason))
+
+    def candidate(self, key: tuple[int, int], started_in_reasoning: bool, prompt_tokens: int
+                  ) -> Candidate:
+        finish, seconds = self.finished.get(key, (None, 0.0))
+        return candidate("".join(self.texts.get(key, [])), started_in_reasoning, finish,
+                         prompt_tokens, self.tokens.get(key, 0), seconds)
 
 
 class TokenTools:
     """``count_tokens`` and token-exact ``tail`` on top of ``self.tokenizer``."""
 
-    tokenizer = None
+    def __init__(self, tokenizer=None, name: str = "tokens"):
+        self.tokenizer, self.name = tokenizer, name
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -122,7 +147,8 @@ class LocalBackend(TokenTools):
         self.name = f"local:{getattr(llm, 'name', None) or type(llm).__name__}"
 
     def generate(self, messages_list, *, n, max_tokens, temperature, top_p, top_k, seed,
-                 enable_thinking=None, batch_size=None, progress=None, speculative=None):
+                 enable_thinking=None, batch_size=None, progress=None, thinking_budget=None,
+                 speculative=None):
         prompts = [
             list(self.llm.apply_chat_template(m, add_generation_prompt=True,
                                               enable_thinking=enable_thinking))
@@ -132,62 +158,32 @@ class LocalBackend(TokenTools):
         out: list[list[Candidate]] = [[] for _ in prompts]
         sampling = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
                         top_k=top_k, speculative=speculative)
+        if thinking_budget is not None:
+            sampling["thinking_budget"] = thinking_budget
         start = time.perf_counter()
+        decode = self._stream if progress else self._generate
         for j, (rows, n_each) in enumerate(_chunks(len(prompts), n, batch_size or self.batch_size)):
             chunk = [prompts[p] for p in rows]
-            job_seed = derive_seed(seed, j)
-            decode = self._stream if progress else self._generate
-            for (i, text, reason, prompt_len, new_tokens, t) in decode(
-                    chunk, n_each, job_seed, sampling, progress, start):
-                p = rows[i]
-                reasoning, content = _split(text, thinking[p])
-                out[p].append(Candidate(text, reasoning, content, reason, prompt_len,
-                                        new_tokens, t))
+            sampling.update(n=n_each, seed=derive_seed(seed, j))
+            for i, cand in decode(chunk, [thinking[p] for p in rows], sampling, progress, start):
+                out[rows[i]].append(cand)
         return out
 
-    def _generate(self, chunk, n, seed, sampling, progress, start):
-        for c in self.llm.generate(chunk, n=n, seed=seed, **sampling):
-            yield (c.prompt_index, c.text, c.finish_reason, c.prompt_tokens, len(c.token_ids),
-                   time.perf_counter() - start)
+    def _generate(self, chunk, thinking, sampling, progress, start):
+        for c in self.llm.generate(chunk, **sampling):
+            yield c.prompt_index, candidate(c.text, thinking[c.prompt_index], c.finish_reason,
+                                            c.prompt_tokens, len(c.token_ids),
+                                            time.perf_counter() - start)
 
-    def _stream(self, chunk, n, seed, sampling, progress, start):
-        texts: dict[tuple[int, int], list[str]] = {}
-        counts: dict[tuple[int, int], int] = {}
-        done = []
-        for ev in self.llm.stream(chunk, n=n, seed=seed, **sampling):
-            key = (ev.prompt_index, ev.index)
-            texts.setdefault(key, []).append(ev.text)
-            if ev.token_id is not None:
-                counts[key] = counts.get(key, 0) + 1
-            if ev.finish_reason is not None:
-                done.append((key, ev.finish_reason, time.perf_counter() - start))
-            progress(int(ev.token_id is not None), int(ev.finish_reason is not None))
-        for (p, s), reason, t in sorted(done):
-            yield p, "".join(texts[(p, s)]), reason, len(chunk[p]), counts.get((p, s), 0), t
+    def _stream(self, chunk, thinking, sampling, progress, start):
+        events = EventText(start)
+        for ev in self.llm.stream(chunk, **sampling):
+            progress(*events.add((ev.prompt_index, ev.index), ev))
+        for p, s in sorted(events.finished):
+            yield p, events.candidate((p, s), thinking[p], len(chunk[p]))
 
     def _starts_in_reasoning(self, prompt_ids: list[int]) -> bool:
-        try:
-            text = self.tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
-        except TypeError:
-            text = self.tokenizer.decode(prompt_ids[-16:])
-        try:
-            from zaya.chat import generation_starts_in_reasoning
-        except ImportError:
-            return text.rstrip().endswith("<think>")
-        return bool(generation_starts_in_reasoning(text))
-
-
-def _split(text: str, started_in_reasoning: bool) -> tuple[str, str]:
-    try:
-        from zaya.chat import split_reasoning
-    except ImportError:
-        return split_think(text, started_in_reasoning)
-    parts = split_reasoning(text, started_in_reasoning)
-    if isinstance(parts, tuple):
-        reasoning, content = parts[0], parts[1]
-    else:
-        reasoning, content = parts.reasoning, parts.content
-    return reasoning or "", content if content is not None else ""
+        return generation_starts_in_reasoning(self.tokenizer.decode(prompt_ids[-16:]))
 
 
 def _chunks(n_prompts: int, n: int, batch_size: int | None):
@@ -260,7 +256,7 @@ class OpenAIBackend(TokenTools):
         return self.model
 
     def generate(self, messages_list, *, n, max_tokens, temperature, top_p, top_k, seed,
-                 enable_thinking=None, batch_size=None, progress=None):
+                 enable_thinking=None, batch_size=None, progress=None, thinking_budget=None):
         model = self.model_name()
         jobs = [(p, s) for p in range(len(messages_list)) for s in range(n)]
         out: list[list[Candidate | None]] = [[None] * n for _ in messages_list]
@@ -275,6 +271,8 @@ class OpenAIBackend(TokenTools):
                 body["seed"] = derive_seed(seed, p, s)
             if enable_thinking is not None:
                 body["chat_template_kwargs"] = {"enable_thinking": enable_thinking}
+            if thinking_budget is not None:
+                body["thinking_budget"] = thinking_budget
             return self._candidate(self.request("POST", "/v1/chat/completions", body), start)
 
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
@@ -300,8 +298,8 @@ class OpenAIBackend(TokenTools):
         reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
         content = message.get("content") or ""
         if not reasoning and THINK_END in content:  # server without a reasoning parser
-            reasoning, content = split_think(content, started_in_reasoning=True)
-            reasoning = reasoning.replace("<think>", "", 1)
+            parsed, content = split_reasoning(content, started_in_reasoning=True)
+            reasoning = parsed or ""
         text = f"{reasoning}{THINK_END}{content}" if reasoning and content else reasoning or content
         usage = response.get("usage") or {}
         return Candidate(text, reasoning, content, choice.get("finish_reason"),

@@ -57,13 +57,11 @@ class Counter(_Metric):
 
 
 class Gauge(_Metric):
-    """A gauge read from a callback at scrape time."""
+    """A value read from a callback at scrape time (a gauge, or a counter kept elsewhere)."""
 
-    kind = "gauge"
-
-    def __init__(self, name: str, help: str, read: Callable[[], float]):
+    def __init__(self, name: str, help: str, read: Callable[[], float], kind: str = "gauge"):
         super().__init__(name, help)
-        self.read = read
+        self.read, self.kind = read, kind
 
     def render(self) -> list[str]:
         return self.header() + [f"{self.name} {_num(self.read())}"]
@@ -114,8 +112,24 @@ class Metrics:
         self.batch_rows = Histogram("zaya_batch_rows", "Rows decoded together per engine step.", BATCH_BUCKETS)
         self.gauges: list[Gauge] = []
 
-    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
-        self.gauges.append(Gauge(name, help, read))
+    def gauge(self, name: str, help: str, read: Callable[[], float], kind: str = "gauge") -> None:
+        self.gauges.append(Gauge(name, help, read, kind))
+
+    def cache_gauges(self, cache) -> None:
+        """The paged KV cache (zaya.engine.PagedCache): pool occupancy and prefix-cache hits."""
+        self.gauge("zaya_cache_blocks_total", "KV cache blocks in the pool.", lambda: cache.num_blocks - 1)
+        self.gauge("zaya_cache_blocks_used", "KV cache blocks held by running sequences.", cache.blocks_used)
+        self.gauge("zaya_cache_blocks_free", "KV cache blocks free or cached for reuse (evictable).",
+                   cache.blocks_free)
+        self.gauge("zaya_cache_block_size", "Tokens per KV cache block.", lambda: cache.block_size)
+        self.gauge("zaya_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache.",
+                   lambda: cache.queried_tokens, "counter")
+        self.gauge("zaya_prefix_cache_hit_tokens_total", "Prompt tokens taken from the prefix cache.",
+                   lambda: cache.hit_tokens, "counter")
+        self.gauge("zaya_prefix_cache_hit_rate", "Prefix cache hit tokens / queried tokens since start.",
+                   lambda: cache.hit_tokens / max(1, cache.queried_tokens))
+        self.gauge("zaya_cache_evictions_total", "Cached blocks evicted to make room.",
+                   lambda: cache.stats()["evictions"], "counter")
 
     def render(self) -> str:
         parts = [self.requests, self.prompt_tokens, self.generation_tokens, self.cancelled, self.rejected,

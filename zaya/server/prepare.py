@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from zaya.chat import generation_starts_in_reasoning
+from zaya.chat import THINK_CLOSE, generation_starts_in_reasoning
 from zaya.errors import ZayaError
+from zaya.grammar import REASONING_EFFORT, GrammarError, make_guide, schema_of_response_format
 from zaya.sampling import SamplingParams
 from zaya.server.protocol import MAX_TOP_LOGPROBS, ChatCompletionRequest, CompletionRequest, bad_request, sampling_params
 
@@ -74,9 +75,6 @@ def prepare_chat(state, req: ChatCompletionRequest) -> ChatPrep:
     llm = state.llm
     if llm.tokenizer is None:
         raise bad_request("this model has no tokenizer: use /v1/completions with token ids")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_request("response_format other than 'text' is not supported (no constrained decoding yet)",
-                          param="response_format")
     if req.top_logprobs is not None:
         if not req.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
@@ -84,16 +82,81 @@ def prepare_chat(state, req: ChatCompletionRequest) -> ChatPrep:
             raise bad_request(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs")
     messages = chat_messages(req)
     thinking, kwargs = template_kwargs(req)
+    budget, thinking = thinking_settings(state, req, thinking)
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     text = render(llm, messages, tools, thinking, kwargs)
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(req, len(ids), state.max_context, max_tokens=max_tokens, logprobs=req.logprobs,
-                             top_logprobs=req.top_logprobs or 0, max_n=state.max_n)
-    # tool_choice "required" or a named function cannot be enforced without constrained decoding;
-    # they are parsed like "auto". "none" keeps the tools in the prompt and parses nothing.
+                             top_logprobs=req.top_logprobs or 0, max_n=state.max_n,
+                             context_note=state.context_note)
+    starts = generation_starts_in_reasoning(text)
+    params.constraint = guide(state, req, tools, starts, budget, params.max_new_tokens)
     parse_tools = bool(tools) and req.tool_choice != "none"
-    return ChatPrep(ids, text, params, tools, parse_tools, generation_starts_in_reasoning(text))
+    return ChatPrep(ids, text, params, tools, parse_tools, starts)
+
+
+def prepare_final(state, req: ChatCompletionRequest, answer: str) -> ChatPrep:
+    """The formatting pass after a Markovian RSA run: the request's own prompt with the selected
+    candidate's ``answer`` as the (closed) think block, then an answer under the request's
+    response_format / tools / tool_choice."""
+    llm = state.llm
+    thinking, kwargs = template_kwargs(req)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    text = render(llm, chat_messages(req), tools, thinking, kwargs)
+    if generation_starts_in_reasoning(text):
+        text += f"{answer.strip()}\n{THINK_CLOSE}\n\n"
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    params = sampling_params(req.model_copy(update={"n": 1}), len(ids), state.max_context, max_tokens=None,
+                             logprobs=False, top_logprobs=0, max_n=1)
+    params.constraint = guide(state, req, tools, False, None, params.max_new_tokens)
+    return ChatPrep(ids, text, params, tools, bool(tools) and req.tool_choice != "none", False)
+
+
+def thinking_settings(state, req, thinking: bool | None) -> tuple[int | None, bool | None]:
+    """(thinking budget, enable_thinking) from ``thinking_budget``, ``reasoning_effort`` and the
+    server's default budget; ``reasoning_effort: "none"`` turns thinking off in the template."""
+    effort = req.reasoning_effort
+    if effort is not None and effort != "none" and effort not in REASONING_EFFORT:
+        raise bad_request(f"reasoning_effort must be one of none, {', '.join(REASONING_EFFORT)}; got {effort!r}",
+                          param="reasoning_effort")
+    if req.thinking_budget is not None and req.thinking_budget < 0:
+        raise bad_request(f"thinking_budget must be >= 0, got {req.thinking_budget}", param="thinking_budget")
+    if effort == "none" and thinking is None:
+        thinking = False
+    if req.thinking_budget is not None:
+        return req.thinking_budget, thinking
+    return REASONING_EFFORT.get(effort, state.config.thinking_budget), thinking
+
+
+def tool_choice_of(req) -> str | dict:
+    """OpenAI's tool_choice as zaya.grammar takes it: "auto", "none", "required" or {"name": NAME}."""
+    choice = req.tool_choice
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        return choice
+    name = choice.function.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request("tool_choice.function.name must be a function name", param="tool_choice")
+    return {"name": name}
+
+
+def guide(state, req, tools, starts_in_reasoning: bool, budget: int | None, max_new_tokens: int):
+    """The request's constraint (response_format, tool_choice, thinking budget), or None."""
+    try:
+        schema = schema_of_response_format(req.response_format)
+    except GrammarError as exc:
+        raise bad_request(str(exc), param="response_format") from None
+    choice = tool_choice_of(req)
+    if choice not in ("auto", "none") and not tools:
+        raise bad_request("tool_choice asks for a tool call but the request has no tools", param="tool_choice")
+    try:
+        return make_guide(state.llm.tokenizer, state.llm.config.vocab_size, starts_in_reasoning=starts_in_reasoning,
+                          thinking_budget=budget, schema=schema, tools=tools, tool_choice=choice,
+                          parallel_tool_calls=req.parallel_tool_calls, max_new_tokens=max_new_tokens)
+    except GrammarError as exc:
+        raise bad_request(str(exc), param="response_format" if exc.field == "schema" else exc.field) from None
 
 
 def prepare_completion(state, req: CompletionRequest) -> CompletionPrep:
@@ -128,6 +191,6 @@ def prepare_completion(state, req: CompletionRequest) -> CompletionPrep:
             raise bad_request("prompt is empty", param="prompt")
         params = sampling_params(req, len(ids), state.max_context, max_tokens=req.max_tokens,
                                  logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
-                                 max_n=state.max_n)
+                                 max_n=state.max_n, context_note=state.context_note)
         items.append((ids, params))
     return CompletionPrep(items, req.logprobs is not None)

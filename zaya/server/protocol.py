@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from zaya.errors import ContextLengthError, ZayaError
-from zaya.sampling import SamplingParams
+from zaya.sampling import SamplingParams, fit_max_new_tokens
 
 DEFAULT_MAX_TOKENS = 4096  # when a request sets none (capped by the context left after the prompt)
 MAX_TOP_LOGPROBS = 20
@@ -102,8 +102,11 @@ class ChatCompletionRequest(_Generation):
     top_logprobs: int | None = None
     tools: list[Tool] | None = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    thinking_budget: int | None = None
+    reasoning_effort: str | None = None
     rsa: Union[bool, dict[str, Any], None] = None
 
 
@@ -114,6 +117,24 @@ class CompletionRequest(_Generation):
     best_of: int | None = None
     suffix: str | None = None
     rsa: Union[bool, dict[str, Any], None] = None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a raw ``prompt``, or chat ``messages`` rendered with the template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 def parse(model: type[BaseModel], body: bytes):
@@ -134,25 +155,21 @@ def parse(model: type[BaseModel], body: bytes):
 
 
 def sampling_params(req: _Generation, prompt_len: int, max_context: int, *, max_tokens: int | None,
-                    logprobs: bool, top_logprobs: int, max_n: int) -> SamplingParams:
-    """SamplingParams for a request, with OpenAI-style errors for bad values and context overflow."""
+                    logprobs: bool, top_logprobs: int, max_n: int, context_note: str = "") -> SamplingParams:
+    """SamplingParams for a request, with OpenAI-style errors for bad values and context overflow
+    (``context_note`` says why the context is what it is, e.g. the cache budget)."""
     if req.n < 1 or req.n > max_n:
         raise bad_request(f"n must be between 1 and {max_n} on this server, got {req.n}", param="n")
-    if prompt_len >= max_context:
-        raise bad_request(f"the prompt has {prompt_len} tokens, which does not leave room for any output in this "
-                          f"server's context of {max_context} tokens", param="messages",
-                          code="context_length_exceeded")
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     if req.seed is not None and not -2**63 <= req.seed < 2**64:
         raise bad_request("seed must fit in 64 bits", param="seed")
-    room = max_context - prompt_len
-    if max_tokens is None:
-        max_tokens = min(DEFAULT_MAX_TOKENS, room)
-    elif max_tokens > room:
-        raise bad_request(f"max_tokens ({max_tokens}) + the prompt ({prompt_len} tokens) exceeds this server's "
-                          f"context of {max_context} tokens; at most {room} new tokens fit", param="max_tokens",
-                          code="context_length_exceeded")
+    try:
+        max_tokens = fit_max_new_tokens(prompt_len, max_context, max_tokens, default=DEFAULT_MAX_TOKENS,
+                                        name="max_tokens")
+    except ContextLengthError as exc:
+        raise bad_request(f"{exc}{context_note}", param="messages" if prompt_len >= max_context else "max_tokens",
+                          code="context_length_exceeded") from None
     try:
         return SamplingParams.from_kwargs(
             max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,

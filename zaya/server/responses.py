@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 
-from zaya.chat import ReasoningParser, ToolCallStreamer
+from zaya.chat import THINK_CLOSE, THINK_OPEN, ReasoningParser, ToolCallStreamer
 
 
 def new_id(prefix: str) -> str:
@@ -33,6 +33,8 @@ class TokenText:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
+        # `<think>` / `</think>` ids, to count reasoning tokens exactly (None: not one token)
+        self.think_ids = tuple(tokenizer.token_to_id(t) if tokenizer else None for t in (THINK_OPEN, THINK_CLOSE))
 
     def __call__(self, token_id: int) -> str:
         if token_id not in self._cache:
@@ -46,9 +48,34 @@ class TokenText:
                                  for i, lp in (top or {}).items()]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
+          reasoning_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; ``cached_tokens`` (prompt tokens taken from the prefix cache) goes in
+    ``prompt_tokens_details`` and ``reasoning_tokens`` in ``completion_tokens_details`` when known."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if reasoning_tokens is not None:
+        out["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return out
+
+
+class ReasoningTokens:
+    """Counts the tokens a sample spends reasoning: from the start (when the prompt left `<think>`
+    open) or from `<think>` on, up to `</think>`, the tags excluded."""
+
+    def __init__(self, started_in_reasoning: bool, think_ids: tuple):
+        self.open_id, self.close_id = think_ids
+        self.inside, self.count = started_in_reasoning, 0
+
+    def feed(self, token_id: int) -> None:
+        if token_id == self.close_id:
+            self.inside = False
+        elif token_id == self.open_id:
+            self.inside = True
+        elif self.inside:
+            self.count += 1
 
 
 class ChatChoice:
@@ -56,6 +83,7 @@ class ChatChoice:
                  token_text: TokenText | None = None, logprobs: bool = False):
         self.index = index
         self.reasoning = ReasoningParser(started_in_reasoning)
+        self.thought = ReasoningTokens(started_in_reasoning, token_text.think_ids if token_text else (None, None))
         self.tools = ToolCallStreamer(tools) if parse_tools else None
         self.token_text, self.want_logprobs = token_text, logprobs
         self.reasoning_text: list[str] = []
@@ -71,6 +99,7 @@ class ChatChoice:
         entries = []
         if ev.token_id is not None:
             self.tokens += 1
+            self.thought.feed(ev.token_id)
             if self.want_logprobs and ev.logprob is not None:
                 entries.append(self.token_text.chat_entry(ev.token_id, ev.logprob, ev.top_logprobs))
                 self.logprobs += entries
@@ -165,3 +194,79 @@ def text_completion(rid: str, model: str, choices: list[dict], usage_: dict | No
     if usage_ is not None:
         out["usage"] = usage_
     return out
+
+
+class Reply:
+    """The choices of one request and the response objects built from them. Choices are
+    job-major: job j's sample i is ``choices[j * per_job + i]``."""
+
+    prefix = ""
+
+    def __init__(self, model: str, choices: list, prompt_tokens: int, per_job: int = 1):
+        self.id, self.created = new_id(self.prefix), int(time.time())
+        self.model, self.choices, self.prompt_tokens, self.per_job = model, choices, prompt_tokens, per_job
+        self.cached_tokens: int | None = None  # prompt tokens the prefix cache gave, once known
+
+    def feed(self, job: int, ev) -> dict | None:
+        """One engine event -> the choice object of a stream chunk, or None."""
+        return self.choices[job * self.per_job + ev.index].feed(ev)
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices), self.cached_tokens)
+
+    def opening(self) -> list[list[dict]]:
+        """Choice lists of the chunks sent before the first token."""
+        return []
+
+    # -- the SSE stream: OpenAI chunks and ``data: [DONE]``; other APIs frame their own events
+    def stream_open(self, include_usage: bool) -> list[bytes]:
+        extra = {"usage": None} if include_usage else {}
+        return [sse(self.chunk(choices, **extra)) for choices in self.opening()]
+
+    def stream_feed(self, job: int, ev, include_usage: bool) -> list[bytes]:
+        choice = self.feed(job, ev)
+        if choice is None:
+            return []
+        return [sse(self.chunk([choice], **({"usage": None} if include_usage else {})))]
+
+    def stream_close(self, include_usage: bool) -> list[bytes]:
+        return ([sse(self.chunk([], usage=self.usage()))] if include_usage else []) + [SSE_DONE]
+
+    def stream_error(self, exc) -> list[bytes]:
+        return [sse(exc.body()), SSE_DONE]
+
+    def chunk(self, choices: list[dict], **extra) -> dict:
+        raise NotImplementedError
+
+    def body(self) -> dict:
+        """The whole (non-streamed) response."""
+        raise NotImplementedError
+
+
+class ChatReply(Reply):
+    prefix = "chatcmpl"
+
+    def usage(self) -> dict:
+        return usage(self.prompt_tokens, sum(c.tokens for c in self.choices), self.cached_tokens,
+                     sum(c.thought.count for c in self.choices))
+
+    def opening(self) -> list[list[dict]]:
+        return [[{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for i in range(len(self.choices))]]
+
+    def chunk(self, choices: list[dict], **extra) -> dict:
+        return chat_chunk(self.id, self.model, self.created, choices, **extra)
+
+    def body(self) -> dict:
+        return chat_completion(self.id, self.model, [c.message() for c in self.choices], self.usage())
+
+
+class TextReply(Reply):
+    prefix = "cmpl"
+
+    def chunk(self, choices: list[dict], **extra) -> dict:
+        return text_completion(self.id, self.model, choices, None, self.created) | extra
+
+    def body(self) -> dict:
+        return text_completion(self.id, self.model, [c.choice() for c in self.choices], self.usage(),
+                               self.created)

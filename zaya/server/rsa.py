@@ -1,14 +1,17 @@
 """Markovian RSA per request: ``"rsa": {...}`` in a chat completion body (the OpenAI client's
 ``extra_body={"rsa": {...}}``), in the format of Zyphra's RSA proxy.
 
-The run goes through the server's own scheduler (`SchedulerBackend`), so its N candidates are
-decoded in the same continuous batch as everyone else's requests. ``"rsa": true`` runs the default
-profile; an object picks a ``profile`` and overrides any `RSAConfig` field. Zyphra's names are
-accepted too: ``t`` (rounds *including* round 0, so ``t = rounds + 1``), ``tail_tokens`` (tau) and
-``max_tokens`` (beta). Top-level ``temperature``, ``top_p``, ``top_k``, ``seed`` and ``max_tokens``
-apply when the rsa object does not set them. Usage sums every token of every round; the response
-carries an ``rsa`` summary (rounds, population, vote). A streaming client gets SSE comment lines
-``: rsa {...progress...}`` (and keep-alives) while rounds run, then the answer as normal chunks.
+The run is a `zaya.rsa.RSARun` step machine driven on the event loop: each step's prompts go to
+the server's own scheduler as jobs (so its candidates decode in the same continuous batch as
+everyone else's requests) and their events come back through the jobs' asyncio queue; tail and
+prompt bookkeeping between steps runs in a worker thread. A client that leaves cancels the task,
+which cancels its jobs. ``"rsa": true`` runs the default profile; an object picks a ``profile``
+and overrides any `RSAConfig` field. Zyphra's names are accepted too: ``t`` (rounds *including*
+round 0, so ``t = rounds + 1``), ``tail_tokens`` (tau) and ``max_tokens`` (beta). Top-level
+``temperature``, ``top_p``, ``top_k``, ``seed`` and ``max_tokens`` apply when the rsa object does
+not set them. Usage sums every token of every round; the response carries an ``rsa`` summary
+(rounds, population, vote). A streaming client gets SSE comment lines ``: rsa {...progress...}``
+(and keep-alives) while rounds run, then the answer as normal chunks.
 """
 
 from __future__ import annotations
@@ -16,114 +19,31 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import queue
-import threading
 import time
 
-from zaya.chat import generation_starts_in_reasoning, split_reasoning
-from zaya.errors import ContextLengthError, ZayaError
-from zaya.rsa import PROFILES, RSAConfig, RSAError, make_config, solve
-from zaya.rsa.backends import Candidate, TokenTools, derive_seed
+from starlette.concurrency import run_in_threadpool
+
+from zaya.chat import generation_starts_in_reasoning
+from zaya.errors import ZayaError
+from zaya.rsa import PROFILES, GenerateRequest, RSAConfig, RSAError, RSAResult, RSARun, make_config
+from zaya.rsa.backends import Candidate, EventText, TokenTools, derive_seed
 from zaya.rsa.config import DEFAULT_PROFILE
+from zaya.grammar import make_guide
+from zaya.rsa.fit import fit_for_model
 from zaya.sampling import MAX_N, SamplingParams
 from zaya.server import responses as R
-from zaya.server.app import ClientGone, watch_client
-from zaya.server.prepare import chat_messages, render, template_kwargs
+from zaya.server.generation import Submission, Timing, chat_choices, respond
+from zaya.server.http import api_error, sse_response, watch_client
+from zaya.server.prepare import chat_messages, prepare_final, render, template_kwargs, thinking_settings
 from zaya.server.protocol import ApiError, bad_request
-from zaya.server.scheduler import DONE
 
 MAX_ROUNDS = 16
 _ALIASES = {"tail_tokens": "tail", "max_tokens": "budget"}
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(RSAConfig)}
 
 
-class Cancelled(RSAError):
-    pass
-
-
-class SchedulerBackend(TokenTools):
-    """An RSA generator backend that decodes through the server's scheduler."""
-
-    name = "zaya-server"
-    drafts = True  # takes ``speculative`` (prompt-lookup drafting) per call
-
-    def __init__(self, state, on_progress=None):
-        self.state, self.llm, self.tokenizer = state, state.llm, state.llm.tokenizer
-        self.cancelled = threading.Event()
-        self.on_progress = on_progress
-        self.round = -1
-
-    def generate(self, messages_list, *, n, max_tokens, temperature, top_p, top_k, seed, enable_thinking=None,
-                 batch_size=None, progress=None, speculative=None):
-        self.round += 1
-        sched = self.state.scheduler
-        texts = [self.llm.render_chat(m, enable_thinking=enable_thinking) for m in messages_list]
-        prompts = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        chunk = max(1, min(n, batch_size or sched.max_batch, sched.max_batch))
-        inbox: queue.Queue = queue.Queue()
-        jobs, out = [], {}
-        start = time.perf_counter()
-        total, finished, tokens = len(prompts) * n, 0, 0
-        try:
-            for p, ids in enumerate(prompts):
-                for c, first in enumerate(range(0, n, chunk)):
-                    params = SamplingParams.from_kwargs(max_new_tokens=max_tokens, temperature=temperature,
-                                                        top_p=top_p, top_k=top_k, n=min(chunk, n - first),
-                                                        seed=derive_seed(seed, p, c), speculative=speculative)
-                    sched.check(len(ids), params)
-                    j = len(jobs)
-                    jobs.append((sched.submit(ids, params, lambda item, j=j: inbox.put((j, item)),
-                                              bypass_limit=True), p, first))
-            open_jobs = len(jobs)
-            while open_jobs:
-                try:
-                    j, item = inbox.get(timeout=0.2)
-                except queue.Empty:
-                    item = None
-                if self.cancelled.is_set():
-                    raise Cancelled("the RSA run was cancelled")
-                if item is None:
-                    continue
-                if item is DONE:
-                    open_jobs -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                _, p, first = jobs[j]
-                new, done = 0, 0
-                for ev in item:
-                    rec = out.setdefault((p, first + ev.index), {"text": [], "tokens": 0, "finish": None})
-                    rec["text"].append(ev.text)
-                    rec["tokens"] += ev.token_id is not None
-                    new += ev.token_id is not None
-                    if ev.finish_reason:
-                        rec["finish"], rec["seconds"] = ev.finish_reason, time.perf_counter() - start
-                        done += 1
-                tokens, finished = tokens + new, finished + done
-                if progress:
-                    progress(new, done)
-                if self.on_progress:
-                    self.on_progress({"round": self.round, "candidates": total, "finished": finished,
-                                      "tokens": tokens})
-        except BaseException:
-            for job, _, _ in jobs:
-                sched.cancel(job)
-            raise
-        result = []
-        for p, text in enumerate(texts):
-            thinking = generation_starts_in_reasoning(text)
-            cands = []
-            for s in range(n):
-                rec = out[(p, s)]
-                whole = "".join(rec["text"])
-                reasoning, content = split_reasoning(whole, thinking)
-                cands.append(Candidate(whole, reasoning or "", content, rec["finish"], len(prompts[p]),
-                                       rec["tokens"], rec.get("seconds", 0.0)))
-            result.append(cands)
-        return result
-
-
-def rsa_config(req) -> RSAConfig:
+# -- the request's settings -------------------------------------------------------------------
+def rsa_config(state, req) -> RSAConfig:
     spec = {} if req.rsa is True else dict(req.rsa)
     profile = spec.pop("profile", None)
     if profile is not None and (not isinstance(profile, str) or profile not in PROFILES):
@@ -142,8 +62,11 @@ def rsa_config(req) -> RSAConfig:
         if value is not None:
             spec.setdefault(key, value)
     thinking, _ = template_kwargs(req)
+    budget, thinking = thinking_settings(state, req, thinking)
     if thinking is not None:
         spec.setdefault("enable_thinking", thinking)
+    if budget is not None:
+        spec.setdefault("thinking_budget", budget)
     for key, value in spec.items():
         if key not in _FIELD_TYPES:
             raise bad_request(f"unknown rsa parameter {key!r}; valid: profile, t, tail_tokens, max_tokens, "
@@ -159,6 +82,14 @@ def rsa_config(req) -> RSAConfig:
     return cfg
 
 
+def _explicit(req) -> set[str]:
+    """The RSA lengths a request sets itself; the profile's others shrink to fit the context."""
+    names = {_ALIASES.get(key, key) for key in (req.rsa if isinstance(req.rsa, dict) else {})}
+    if req.max_completion_tokens is not None or req.max_tokens is not None:
+        names.add("budget")
+    return names & {"budget", "tail"}
+
+
 def _type_ok(value, kind: str) -> bool:
     if value is None:
         return "None" in kind
@@ -171,6 +102,158 @@ def _type_ok(value, kind: str) -> bool:
     return isinstance(value, str) and "str" in kind
 
 
+# -- a run on the scheduler --------------------------------------------------------------------
+class Progress:
+    """The latest progress of a run, shown to a streaming client."""
+
+    def __init__(self):
+        self.state: dict | None = None
+        self.seq = 0
+
+    def update(self, **state) -> None:
+        self.state, self.seq = state, self.seq + 1
+
+
+async def solve_on_scheduler(state, messages: list[dict], cfg: RSAConfig, progress: Progress) -> RSAResult:
+    """Drive one run to its result; every error leaves as an `ApiError` about ``rsa``."""
+    try:
+        tokens = TokenTools(state.llm.tokenizer, name="zaya-server")
+        # the scheduler drafts where a request asks (RSARun asks in aggregation rounds by default)
+        tokens.drafts, tokens.spec_stats = True, getattr(state.scheduler.engine, "spec_stats", None)
+        run = await run_in_threadpool(RSARun, tokens, messages, profile=cfg)
+        while (request := run.next_request()) is not None:
+            outputs = await generate(state, request, progress)
+            await run_in_threadpool(run.feed, outputs)
+        return run.result
+    except Exception as exc:
+        raise api_error(exc, rsa=True) from None
+
+
+async def generate(state, request: GenerateRequest, progress: Progress) -> list[list[Candidate]]:
+    """One step of a run: its prompts become scheduler jobs of at most ``max_batch`` rows each
+    (a prompt's samples share a prefill), admitted past the queue bound."""
+    thinking, prompts = await run_in_threadpool(_render, state.llm, request)
+    sched = state.scheduler
+    chunk = max(1, min(request.n, request.batch_size or sched.max_batch, sched.max_batch))
+    items, origin = [], []
+    for p, ids in enumerate(prompts):
+        for c, first in enumerate(range(0, request.n, chunk)):
+            params = SamplingParams.from_kwargs(
+                max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                top_k=request.top_k, n=min(chunk, request.n - first), seed=derive_seed(request.seed, p, c),
+                constraint=_budget(state, thinking[p], request.thinking_budget), speculative=request.speculative)
+            sched.check(len(ids), params)
+            items.append((ids, params))
+            origin.append((p, first))
+    events, tokens, finished = EventText(), 0, 0
+    sub = Submission(state, items, bypass_limit=True, rsa=True)
+    try:
+        async for job, ev in sub.events():
+            p, first = origin[job]
+            new, done = events.add((p, first + ev.index), ev)
+            tokens, finished = tokens + new, finished + done
+            progress.update(round=request.round, candidates=request.sequences, finished=finished,
+                            tokens=tokens)
+    finally:
+        sub.cancel()  # jobs still running when the client left or another job failed
+    return [[events.candidate((p, s), thinking[p], len(ids)) for s in range(request.n)]
+            for p, ids in enumerate(prompts)]
+
+
+def _budget(state, starts_in_reasoning: bool, budget: int | None):
+    if budget is None:
+        return None
+    return make_guide(state.llm.tokenizer, state.llm.config.vocab_size, starts_in_reasoning=starts_in_reasoning,
+                      thinking_budget=budget)
+
+
+def _render(llm, request: GenerateRequest) -> tuple[list[bool], list[list[int]]]:
+    texts = [llm.render_chat(m, enable_thinking=request.enable_thinking) for m in request.prompts]
+    return ([generation_starts_in_reasoning(t) for t in texts],
+            [llm.tokenizer.encode(t, add_special_tokens=False) for t in texts])
+
+
+# -- the route ----------------------------------------------------------------------------------
+async def rsa_chat(state, request, req, reply_for=None):
+    """A chat completion answered by a Markovian RSA run. With ``response_format`` or ``tools``,
+    or for another API (``reply_for(prep, choices)`` makes its reply), the selected answer goes
+    through one more generation that shapes it (`prepare_final`), answered like any chat request."""
+    cfg = _admit(state, req)
+    messages, cfg = _problem(state, req, cfg)
+    progress = Progress()
+    task = asyncio.ensure_future(solve_on_scheduler(state, messages, cfg, progress))
+    state.rsa_running.add(task)
+    state.metrics.rsa_runs.inc()
+
+    def release():
+        task.cancel()
+        state.rsa_running.discard(task)
+
+    if reply_for is not None or req.response_format or req.tools:
+        try:
+            result = await watch_client(request, task, release)
+        finally:
+            release()
+        return await _final_pass(state, request, req, result, reply_for)
+
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return sse_response(_chunks(state, req, task, progress, include_usage), release)
+    try:
+        result = await watch_client(request, task, release)
+    finally:
+        release()
+    message, finish, usage, summary = _answer(result)
+    return R.chat_completion(R.new_id("chatcmpl"), req.model, [{"index": 0, "message": message, "logprobs": None,
+                                                              "finish_reason": finish}], usage, rsa=summary)
+
+
+async def _final_pass(state, request, req, result: RSAResult, reply_for):
+    chosen = _selected(result)
+    prep = await run_in_threadpool(prepare_final, state, req, chosen.content or chosen.reasoning or chosen.text)
+    sub = Submission(state, [(prep.ids, prep.params)], bypass_limit=True)
+    choices = chat_choices(state, prep)
+    reply = reply_for(prep, choices) if reply_for else R.ChatReply(req.model, choices, len(prep.ids))
+    return await respond(request, sub, reply, Timing(state.metrics, request.url.path, time.monotonic()),
+                         stream=req.stream, include_usage=bool(req.stream_options and req.stream_options.include_usage))
+
+
+def _admit(state, req) -> RSAConfig:
+    """The run's settings, or a 400 for what RSA cannot do, or a 429 when enough runs are going."""
+    if req.n != 1:
+        raise bad_request("rsa returns one answer: n must be 1", param="n")
+    if req.logprobs:
+        raise bad_request("rsa cannot return logprobs", param="logprobs")
+    if len(state.rsa_running) >= state.config.max_rsa_runs:
+        state.metrics.rejected.inc()
+        raise ApiError(429, f"{state.config.max_rsa_runs} RSA runs are already in progress; retry later",
+                       type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(state.config.retry_after_s)})
+    return rsa_config(state, req)
+
+
+def _problem(state, req, cfg: RSAConfig) -> tuple[list[dict], RSAConfig]:
+    """The request's messages as the run's problem, refused when the run cannot fit the context."""
+    messages = chat_messages(req)
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            m["content"] = "".join(part["text"] for part in m["content"])
+    render(state.llm, messages, None, cfg.enable_thinking, {})  # a message the template refuses is a 400 here
+    try:
+        cfg = fit_for_model(state.llm, messages, cfg, None, _explicit(req), max_context=state.max_context)
+    except RSAError as exc:
+        raise bad_request(f"rsa: {exc}{state.context_note}", param="rsa", code="context_length_exceeded") from None
+    return messages, cfg
+
+
+def _answer(result: RSAResult) -> tuple[dict, str, dict, dict]:
+    """(message, finish reason, usage, rsa summary) of a finished run."""
+    chosen = _selected(result)
+    usage = R.usage(result.prompt_tokens, result.completion_tokens)
+    message = {"role": "assistant", "content": chosen.content, "reasoning_content": chosen.reasoning or None}
+    return message, chosen.finish_reason or "length", usage, result.to_dict()
+
+
 def _selected(result) -> Candidate:
     if result.final is not None:
         return result.final.candidate
@@ -180,115 +263,38 @@ def _selected(result) -> Candidate:
     return (stopped or [m.candidate for m in result.population])[0]
 
 
-async def rsa_chat(state, request, req):
-    if req.n != 1:
-        raise bad_request("rsa returns one answer: n must be 1", param="n")
-    if req.tools:
-        raise bad_request("rsa cannot be combined with tools", param="tools")
-    if req.logprobs:
-        raise bad_request("rsa cannot return logprobs", param="logprobs")
-    if len(state.rsa_running) >= state.config.max_rsa_runs:
-        state.metrics.rejected.inc()
-        raise ApiError(429, f"{state.config.max_rsa_runs} RSA runs are already in progress; retry later",
-                       type="rate_limit_error", code="queue_full",
-                       headers={"Retry-After": str(state.config.retry_after_s)})
-    cfg = rsa_config(req)
-    messages = chat_messages(req)
-    for m in messages:
-        if isinstance(m.get("content"), list):
-            m["content"] = "".join(part["text"] for part in m["content"])
-    prompt = render(state.llm, messages, None, cfg.enable_thinking, {})
-    prompt_len = len(state.llm.tokenizer.encode(prompt, add_special_tokens=False))
-    need = prompt_len + cfg.budget + (min(cfg.k, cfg.n) * cfg.tail_limit if cfg.rounds else 0)
-    if need > state.max_context:
-        raise bad_request(f"this RSA setting needs about {need} tokens of context (prompt {prompt_len} + tails "
-                          f"K*tau + budget {cfg.budget}) but the server allows {state.max_context}; lower budget "
-                          f"or tail", param="rsa", code="context_length_exceeded")
-
-    progress = {"state": None, "seq": 0}
-
-    def on_progress(p):
-        progress["state"], progress["seq"] = p, progress["seq"] + 1
-
-    backend = SchedulerBackend(state, on_progress)
-    state.rsa_running.add(backend.cancelled.set)
-    state.metrics.rsa_runs.inc()
-    loop = asyncio.get_running_loop()
-    future = loop.run_in_executor(state.rsa_pool, lambda: solve(backend, messages, profile=cfg, progress=False))
+async def _chunks(state, req, task: asyncio.Task, progress: Progress, include_usage: bool):
+    """The SSE body: progress comments while the run goes on, then the answer as chunks."""
     rid, created = R.new_id("chatcmpl"), int(time.time())
-
-    def release():
-        backend.cancelled.set()
-        state.rsa_running.discard(backend.cancelled.set)
-
-    def response_parts(result):
-        chosen = _selected(result)
-        usage = R.usage(result.prompt_tokens, result.completion_tokens)
-        message = {"role": "assistant", "content": chosen.content,
-                   "reasoning_content": chosen.reasoning or None}
-        return message, chosen.finish_reason or "length", usage, result.to_dict()
-
-    if not req.stream:
-        try:
-            result = await watch_client(request, _wait(future), release)
-        except ClientGone:
-            from fastapi.responses import Response
-
-            return Response(status_code=499)
-        except BaseException as exc:
-            raise _rsa_error(exc) from None
-        finally:
-            release()
-        message, finish, usage, summary = response_parts(result)
-        return R.chat_completion(rid, req.model, [{"index": 0, "message": message, "logprobs": None,
-                                                   "finish_reason": finish}], usage, rsa=summary)
-
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-    async def stream():
-        sent_seq, last_sent = 0, time.monotonic()
-        try:
-            while not future.done():
-                await asyncio.wait({future}, timeout=0.5)
-                now = time.monotonic()
-                if progress["seq"] != sent_seq and now - last_sent >= 1.0:
-                    sent_seq, last_sent = progress["seq"], now
-                    yield b": rsa " + json.dumps(progress["state"]).encode() + b"\n\n"
-                elif now - last_sent >= state.config.keepalive_s:
-                    last_sent = now
-                    yield R.SSE_KEEPALIVE
-            try:
-                result = future.result()
-            except BaseException as exc:
-                yield R.sse(_rsa_error(exc).body())
-                yield R.SSE_DONE
-                return
-            message, finish, usage, summary = response_parts(result)
-            delta = {k: v for k, v in message.items() if v is not None}
-            yield R.sse(R.chat_chunk(rid, req.model, created, [{"index": 0, "delta": delta, "logprobs": None,
-                                                                 "finish_reason": None}]))
-            yield R.sse(R.chat_chunk(rid, req.model, created, [{"index": 0, "delta": {}, "logprobs": None,
-                                                                 "finish_reason": finish}], rsa=summary))
-            if include_usage:
-                yield R.sse(R.chat_chunk(rid, req.model, created, [], usage=usage))
-            yield R.SSE_DONE
-        finally:
-            release()
-
-    from zaya.server.app import _sse_response
-
-    return _sse_response(stream(), release)
+    async for comment in _progress_comments(task, progress, state.config.keepalive_s):
+        yield comment
+    try:
+        result = task.result()
+    except ApiError as exc:
+        yield R.sse(exc.body())
+        yield R.SSE_DONE
+        return
+    message, finish, usage, summary = _answer(result)
+    delta = {k: v for k, v in message.items() if v is not None}
+    yield R.sse(R.chat_chunk(rid, req.model, created, [{"index": 0, "delta": delta, "logprobs": None,
+                                                         "finish_reason": None}]))
+    yield R.sse(R.chat_chunk(rid, req.model, created, [{"index": 0, "delta": {}, "logprobs": None,
+                                                         "finish_reason": finish}], rsa=summary))
+    if include_usage:
+        yield R.sse(R.chat_chunk(rid, req.model, created, [], usage=usage))
+    yield R.SSE_DONE
 
 
-async def _wait(future):
-    return await future
-
-
-def _rsa_error(exc: BaseException) -> ApiError:
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, ContextLengthError):
-        return bad_request(f"RSA: {exc}; lower rsa budget or tail", param="rsa", code="context_length_exceeded")
-    if isinstance(exc, ZayaError):
-        return bad_request(f"RSA: {exc}", param="rsa")
-    return ApiError(500, f"the RSA run failed ({type(exc).__name__}); see the server log", type="server_error")
+async def _progress_comments(task: asyncio.Task, progress: Progress, keepalive_s: float):
+    """While ``task`` runs: its latest progress at most once a second, else a keep-alive every
+    ``keepalive_s`` (SSE comment lines, which clients ignore)."""
+    sent_seq, last_sent = 0, time.monotonic()
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.5)
+        now = time.monotonic()
+        if progress.seq != sent_seq and now - last_sent >= 1.0:
+            sent_seq, last_sent = progress.seq, now
+            yield b": rsa " + json.dumps(progress.state).encode() + b"\n\n"
+        elif now - last_sent >= keepalive_s:
+            last_sent = now
+            yield R.SSE_KEEPALIVE

@@ -161,6 +161,10 @@ class Scheduler:
             for job in list(self._active.values()):
                 self._finish(job, exc)
             self._active.clear()
+            try:  # give its blocks back to the shared cache before it is replaced
+                self.engine.reset()
+            except Exception:  # noqa: BLE001 - the replacement is what matters
+                log.exception("resetting the failed engine failed")
             self.engine = self.engine_factory()
             return
         if self.metrics:

@@ -16,10 +16,18 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
+import zaya
+from zaya.rsa import LocalBackend
+from zaya.rsa.prompts import ZYPHRA
 from zaya.tasks import BUILTIN_LEVELS, builtin_test_set, problem_records
-from zaya.tasks.aggregation import Tails, aggregation_example, plain_example
+from zaya.tasks.aggregation import Tails, aggregation_example, plain_example, self_aggregation_examples
 from zaya.tasks.arithmetic import LEVELS, reasoning, sample_problems
 from zaya.tasks.vocab import save_tokenizer, train_tokenizer
+from zaya.train.checkpoints import latest_checkpoint
+from zaya.train.config import load_config
+from zaya.train.loop import train as run_training
 
 SHIPPED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "chat_template.jinja", "generation_config.json")
@@ -36,8 +44,6 @@ def build_data(args) -> int:
 
     # The tokenizer sees every kind of text the model will: problems, chains and the
     # aggregation template (rendered with a few correct chains as candidates).
-    from zaya.rsa.prompts import ZYPHRA
-
     chain = lambda p: reasoning(p, args.result_line)  # noqa: E731
     corpus = [f"user\n{p.text}\nmodel\n{chain(p)}\n\n\\boxed{{{p.answer}}}" for p in problems[:20000]]
     corpus += [ZYPHRA(p.text, [chain(p)] * 4) for p in agg_problems[:2000]]
@@ -102,8 +108,6 @@ def _checkpoint(path: str) -> Path | None:
     src = Path(path)
     if not (src / "checkpoints").is_dir():
         return src
-    from zaya.train.checkpoints import latest_checkpoint
-
     src = latest_checkpoint(src)
     if src is None:
         print(f"error: {path} has no complete checkpoint", file=sys.stderr)
@@ -118,11 +122,6 @@ def _write_jsonl(path: Path, records) -> None:
 
 def self_data(args) -> int:
     """Solve examples plus self-aggregation examples sampled from a checkpoint (report §IV-B)."""
-    import torch
-
-    import zaya
-    from zaya.rsa import LocalBackend
-    from zaya.tasks.aggregation import self_aggregation_examples
     src = _checkpoint(args.model)
     if src is None:
         return 1
@@ -172,17 +171,12 @@ def install(args) -> int:
 def train(args) -> int:
     """``zaya train CONFIG``, ending after step ``--stop-after`` of the config's schedule (the
     LR schedule still spans ``train.steps``), as the shipped run was stopped."""
-    from zaya.train.config import load_config
-    from zaya.train.loop import train as run_training
-
     result = run_training(load_config(args.config, args.overrides), stop_after=args.stop_after)
     print(f"stopped at step {result.step}; checkpoint {result.checkpoint}")
     return 0
 
 
 def main(argv=None) -> int:
-    import zaya
-
     p = argparse.ArgumentParser(prog="python -m zaya.tasks", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-data", help="train the tokenizer and write the training data")

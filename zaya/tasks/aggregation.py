@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import random
 
+from zaya.rsa.answers import boxed_answer, normalize_answer
 from zaya.rsa.backends import TokenTools
+from zaya.rsa.drivers import sample_pool
 from zaya.rsa.prompts import ZYPHRA
 from zaya.tasks.arithmetic import Problem, corrupted_reasoning, reasoning, solution_message
 
 
 class Tails(TokenTools):
-    """RSA's token-exact tail rule on a bare tokenizer."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    """RSA's token-exact tail rule on a bare tokenizer: ``Tails(tokenizer).tail(text, tau)``."""
 
 
 def aggregation_example(problem: Problem, rng: random.Random, tails: Tails, *, k: int, tail: int,
@@ -60,13 +59,9 @@ def self_aggregation_examples(backend, problems: list[Problem], rng: random.Rand
     ``zaya.rsa.LocalBackend``): ``samples`` chains per problem, then ``per_problem`` prompts per
     problem, each of ``k`` distinct samples cut to their last ``tail`` tokens, with the correct
     solution as the target. Returns (records, stats) where stats has the samples' accuracy."""
-    from zaya.evaluate import sample_pool
-    from zaya.rsa.answers import boxed_answer, normalize_answer
-    from zaya.tasks import problem_records
-
     if samples < k:
         raise ValueError(f"need at least k={k} samples per problem, got {samples}")
-    pool = sample_pool(backend, problem_records(problems), samples=samples, max_tokens=max_tokens,
+    pool = sample_pool(backend, [p.text for p in problems], samples=samples, max_tokens=max_tokens,
                        temperature=temperature, top_p=1.0, seed=seed, progress=False)
     records, right = [], 0
     for problem, cands in zip(problems, pool):

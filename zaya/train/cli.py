@@ -4,6 +4,7 @@
     zaya train recipes/train-tiny.toml --resume                 # continue from the latest checkpoint
     zaya train recipes/train-tiny.toml --set balance.enabled=false --set train.out_dir=runs/nobal
     zaya train recipes/train-tiny.toml --plot-only --plot loss.png
+    zaya train recipes/finetune-zaya1-8b-fsdp.toml --dry-run --ranks 8     # memory per rank, nothing trained
     torchrun --nproc-per-node 2 -m zaya.train recipes/train-tiny.toml
 """
 
@@ -25,6 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="PNG", help="write a PNG of loss and load entropy from the metrics log")
     p.add_argument("--plot-only", action="store_true", help="with --plot: plot an existing run, do not train")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the memory one rank needs (parameters, gradients, optimizer, activations) and whether "
+                        "it fits the device; train nothing")
+    p.add_argument("--ranks", type=int, default=None, metavar="N",
+                   help="with --dry-run: the number of ranks to plan for (default: WORLD_SIZE, else 1)")
+    p.add_argument("--device-memory", type=float, default=None, metavar="GB",
+                   help="with --dry-run: plan for a device with this much memory instead of this machine's")
 
 
 def register(subparsers) -> None:
@@ -45,6 +53,14 @@ def run(args) -> int:
             raise SystemExit("zaya train: --plot-only needs --plot PNG")
         print(plot_metrics(cfg.out_dir / "metrics.jsonl", args.plot))
         return 0
+    if args.dry_run:
+        import os
+
+        from zaya.train.memory import dry_run
+
+        text, fits = dry_run(cfg, args.ranks or int(os.environ.get("WORLD_SIZE", "1")), args.device_memory)
+        print(text)
+        return 0 if fits else 1
     if args.plot:
         cfg.train.plot = args.plot
     train(cfg, resume=args.resume)

@@ -4,7 +4,10 @@
     [data]     train = ["data/*.jsonl"], eval = [...] or holdout = 0.05, seq_len, packing
     [optim]    AdamW: lr, min_lr, warmup_steps, weight_decay, betas, eps, grad_clip
     [balance]  the router bias controller: enabled, lr, betas, eps, weight_decay
-    [train]    out_dir, steps, global_batch, micro_batch, precision, seed, eval/save cadence
+    [train]    out_dir, steps, global_batch, micro_batch, precision, seed, eval/save cadence,
+               activation_checkpointing
+    [distributed]  strategy = "ddp" or "fsdp", cpu_offload
+    [lora]     r (0: full fine-tuning), alpha, dropout, targets
 
 Relative paths are relative to the working directory, as in most trainers' configs. Every
 problem (unknown key, wrong type, impossible value, missing file) raises a ``ConfigError``
@@ -21,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zaya.errors import ConfigError
 from zaya.config import ZayaConfig
+from zaya.errors import ConfigError
+from zaya.lora import LoraSpec
 
 PRECISIONS = ("fp32", "bf16")
 PACKINGS = ("stream", "bfd")
 PROBLEM_STYLES = ("chat", "raw")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -85,6 +90,22 @@ class TrainSection:
     device: str = "auto"           # auto (cuda if present), cpu, cuda
     progress: bool = True          # tqdm bar on rank 0
     plot: str | None = None        # write a PNG of loss and load entropy here at the end
+    activation_checkpointing: bool = False  # keep only each block's inputs; recompute the rest in backward
+
+
+@dataclass
+class DistributedSection:
+    strategy: str = "ddp"          # ddp: every rank holds the model; fsdp: parameters, grads, optimizer sharded
+    cpu_offload: bool = False      # fsdp: keep the sharded parameters, grads and optimizer state in CPU memory
+
+
+@dataclass
+class LoraSection:
+    r: int = 0                     # adapter rank; 0 trains every weight (no LoRA)
+    alpha: float = 16.0            # the update is scaled by alpha / r
+    dropout: float = 0.0           # on the adapters' input (linear targets only)
+    targets: list[str] = field(default_factory=lambda: ["attention"])  # see zaya/lora.py
+    adapter: str | None = None     # start from this adapter (PEFT format) instead of fresh ones
 
 
 @dataclass
@@ -94,6 +115,8 @@ class TrainConfig:
     optim: OptimSection
     balance: BalanceSection
     train: TrainSection
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     source: str = "<dict>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,7 +137,7 @@ class TrainConfig:
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "balance": BalanceSection,
-            "train": TrainSection}
+            "train": TrainSection, "distributed": DistributedSection, "lora": LoraSection}
 _SHAPE_KEYS = {f.name for f in dataclasses.fields(ZayaConfig)} - {"extra", "quantization"}
 
 
@@ -280,6 +303,23 @@ def validate(cfg: TrainConfig) -> None:
     for name, betas in (("optim.betas", o.betas), ("balance.betas", b.betas)):
         need(len(betas) == 2 and all(0 <= x < 1 for x in betas), f"{name} must be two numbers in [0, 1), "
                                                                   f"got {betas}")
+    dist, lora = cfg.distributed, cfg.lora
+    need(dist.strategy in STRATEGIES, f"distributed.strategy must be one of {list(STRATEGIES)}, got {dist.strategy!r}")
+    need(not dist.cpu_offload or dist.strategy == "fsdp", "distributed.cpu_offload needs distributed.strategy = 'fsdp'")
+    need(lora.r >= 0, f"lora.r must be >= 0 (0 turns LoRA off), got {lora.r}")
+    need(lora.r or not lora.adapter, "lora.adapter needs the [lora] settings it was trained with (lora.r > 0)")
+    if lora.r:
+        need(bool(m.init_from), "LoRA adapts a trained model: set model.init_from (or lora.r = 0 to train from scratch)")
+        try:
+            lora_spec(cfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{src}: {exc}") from None
+
+
+def lora_spec(cfg: TrainConfig) -> LoraSpec | None:
+    """The run's LoRA settings as a ``zaya.lora.LoraSpec``, or None for full fine-tuning."""
+    lora = cfg.lora
+    return LoraSpec(lora.r, lora.alpha, lora.dropout, tuple(lora.targets)) if lora.r else None
 
 
 def check_files(cfg: TrainConfig) -> None:
@@ -287,6 +327,8 @@ def check_files(cfg: TrainConfig) -> None:
     src, m = cfg.source, cfg.model
     if m.init_from and not (Path(m.init_from) / "config.json").is_file():
         raise ConfigError(f"{src}: model.init_from {m.init_from} is not a checkpoint directory (no config.json)")
+    if cfg.lora.adapter and not (Path(cfg.lora.adapter) / "adapter_config.json").is_file():
+        raise ConfigError(f"{src}: lora.adapter {cfg.lora.adapter} is not an adapter directory (no adapter_config.json)")
     tok = tokenizer_dir(cfg)
     if not (tok / "tokenizer.json").is_file():
         key = "model.tokenizer" if m.tokenizer else "model.init_from"

@@ -67,3 +67,16 @@ def init(device: str = "auto") -> DistEnv:
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank, world, local_rank, dev, owns)
+
+
+def ddp_wrap(model, env: DistEnv):
+    """``DistributedDataParallel`` over ``model``, without buffer broadcasts: the balancing biases
+    are kept equal by construction (every rank applies the same update from all-reduced counts)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel).parameters else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None,
+                                   **{no_sync: False})

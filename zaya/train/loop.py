@@ -20,19 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from zaya.checkpoint import load_model
-from zaya.config import ZayaConfig
 from zaya.errors import ConfigError, ZayaError
-from zaya.model import ZayaForCausalLM
+from zaya.checkpoint.adapters import save_adapter
+from zaya.lora import adapter_names
 from zaya.tokenizer import Tokenizer
+from zaya.train import build, fsdp, memory
 from zaya.train import checkpoints as ckpt
 from zaya.train import data as data_mod
 from zaya.train import dist as dist_mod
 from zaya.train.balance import BalanceController, load_stats
-from zaya.train.config import TrainConfig, check_files, tokenizer_dir
+from zaya.train.config import TrainConfig, check_files, lora_spec, tokenizer_dir
 from zaya.train.plot import plot_metrics
+from zaya.train.state import STATE_DIR, load_state
 
 # What must match for a resumed run to see the same data in the same order (besides the packed
 # tokens themselves, compared by fingerprint, which also catches changed files or tokenizers).
@@ -60,12 +60,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return o.lr * (step + 1) / o.warmup_steps
     progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def token_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over the masked-in targets (fp32 logits, as the reference's LM head)."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return (ce * mask.flatten()).sum()
 
 
 class MetricsLog:
@@ -111,17 +105,27 @@ class Trainer:
         self.order = data_mod.Order(len(self.data.train), t.global_batch, t.micro_batch, t.seed)
 
         self.resume_from = existing if resume else None
+        self.spec = lora_spec(cfg)
+        self.sharded = cfg.distributed.strategy == "fsdp"
+        if cfg.distributed.cpu_offload and env.device.type != "cuda":
+            raise ConfigError(f"{cfg.source}: distributed.cpu_offload moves state from the GPU to host memory; this "
+                              f"run is on {env.device.type}")
+        if self.sharded and not env.distributed:
+            raise ConfigError(f"{cfg.source}: distributed.strategy is 'fsdp', which shards the model over ranks, but "
+                              "this is one process; start it with torchrun --nproc-per-node N (N >= 2), or use "
+                              "strategy 'ddp' (one process needs no sharding)")
         self.model = self._build_model()
         self.step = 0
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": o.weight_decay},
+             {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
             lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         b = cfg.balance
-        self.balancer = BalanceController(self.model, lr=b.lr, betas=b.betas, eps=b.eps,
-                                          weight_decay=b.weight_decay) if b.enabled else None
+        # under LoRA the biases belong to the frozen base (an adapter file has no place for them)
+        self.balancer = BalanceController(self.model, lr=b.lr, betas=b.betas, eps=b.eps, weight_decay=b.weight_decay
+                                          ) if b.enabled and self.spec is None else None
         self.metrics = MetricsLog(out / "metrics.jsonl", env.is_main)
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -134,44 +138,24 @@ class Trainer:
                 self.metrics.path.unlink(missing_ok=True)
                 (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.last_checkpoint = self.resume_from
-        self.ddp = self.model
-        if env.distributed:
-            import inspect
-
-            from torch.nn.parallel import DistributedDataParallel
-
-            # the biases are kept equal by construction (every rank applies the same update from
-            # all-reduced counts), so there is nothing to broadcast before each forward
-            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
-                DistributedDataParallel).parameters else "broadcast_buffers"
-            self.ddp = DistributedDataParallel(self.model, device_ids=[env.device] if env.device.type == "cuda"
-                                               else None, **{no_sync: False})
+        self.forward = self.loss_model if self.sharded or not env.distributed else \
+            dist_mod.ddp_wrap(self.loss_model, env)
 
     # ------------------------------------------------------------------------------- setup
     def _build_model(self):
-        cfg, dev = self.cfg, self.env.device
-        source = self.resume_from or (Path(cfg.model.init_from) if cfg.model.init_from else None)
-        if source is not None:
-            model, config, _ = load_model(source, dtype=torch.float32, device=dev)
-        else:
-            tok = self.tokenizer
-            shape = {"vocab_size": -(-tok.vocab_size // 64) * 64, "bos_token_id": tok.bos_id,
-                     "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "dtype": "float32",
-                     **cfg.model.shape}
-            try:
-                config = ZayaConfig.from_dict(shape)
-            except ConfigError as exc:
-                raise ConfigError(f"{cfg.source}: [model] {exc}") from None
-            with torch.device("meta"):
-                model = ZayaForCausalLM(config)
-            model.to_empty(device=dev)
-            model.tie_weights()
-            model.init_weights(cfg.train.seed)
+        cfg, env = self.cfg, self.env
+        init_from = Path(cfg.model.init_from) if cfg.model.init_from else None
+        whole_state = self.resume_from is not None and self.spec is None  # the training state holds every weight
+        config = build.model_config(cfg, self.tokenizer, self.resume_from if whole_state else init_from)
         need = max(self.data.info["max_token_id"], self.tokenizer.vocab_size - 1)
         if need >= config.vocab_size:
             raise ConfigError(f"the tokenizer in {self.tok_dir} produces ids up to {need} but the model's vocab_size "
                               f"is {config.vocab_size}")
-        return model.train()
+        memory.check(memory.estimate(cfg, config, env.world, activations=False), env)
+        self.loss_model = build.skeleton(cfg, config, sharded=self.sharded)
+        adapters = None if self.resume_from else build.adapter_values(cfg, self.loss_model.lm)
+        return build.materialise(self.loss_model.lm, env.device, cfg, None if whole_state else init_from,
+                                 adapters=adapters, init=not whole_state)
 
     def _restore(self, path: Path) -> None:
         state = ckpt.read_trainer_state(path)
@@ -181,7 +165,11 @@ class Trainer:
             what = ", ".join(changed) if changed else "the training data (its token fingerprint)"
             raise ConfigError(f"cannot resume from {path}: {what} changed since it was written, so the data order "
                               "would not be reproduced; restore them or start a new train.out_dir")
-        self.optimizer.load_state_dict(state["optimizer"])
+        lora = [f"lora.{k}" for k in ("r", "alpha", "targets") if saved.get("lora", {}).get(k) != now["lora"][k]]
+        if lora:
+            raise ConfigError(f"cannot resume from {path}: {', '.join(lora)} changed since it was written (the "
+                              "adapters would not fit); restore them or start a new train.out_dir")
+        load_state(path / STATE_DIR, self.model, self.optimizer)
         if self.balancer is not None and state.get("balance"):
             self.balancer.load_state_dict(state["balance"])
         ckpt.set_rng_state(state["rng"])
@@ -191,7 +179,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- steps
     def autocast(self):
-        enabled = self.cfg.train.precision == "bf16"
+        # FSDP computes in bf16 through its mixed-precision policy; the other strategies autocast
+        enabled = self.cfg.train.precision == "bf16" and not self.sharded
         return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def train_step(self) -> dict:
@@ -200,25 +189,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         targets = self.data.train.targets(self.order.step_rows(step))
-        scale = env.world / max(1, targets)  # DDP averages gradients over ranks; undo that
+        scale = env.world / max(1, targets)  # DDP and FSDP average gradients over ranks; undo that
         loss_sum = torch.zeros((), device=env.device)
         counts = None
         batches = self.order.micro_batches(step, env.rank, env.world)
         for i, rows in enumerate(batches):
             x, y, w = (t.to(env.device) for t in self.data.train.batch(rows))
-            sync = i == len(batches) - 1 or not env.distributed
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+            # DDP reduces once, after the last micro-batch; FSDP reduce-scatters every micro-batch
+            # into the sharded gradients (holding unsharded ones between micro-batches costs memory)
+            defer = i < len(batches) - 1 and self.forward is not self.loss_model
+            with self.forward.no_sync() if defer else contextlib.nullcontext():
                 with self.autocast():
-                    logits, c = self.ddp(x, expert_counts=True)
-                loss = token_loss(logits, y, w)
+                    loss, c = self.forward(x, y, w)
                 (loss * scale).backward()
             loss_sum += loss.detach()
             counts = c if counts is None else counts + c
         env.all_reduce(loss_sum)
         env.all_reduce(counts)
         loss = float(loss_sum) / max(1, targets)
-        clip = self.cfg.optim.grad_clip or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        grad_norm = fsdp.clip_grad_norm(self.model.parameters(), self.cfg.optim.grad_clip or float("inf"))
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
             kept = (f"the last good checkpoint is {self.last_checkpoint} (continue with --resume, perhaps with a lower "
@@ -238,40 +227,55 @@ class Trainer:
         if held is None:
             return None
         t, env = self.cfg.train, self.env
-        rows = torch.arange(min(len(held), t.eval_batches * t.micro_batch))
+        chunks = list(torch.arange(min(len(held), t.eval_batches * t.micro_batch)).split(t.micro_batch))
         sums = torch.zeros(2, dtype=torch.float64, device=env.device)
-        for chunk in list(rows.split(t.micro_batch))[env.rank::env.world]:
-            x, y, w = (v.to(env.device) for v in held.batch(chunk))
+        # every rank runs the same number of forwards (FSDP gathers are collectives); a rank
+        # without a chunk of its own runs the first one and counts nothing
+        for i in range(-(-len(chunks) // env.world)):
+            k = i * env.world + env.rank
+            x, y, w = (v.to(env.device) for v in held.batch(chunks[k if k < len(chunks) else 0]))
             with self.autocast():
-                logits = self.model(x)
-            sums[0] += token_loss(logits, y, w).double()
-            sums[1] += w.sum()
+                loss, _ = self.loss_model(x, y, w)
+            if k < len(chunks):
+                sums[0] += loss.double()
+                sums[1] += w.sum()
         env.all_reduce(sums)
         return float(sums[0] / sums[1].clamp_min(1))
 
     def save(self) -> None:
-        if self.env.is_main:
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                     "balance": self.balancer.state_dict() if self.balancer else None,
-                     "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
-                     "data": {k: self.data.info[k] for k in ("fingerprint", "sequences", "documents")}}
-            self.last_checkpoint = ckpt.write_checkpoint(
-                self.cfg.out_dir, self.step, self.model, state, tokenizer_dir=self.tok_dir,
-                chat_template=self.template, keep=self.cfg.train.keep_checkpoints)
-        self.env.barrier()
-        if not self.env.is_main:
-            self.last_checkpoint = ckpt.latest_checkpoint(self.cfg.out_dir)
+        state = {"step": self.step, "balance": self.balancer.state_dict() if self.balancer else None,
+                 "rng": ckpt.rng_state(), "config": self.cfg.to_dict(), "world": self.env.world,
+                 "data": {k: self.data.info[k] for k in ("fingerprint", "sequences", "documents")}}
+        self.last_checkpoint = ckpt.write_checkpoint(
+            self.cfg.out_dir, self.step, self.env, self.model, self.optimizer, state, weights=self._write_weights,
+            tokenizer_dir=self.tok_dir, chat_template=self.template, keep=self.cfg.train.keep_checkpoints)
+
+    def _write_weights(self, out: Path) -> None:
+        """What inference loads: the adapter (LoRA), else the model in its config's dtype."""
+        model, main = self.model, self.env.is_main
+        if self.spec is not None:
+            state = {n: fsdp.full_tensor(model.get_parameter(n)).detach().float().cpu() for n in adapter_names(model)}
+            if main:
+                save_adapter(out, state, self.spec, model, base=self.cfg.model.init_from)
+            return
+        if main:
+            (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        ckpt.write_weights(out, build.base_tensors(model), getattr(torch, model.config.dtype), main)
 
     # --------------------------------------------------------------------------------- run
     def describe(self) -> None:
         cfg, info, c = self.cfg, self.data.info, self.model.config
         params = sum(p.numel() for p in self.model.parameters())
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        what = f"LoRA r={self.spec.r} on {', '.join(self.spec.targets)}: {trained / 1e6:.2f}M trained" \
+            if self.spec else "every weight trained"
         self.log(f"model: {params / 1e6:.2f}M parameters, {c.num_hidden_layers} layers, {c.num_experts} experts"
-                 f"{' (from ' + str(cfg.model.init_from) + ')' if cfg.model.init_from else ''}")
+                 f"{' (from ' + str(cfg.model.init_from) + ')' if cfg.model.init_from else ''}; {what}")
         self.log(f"data: {info['documents']} documents -> {info['sequences']} sequences of {cfg.data.seq_len + 1} "
                  f"tokens ({info['target_tokens']} targets); held out: {info['eval_documents']} documents")
         self.log(f"batch: {cfg.train.global_batch} sequences/step = {cfg.train.micro_batch} x {self.accum} accumulation"
-                 f" x {self.env.world} ranks; {self.env.device}, {cfg.train.precision}; balancing "
+                 f" x {self.env.world} ranks ({cfg.distributed.strategy}); {self.env.device}, {cfg.train.precision}"
+                 f"{', activation checkpointing' if cfg.train.activation_checkpointing else ''}; balancing "
                  f"{'on' if self.balancer else 'off'}")
 
     def run(self, stop_after: int | None = None) -> Result:

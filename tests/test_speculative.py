@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -190,12 +192,61 @@ def test_drafts_from_an_added_source():
     assert d.propose([1, 2, 7, 3, 7], 10) == [3, 7]     # own tokens first
 
 
-def test_rsa_rounds_report_drafting(llm):
+class _Forbid:
+    """A constraint that forbids one token and records every token it is handed."""
+
+    def __init__(self, token: int):
+        self.token, self.accepted = token, []
+
+    def start(self):
+        return self
+
+    def restrict(self, logits):
+        logits = logits.clone()
+        logits[self.token] = float("-inf")
+        return logits
+
+    def accept(self, token: int) -> None:
+        self.accepted.append(token)
+
+    def accepts(self, tokens: list[int]) -> int:
+        return next((i for i, t in enumerate(tokens) if t == self.token), len(tokens))
+
+
+def test_constrained_rows_do_not_draft():
+    """A row with a constraint decodes one token per forward under speculation: the hook sees every
+    token, output equals the plain constrained decode, and the unconstrained row beside it drafts."""
+    model = make_tiny_model(seed=5)
+    prompt = copy_prompt(3)
+    plain = run(Engine(model), [prompt], max_new_tokens=30, temperature=0, ignore_eos=True)[0]
+    forbid = plain[len(plain) // 2]
+    outputs = []
+    for k in (0, 8):
+        eng, constraint = Engine(model, speculative=k), _Forbid(forbid)
+        params = SamplingParams.from_kwargs(max_new_tokens=30, temperature=0, ignore_eos=True, constraint=constraint)
+        free = SamplingParams.from_kwargs(max_new_tokens=30, temperature=0, ignore_eos=True)
+        reqs = [Request(prompt, params, 0), Request(prompt, free, 1)]
+        list(eng.run(reqs))
+        got = reqs[0].sequences[0].token_ids
+        assert forbid not in got and constraint.accepted == got
+        assert reqs[1].sequences[0].token_ids == plain
+        outputs.append(got)
+        if k:  # the free row drafted, the constrained one never had a drafter
+            assert eng.spec_stats.accepted > 0 and reqs[1].sequences[0].drafter is not None
+            assert reqs[0].sequences[0].drafter is None
+    assert outputs[0] == outputs[1]
+
+
+def test_rsa_rounds_report_drafting(llm, tmp_path):
     """Aggregation rounds draft from the candidates in their prompts; round 0 does not draft."""
     from zaya.rsa import LocalBackend, solve
 
-    result = solve(LocalBackend(llm), "What is 2 + 3?", profile="cpu-tiny", seed=0, progress=False)
+    audit = tmp_path / "audit.jsonl"
+    result = solve(LocalBackend(llm), "What is 2 + 3?", profile="cpu-tiny", seed=0, progress=False, audit_path=audit)
     first, agg = result.rounds
+    rounds = [json.loads(line) for line in audit.read_text().splitlines() if '"event": "round"' in line]
+    assert [r["tokens_per_forward"] for r in rounds] == [first["tokens_per_forward"], agg["tokens_per_forward"]]
+    assert "draft_acceptance" in rounds[1]
     assert first["draft_acceptance"] is None and first["tokens_per_forward"] == 1.0
     assert agg["tokens_per_forward"] is not None and agg["tokens_per_forward"] >= 1.0
     off = solve(LocalBackend(llm), "What is 2 + 3?", profile="cpu-tiny", seed=0, progress=False, speculative="off")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 
 import zaya
 from tests.tiny_model import make_tiny_model_dir
+from zaya.about import model_about
 from zaya.cli import build_parser, main
 
 
@@ -68,3 +70,14 @@ def test_generate_json_schema_and_thinking_budget(tmp_path, capsys):
     assert "--json-schema is not valid JSON" in capsys.readouterr().err
     assert main(["generate", prompt, "--json-schema", '{"type": "nope"}']) == 1
     assert "schema" in capsys.readouterr().err
+
+
+def test_chat_banner_says_what_the_builtin_model_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # input() meets end of input at once: Ctrl-D
+    assert main(["chat"]) == 0
+    banner = capsys.readouterr().err
+    assert model_about(zaya.DEFAULT_MODEL) in banner and "whole numbers 0-99" in banner
+    path = make_tiny_model_dir(tmp_path / "m")                   # a model without about.txt: its config instead
+    assert main(["chat", "--model", str(path)]) == 0
+    banner = capsys.readouterr().err
+    assert "whole numbers" not in banner and "ZAYA1-architecture model" in banner

@@ -80,7 +80,10 @@ def test_json_object_streamed_equals_whole(oai):
         usage = chunk.usage or usage
         if chunk.choices and chunk.choices[0].delta.content:
             text += chunk.choices[0].delta.content
-    assert text == whole.choices[0].message.content and isinstance(json.loads(text), dict)
+    assert text == whole.choices[0].message.content
+    # free-form JSON from a toy model may run to max_tokens (cut mid-object); a finished one parses
+    finish = whole.choices[0].finish_reason
+    assert finish == "length" or isinstance(json.loads(text), dict), finish
     assert usage.completion_tokens_details.reasoning_tokens == whole.usage.completion_tokens_details.reasoning_tokens
 
 

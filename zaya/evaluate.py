@@ -295,6 +295,9 @@ def register(subparsers) -> None:
     g.add_argument("--budget", type=int, help="new tokens per candidate (beta)")
     g.add_argument("--tail", type=int, help="tokens carried per candidate (tau)")
     g.add_argument("--batch-size", type=int, help="max sequences decoded together")
+    p.add_argument("--wordings", type=int, default=100, metavar="N",
+                   help="built-in set: also N everyday questions per wording family, 4N in held-out wordings "
+                        "and 2N off-topic prompts, greedy (zaya.tasks.breakdown); 0 skips them")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--plot", help="write a PNG of accuracy against decode tokens here")
     p.add_argument("--no-progress", action="store_true")
@@ -317,6 +320,11 @@ def run(args) -> int:
     report["command"] = "zaya " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("zaya") else None
     for line in summary_lines(report):
         print(line)
+    if args.data is None and args.wordings > 0:
+        from zaya.tasks.breakdown import breakdown_lines, evaluate_wordings
+
+        report["wordings"] = evaluate_wordings(llm, per_family=args.wordings)
+        print("\n".join(breakdown_lines(report["wordings"])))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
         print(f"report: {args.out}")

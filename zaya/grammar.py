@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import llguidance
 import torch
 
-from zaya.chat import THINK_CLOSE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, schema_types
+from zaya.chat import THINK_CLOSE, THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, schema_types
 from zaya.errors import ZayaError
 
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -304,12 +304,15 @@ def make_guide(tokenizer, vocab_size: int, *, starts_in_reasoning: bool, thinkin
                              parallel=parallel_tool_calls)
     banned = None
     if tool_choice == "none" and grammar is None:
-        banned = _banned_tool_calls(tokenizer, vocab_size)
+        banned = _banned_token(tokenizer, vocab_size, TOOL_CALL_OPEN)
     budget = thinking_budget if starts_in_reasoning else None
     if grammar is not None and starts_in_reasoning and max_new_tokens is not None:
         budget = min(max_new_tokens // 2, budget if budget is not None else max_new_tokens)
     if grammar is None and banned is None and budget is None:
         return None
+    if starts_in_reasoning:  # once reasoning has closed, the answer may not open a second think block
+        reopen = _banned_token(tokenizer, vocab_size, THINK_OPEN)
+        banned = reopen if banned is None or reopen is None else banned | reopen
     matcher = None
     if grammar is not None:
         matcher = llguidance.LLMatcher(token_index(tokenizer, vocab_size), grammar, log_level=0)
@@ -321,10 +324,11 @@ def make_guide(tokenizer, vocab_size: int, *, starts_in_reasoning: bool, thinkin
                  matcher, banned)
 
 
-def _banned_tool_calls(tokenizer, vocab_size: int) -> torch.Tensor | None:
-    """tool_choice "none": the token that opens a call may not appear in the answer (ZAYA1 and
-    the built-in model spell `<zyphra_tool_call>` as one token)."""
-    ids = tokenizer.encode(TOOL_CALL_OPEN, add_special_tokens=False)
+def _banned_token(tokenizer, vocab_size: int, text: str) -> torch.Tensor | None:
+    """The bool (vocab,) mask banning ``text`` from the answer where it is one token (ZAYA1 and
+    the built-in model spell `<zyphra_tool_call>` and `<think>` so), else None: tool_choice
+    "none" bans the call opener, a reasoning request a second `<think>`."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
         return None  # a vocabulary without that token: the parser still reads no calls
     banned = torch.zeros(vocab_size, dtype=torch.bool)

@@ -1,6 +1,7 @@
 """``python -m zaya.tasks``: build the default model's tokenizer and data, write test sets, install.
 
     python -m zaya.tasks build-data --out build/default-model      # tokenizer/ + train.jsonl
+    python -m zaya.tasks build-mixture --out build/default-model/data5 --tokenizer DIR   # the last stage
     python -m zaya.tasks test-set --count 200 --out test.jsonl      # held-out problems for zaya eval
     python -m zaya.tasks self-data --model build/default-model/run4 --out build/self-data
     python -m zaya.tasks train recipes/default-model.toml --stop-after 240   # a run cut short
@@ -19,11 +20,13 @@ from pathlib import Path
 import torch
 
 import zaya
+from zaya.about import ABOUT_FILE
 from zaya.rsa import LocalBackend
 from zaya.rsa.prompts import ZYPHRA
 from zaya.tasks import BUILTIN_LEVELS, builtin_test_set, problem_records
 from zaya.tasks.aggregation import Tails, aggregation_example, plain_example, self_aggregation_examples
 from zaya.tasks.arithmetic import LEVELS, reasoning, sample_problems
+from zaya.tasks.offtopic import ABOUT
 from zaya.tasks.vocab import save_tokenizer, train_tokenizer
 from zaya.train.checkpoints import latest_checkpoint
 from zaya.train.config import load_config
@@ -69,6 +72,25 @@ def build_data(args) -> int:
     print(f"tokenizer: {tok_dir} ({tok.get_vocab_size()} tokens); "
           f"train.jsonl: {len(plain)} solve + {len(agg_problems)} aggregation examples; "
           f"test.jsonl: {args.test} held-out problems (levels {list(BUILTIN_LEVELS)})")
+    return 0
+
+
+def build_mixture_data(args) -> int:
+    from tokenizers import Tokenizer as RawTokenizer
+
+    from zaya.tasks.mixture import MixtureSpec, build_mixture
+
+    spec = MixtureSpec(everyday=args.everyday, offtopic=args.offtopic, chains=args.chains,
+                       aggregation=args.aggregation, everyday_aggregation=args.everyday_aggregation)
+    tok = RawTokenizer.from_file(str(Path(args.tokenizer) / "tokenizer.json"))
+    records = build_mixture(spec, _bare(tok), args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "train.jsonl", records)
+    kinds = {}
+    for r in records:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    print(f"train.jsonl: {len(records)} records ({', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))})")
     return 0
 
 
@@ -163,7 +185,8 @@ def install(args) -> int:
     dst.mkdir(parents=True, exist_ok=True)
     for f in SHIPPED_FILES:
         shutil.copy2(src / f, dst / f)
-    size = sum((dst / f).stat().st_size for f in SHIPPED_FILES)
+    (dst / ABOUT_FILE).write_text(ABOUT + "\n", encoding="utf-8")  # `zaya chat`'s banner line
+    size = sum((dst / f).stat().st_size for f in SHIPPED_FILES + (ABOUT_FILE,))
     print(f"installed {src} -> {dst} ({size / 1e6:.1f} MB)")
     return 0
 
@@ -199,6 +222,18 @@ def main(argv=None) -> int:
     b.add_argument("--test", type=int, default=500, help="held-out problems in test.jsonl")
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=build_data)
+    m = sub.add_parser("build-mixture", help="the last stage's data: everyday questions, off-topic prompts, "
+                       "chain and aggregation replay")
+    m.add_argument("--out", required=True)
+    m.add_argument("--tokenizer", required=True, help="the model's tokenizer directory (cuts aggregation tails)")
+    m.add_argument("--everyday", type=int, default=80000, help="everyday questions")
+    m.add_argument("--offtopic", type=int, default=6000, help="off-topic prompts")
+    m.add_argument("--chains", type=int, default=12000, help="chain problems")
+    m.add_argument("--aggregation", type=int, default=4000, help="aggregation prompts over chain candidates")
+    m.add_argument("--everyday-aggregation", type=int, default=1000,
+                   help="aggregation prompts over everyday candidates")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=build_mixture_data)
     s = sub.add_parser("self-data", help="self-aggregation data: candidates are a checkpoint's own samples")
     s.add_argument("--model", required=True, help="a checkpoint directory or a training run's out_dir")
     s.add_argument("--out", required=True)

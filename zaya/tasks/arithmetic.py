@@ -200,18 +200,18 @@ def corrupted_reasoning(problem: Problem, rng: random.Random, extra_step: bool =
         if i == j and kind == "skip" and len(true) > 1:
             continue
         if i == j and kind == "operand":
-            b = _perturb(b, rng, low=1)
+            b = perturb(b, rng, low=1)
         if i == j and kind == "op":
             op = rng.choice([o for o in "+-*" if o != op and (o != "*" or b <= 9)])
         r = apply(v, op, b)
         if i == j and kind in ("slip", "skip"):
-            r = _perturb(r, rng)
+            r = perturb(r, rng)
         steps.append((v, op, b, r))
         v = r
     final = steps[-1][3]
     if final == problem.answer:  # the mistake cancelled out: force a visible one at the end
         a, op, b, r = steps[-1]
-        final = _perturb(r, rng)
+        final = perturb(r, rng)
         steps[-1] = (a, op, b, final)
     if rng.random() < 0.05:
         cut = rng.randint(1, len(steps))
@@ -219,7 +219,7 @@ def corrupted_reasoning(problem: Problem, rng: random.Random, extra_step: bool =
     return format_steps(problem.start, steps, final, result_line), final
 
 
-def _perturb(x: int, rng: random.Random, low: int = 0) -> int:
+def perturb(x: int, rng: random.Random, low: int = 0) -> int:
     for _ in range(20):
         how = rng.random()
         if how < 0.45:

@@ -10,6 +10,7 @@ Sources (one document per text file, one per JSONL line):
   ``<end_of_turn>``) are targets.
 * problem ``{"prompt" | "problem": ..., "completion" | "solution": ...}``: a user/assistant chat
   (``problem_style = "chat"``) or raw prompt + completion + EOS; only the completion is a target.
+  ``"raw": true`` in a record makes that one raw whatever the style (a mix of both).
 
 Packing: ``stream`` concatenates the shuffled documents and cuts windows of ``seq_len + 1``
 tokens that overlap by one, so every token after the first is a target once. ``bfd`` puts whole
@@ -95,8 +96,8 @@ class Encoder:
             mask.append(k >= 0 and start < spans[k][1])
         return Document(list(enc.ids), mask)
 
-    def problem(self, prompt: str, completion: str) -> Document:
-        if self.problem_style == "chat":
+    def problem(self, prompt: str, completion: str, raw: bool = False) -> Document:
+        if self.problem_style == "chat" and not raw:
             return self.chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
         head = self.tok.encode_prompt(prompt)
         tail = self.tok.encode(completion, add_special_tokens=False)
@@ -120,7 +121,7 @@ class Encoder:
             if not isinstance(prompt, str) or not isinstance(completion, str):
                 raise DataError("a problem record needs string 'prompt' (or 'problem') and 'completion' "
                                 "(or 'solution') fields")
-            return self.problem(prompt, completion)
+            return self.problem(prompt, completion, raw=rec.get("raw") is True)
         if isinstance(rec.get("text"), str):
             return self.text(rec["text"])
         raise DataError(f"unknown record format with keys {sorted(rec)}; expected 'text', 'messages', or "

@@ -264,6 +264,19 @@ def test_seed_reproducible_and_n(client):
     assert [c.index for c in chat.choices] == [0, 1]
 
 
+def test_speculative_via_extra_body(server, client):
+    """Greedy output is the same with prompt-lookup speculation on, per request."""
+    kw = dict(model=MODEL, prompt="one two three one two three one two", max_tokens=24, temperature=0)
+    plain = client.completions.create(extra_body={"ignore_eos": True, "speculative": False}, **kw).choices[0]
+    for value in (True, 3):
+        spec = client.completions.create(extra_body={"ignore_eos": True, "speculative": value}, **kw).choices[0]
+        assert spec.text == plain.text and spec.finish_reason == plain.finish_reason == "length"
+    with server.http() as http:
+        metrics = http.get("/metrics").text
+    drafted = [line for line in metrics.splitlines() if line.startswith("zaya_spec_draft_tokens ")]
+    assert drafted and float(drafted[0].split()[1]) > 0 and "zaya_decode_tokens " in metrics
+
+
 def test_stop_string(client):
     kw = dict(model=MODEL, prompt="Numbers:", max_tokens=30, seed=11, extra_body={"ignore_eos": True})
     text = client.completions.create(**kw).choices[0].text
@@ -435,6 +448,9 @@ BAD = [
     (json.dumps({"model": MODEL, "messages": HI, "presence_penalty": 9}).encode(), 400, "presence_penalty"),
     (json.dumps({"model": MODEL, "messages": HI, "stop": ["a"] * 17}).encode(), 400, "stop"),
     (json.dumps({"model": MODEL, "messages": HI, "n": 9}).encode(), 400, "n"),
+    (json.dumps({"model": MODEL, "messages": HI, "speculative": "yes"}).encode(), 400, "speculative"),
+    (json.dumps({"model": MODEL, "messages": HI, "speculative": 17}).encode(), 400, "speculative"),
+    (json.dumps({"model": MODEL, "messages": HI, "speculative": -1}).encode(), 400, "speculative"),
     (json.dumps({"model": MODEL, "messages": HI, "n": 0}).encode(), 400, "n"),
     (json.dumps({"model": MODEL, "messages": HI, "max_tokens": 100000}).encode(), 400, "max_tokens"),
     (json.dumps({"model": MODEL, "messages": HI, "max_tokens": 0}).encode(), 400, "max_tokens"),

@@ -11,6 +11,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -158,6 +159,9 @@ def test_responses_text_and_reasoning(oai):
 
 
 def test_responses_structured_stream(oai):
+    # the Responses API has no seed: the sampler's seed comes from torch's global generator, which the
+    # tests before this one advance by however many unseeded requests they make
+    torch.manual_seed(0)
     fmt = {"format": {"type": "json_schema", "name": "answer", "schema": SCHEMA, "strict": True}}
     events = list(oai.responses.create(model=MODEL, input=[{"role": "user", "content": QUESTION}], text=fmt,
                                        max_output_tokens=200, stream=True, extra_body=FAST))
@@ -274,6 +278,23 @@ def test_messages_auth_and_malformed(server):
             assert 400 <= r.status_code < 500 and r.json()["type"] == "error", raw
 
 
+def test_speculative_on_messages_and_responses(server, oai, claude):
+    """The zaya extension ``speculative`` reaches the engine from both APIs: greedy output is the
+    same with drafting on, and a bad value is a 4xx in each API's own error shape."""
+    kw = dict(model=MODEL, max_tokens=40, messages=ASK)
+    plain = claude.messages.create(**kw, extra_body={"speculative": False, "temperature": 0})
+    spec = claude.messages.create(**kw, extra_body={"speculative": 4, "temperature": 0})
+    assert [b.model_dump() for b in spec.content] == [b.model_dump() for b in plain.content]
+    rkw = dict(model=MODEL, input=QUESTION, max_output_tokens=40, temperature=0)
+    assert oai.responses.create(**rkw, extra_body={"speculative": True}).output_text == \
+        oai.responses.create(**rkw, extra_body={"speculative": False}).output_text
+    with server.http(headers={"x-api-key": KEY}) as http:
+        r = http.post("/v1/messages", json={"model": MODEL, "max_tokens": 4, "messages": ASK, "speculative": 17})
+        assert r.status_code == 400 and r.json()["type"] == "error" and "speculative" in r.json()["error"]["message"]
+        r = http.post("/v1/responses", json={"model": MODEL, "input": "hi", "speculative": "yes"})
+        assert r.status_code == 400 and "speculative" in r.json()["error"]["message"]
+
+
 # -- RSA: rounds free, the final answer constrained -----------------------------------------------
 def test_rsa_with_response_format(oai):
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
@@ -294,7 +315,8 @@ _BASE = {"/v1/responses": {"model": MODEL, "input": "hi", "max_output_tokens": 3
          "/tokenize": {"model": MODEL, "prompt": "hi"}, "/detokenize": {"tokens": [1, 2]}}
 _FIELDS = ["model", "input", "instructions", "max_output_tokens", "text", "reasoning", "tools", "tool_choice",
            "messages", "system", "max_tokens", "thinking", "stop_sequences", "temperature", "top_k", "stream",
-           "prompt", "tokens", "add_special_tokens", "previous_response_id", "rsa", "thinking_budget"]
+           "prompt", "tokens", "add_special_tokens", "previous_response_id", "rsa", "thinking_budget",
+           "speculative"]
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))

@@ -17,7 +17,7 @@ import time
 import torch
 
 from zaya.commands import add_model_args, resolve_model_name
-from zaya.engine import Engine, PagedCache, Request
+from zaya.engine import Engine, PagedCache, Request, SpecStats
 from zaya.engine.cache import state_bytes
 from zaya.engine.runner import ForwardBatch, forward
 from zaya.llm import load
@@ -75,27 +75,27 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def _engine(model, cache: PagedCache | None = None):
-    return Engine(model, None, cache=cache, prefix_caching=False)
+def _engine(model, cache: PagedCache | None = None, speculative: int = 0, stats=None):
+    return Engine(model, None, cache=cache, prefix_caching=False, speculative=speculative, stats=stats)
 
 
 def decode_rate(model, batch: int, prompt_len: int = 32, new_tokens: int = 64, seed: int = 0,
-                cache: PagedCache | None = None) -> float:
+                cache: PagedCache | None = None, speculative: int = 0, stats=None) -> float:
     """Summed decode tok/s over ``batch`` rows (prefill excluded), greedy, EOS ignored; ``cache``
-    is the paged cache to run in (default: a new one with the default budget)."""
+    is the paged cache to run in (default: a new one with the default budget); ``speculative``:
+    prompt-lookup drafts of up to that many tokens (decode work goes to ``stats``)."""
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
-    engine = _engine(model, cache)
+    engine = _engine(model, cache, speculative, stats)
     params = SamplingParams.from_kwargs(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     for i in range(batch):
         engine.add(Request(torch.randint(3, V, (prompt_len,), generator=g).tolist(), params, i))
     while engine.waiting:  # prefill steps (each ends by sampling the first tokens)
         engine.step()
-    t, steps = time.perf_counter(), 0
-    while engine.active:  # each step: one decode forward for every row, then sampling
-        engine.step()
-        steps += 1
-    return batch * max(1, steps) / (time.perf_counter() - t)
+    t, tokens = time.perf_counter(), 0
+    while engine.active:  # each step: one decode (or verify) forward for every row, then sampling
+        tokens += sum(e.token_id is not None for e in engine.step())
+    return max(1, tokens) / (time.perf_counter() - t)
 
 
 def prefill_rate(model, tokens: int = 512, seed: int = 0, cache: PagedCache | None = None) -> float:
@@ -112,16 +112,20 @@ def prefill_rate(model, tokens: int = 512, seed: int = 0, cache: PagedCache | No
 
 
 def speed(model, *, prefill_tokens=512, new_tokens=64, batches=(1, 8), bandwidth=None, rounds=3,
-          cache: PagedCache | None = None) -> dict:
+          cache: PagedCache | None = None, speculative: int = 0) -> dict:
     bandwidth = bandwidth or measure_bandwidth()
     cache = cache or _engine(model).cache  # one pool for every run, as a server has
     for b in batches:  # warm-up (allocator, lazy kernels, and with ZAYA_COMPILE a compile per batch size)
         decode_rate(model, b, new_tokens=2, cache=cache)
     out = {"prefill_tokens": prefill_tokens,
            "prefill_tok_s": statistics.median(prefill_rate(model, prefill_tokens, s, cache) for s in range(rounds))}
+    stats = SpecStats()
     for b in batches:
-        out[f"decode_b{b}_tok_s"] = statistics.median(decode_rate(model, b, new_tokens=new_tokens, seed=s, cache=cache)
-                                                      for s in range(rounds))
+        out[f"decode_b{b}_tok_s"] = statistics.median(
+            decode_rate(model, b, new_tokens=new_tokens, seed=s, cache=cache, speculative=speculative, stats=stats)
+            for s in range(rounds))
+    if speculative:
+        out.update(speculative=speculative, draft_acceptance=stats.acceptance, tokens_per_forward=stats.tokens_per_forward)
     per_token = weight_bytes_per_token(model)
     achieved = out.get("decode_b1_tok_s", 0) * per_token
     out.update(weight_bytes_per_token=per_token, achieved_gb_s=achieved / 1e9, bandwidth_gb_s=bandwidth / 1e9,
@@ -178,13 +182,18 @@ def cmd_bench(args) -> int:
     load_s = time.perf_counter() - start
     rss_after_load = peak_rss()
     r = speed(llm.model, prefill_tokens=args.prefill_tokens, new_tokens=args.new_tokens,
-              batches=tuple(int(b) for b in args.batches.split(",")), rounds=args.rounds, cache=llm.cache)
+              batches=tuple(int(b) for b in args.batches.split(",")), rounds=args.rounds, cache=llm.cache,
+              speculative=args.speculative)
     r.update(model=str(llm.path), dtype=str(next(llm.model.parameters()).dtype).replace("torch.", ""),
              quantize=args.quantize or (llm.config.quantization or {}).get("bits"), load_s=load_s,
              peak_rss_after_load_bytes=rss_after_load)
     print(f"prefill {r['prefill_tokens']} tokens: {r['prefill_tok_s']:.1f} tok/s")
     for b in args.batches.split(","):
         print(f"decode batch {b}: {r[f'decode_b{b}_tok_s']:.1f} tok/s")
+    if args.speculative:
+        acc = r["draft_acceptance"]
+        print(f"speculative (drafts up to {args.speculative}): draft acceptance "
+              f"{'n/a' if acc is None else f'{acc:.1%}'}, {r['tokens_per_forward']:.2f} tokens per row-forward")
     print(f"weights read per token {r['weight_bytes_per_token'] / 1e6:.1f} MB, achieved {r['achieved_gb_s']:.1f} GB/s "
           f"of {r['bandwidth_gb_s']:.1f} GB/s measured (MBU {r['mbu']:.0%}), peak RSS {r['peak_rss_bytes'] / 1e6:.0f} MB")
     print(f"kv cache {r['cache_bytes_per_token']:,.0f} bytes per token (+ {r['cca_state_bytes_per_sequence']:,} bytes "
@@ -202,6 +211,8 @@ def register(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps per measurement")
     p.add_argument("--batches", default="1,8", help="decode batch sizes, comma-separated")
     p.add_argument("--rounds", type=int, default=3, help="repeats per figure (the median is reported)")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="decode with prompt-lookup drafts of up to K tokens and report acceptance (default 0: off)")
     p.add_argument("--quality", action="store_true", help="report int8/int4 agreement with bf16 instead of speed")
     p.add_argument("--quality-modes", default="int8,int4")
     p.add_argument("--greedy-tokens", type=int, default=256)

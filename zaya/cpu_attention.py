@@ -14,6 +14,8 @@ from torch import nn
 from zaya.model import ScaledDotProductAttention, replace_modules
 
 DECODE_ATTENTION_MIN_KEYS = 128
+DECODE_ATTENTION_MAX_QUERIES = 17  # a speculative verify (a draft of up to 16 tokens) takes this path too,
+                                   # so its positions are computed as the decode steps they replace
 
 
 def available(dtype: torch.dtype, device) -> bool:
@@ -23,23 +25,24 @@ def available(dtype: torch.dtype, device) -> bool:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                      scale: float) -> torch.Tensor:
-    """One query row per sequence: q (B, Hq, 1, D), k/v (B, Hkv, L, D), mask None or bool
-    (B, 1, 1, L). Computed in fp32, returned in q's dtype."""
-    B, Hq, _, D = q.shape
+    """A few query rows per sequence: q (B, Hq, S, D), k/v (B, Hkv, L, D), mask None or bool
+    (B, 1, S, L). Computed in fp32, returned in q's dtype."""
+    B, Hq, S, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
-    scores = torch.matmul(q.float().view(B, Hkv, Hq // Hkv, D), k.float().transpose(-1, -2)).mul_(scale)
+    G = Hq // Hkv
+    scores = torch.matmul(q.float().view(B, Hkv, G * S, D), k.float().transpose(-1, -2)).mul_(scale)
     if mask is not None:
-        scores.masked_fill_(~mask.view(B, 1, 1, L), float("-inf"))
-    out = torch.matmul(scores.softmax(-1), v.float())                 # (B, Hkv, G, D)
-    return out.view(B, Hq, 1, D).to(q.dtype)
+        scores.view(B, Hkv, G, S, L).masked_fill_(~mask.view(B, 1, 1, S, L), float("-inf"))
+    out = torch.matmul(scores.softmax(-1), v.float())                 # (B, Hkv, G*S, D)
+    return out.view(B, Hq, S, D).to(q.dtype)
 
 
 class CPUDecodeAttention(ScaledDotProductAttention):
-    """SDPA, except for one reduced-precision CPU query row over a long cache (``decode_attention``)."""
+    """SDPA, except for a few reduced-precision CPU query rows over a long cache (``decode_attention``)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-        if q.shape[2] == 1 and k.shape[2] > DECODE_ATTENTION_MIN_KEYS and q.dtype != torch.float32 \
-                and q.device.type == "cpu":
+        if q.shape[2] <= DECODE_ATTENTION_MAX_QUERIES and k.shape[2] > DECODE_ATTENTION_MIN_KEYS \
+                and q.dtype != torch.float32 and q.device.type == "cpu" and not isinstance(mask, str):
             return decode_attention(q, k, v, mask, self.scale)
         return super().forward(q, k, v, mask)
 

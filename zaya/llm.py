@@ -16,7 +16,7 @@ import torch
 from zaya import rsa
 from zaya.chat import DEFAULT_CHAT_TEMPLATE, generation_starts_in_reasoning, parse_assistant, render_chat
 from zaya.checkpoint import load_model, load_tokenizer, resolve
-from zaya.engine import Completion, Engine, PagedCache, Request, TokenEvent, parse_memory
+from zaya.engine import Completion, Engine, PagedCache, Request, SpecStats, TokenEvent, parse_memory
 from zaya.engine.cache import CACHE_FLAGS, pool_blocks
 from zaya.errors import CheckpointError, ContextLengthError, ZayaError
 from zaya.grammar import REASONING_EFFORT, make_guide, schema_of_response_format
@@ -86,6 +86,7 @@ class LLM:
         self.prefix_caching = prefix_caching
         self.identity = identity if identity is not None else f"{path}|{layout}"
         self._cache: PagedCache | None = None
+        self.spec_stats = SpecStats()   # decode work of every engine of this LLM
 
     def __repr__(self) -> str:
         return f"LLM({self.path or 'in-memory'}, layers={self.config.num_hidden_layers}, layout={self.layout})"
@@ -172,6 +173,7 @@ class LLM:
     def engine(self, **kwargs) -> Engine:
         """An engine over this LLM's shared cache (the server's scheduler owns one)."""
         kwargs.setdefault("max_context", self.max_context)
+        kwargs.setdefault("stats", self.spec_stats)
         return Engine(self.model, self.tokenizer, cache=self.cache, **kwargs)
 
     def generate(self, prompts, **sampling) -> list[Completion]:

@@ -16,6 +16,7 @@ from zaya.errors import ContextLengthError, ZayaError
 
 MAX_STOP_STRINGS = 16
 MAX_N = 64
+MAX_DRAFT = 16  # the longest speculative draft a request may ask for
 DEFAULT_MAX_NEW_TOKENS = 256  # the Python API's and `zaya generate`'s cap when max_new_tokens is unset
 
 
@@ -81,6 +82,8 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    speculative: bool | int | None = None   # prompt-lookup drafts: None engine default, False off,
+                                            # True on, an int: drafts of at most that many tokens (0: off)
     constraint: ConstraintSpec | None = None  # structured output / thinking budget (zaya.grammar)
 
     @classmethod
@@ -122,6 +125,10 @@ class SamplingParams:
         need(isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         need(isinstance(self.top_logprobs, int) and 0 <= self.top_logprobs <= 20,
              f"top_logprobs must be an integer in [0, 20], got {self.top_logprobs!r}")
+        need(self.speculative is None or isinstance(self.speculative, bool)
+             or (isinstance(self.speculative, int) and 0 <= self.speculative <= MAX_DRAFT),
+             f"speculative must be true, false or a draft length in [0, {MAX_DRAFT}] (0: off), "
+             f"got {self.speculative!r}")
 
     @property
     def greedy(self) -> bool:
@@ -173,6 +180,24 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         return int(torch.argmax(logits))
     probs = filter_logits(logits, p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def verify_draft(logits: torch.Tensor, draft: int, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """The token at a position where a deterministic draft proposed ``draft``, for one row of float
+    logits (V,), penalties already applied: ``draft`` itself when accepted, else a replacement.
+
+    Speculative sampling (Leviathan et al., arXiv:2211.17192; Chen et al., arXiv:2302.01318) with
+    a draft distribution that puts all its mass on ``draft``: accept with probability p(draft);
+    on rejection sample from p with ``draft`` removed and renormalised. The token then follows p
+    exactly. Greedy: the argmax, which equals ``draft`` exactly when the draft is right."""
+    if p.greedy:
+        return int(torch.argmax(logits))
+    probs = filter_logits(logits, p).softmax(-1)
+    if float(torch.rand((), generator=generator)) < float(probs[draft]):
+        return draft
+    residual = probs.clone()
+    residual[draft] = 0
+    return int(torch.multinomial(residual, 1, generator=generator))
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, dict[int, float] | None]:

@@ -25,7 +25,7 @@ import sys
 
 from zaya.commands import add_model_args, load_from_args, resolve_model_name
 from zaya.rsa import OpenAIBackend, solve, tokenizer_from_file
-from zaya.rsa.config import PROFILES, SELECTIONS
+from zaya.rsa.config import PROFILES, SELECTIONS, SPECULATIVE
 
 
 def register(subparsers) -> None:
@@ -48,6 +48,8 @@ def register(subparsers) -> None:
     g.add_argument("--selection", choices=SELECTIONS)
     g.add_argument("--seed", type=int)
     g.add_argument("--batch-size", type=int, help="local: max sequences decoded together")
+    g.add_argument("--speculative", choices=SPECULATIVE,
+                   help="local: prompt-lookup speculative decoding in: off | aggregation rounds | all rounds")
     g.add_argument("--template", help="aggregation template name, or a string with "
                    "{question} and {candidates}")
     b = p.add_argument_group("remote backend (OpenAI-compatible)")
@@ -80,7 +82,8 @@ def run(args) -> int:
                    progress=not args.no_progress, n=args.n, k=args.k, rounds=args.rounds,
                    budget=args.budget, tail=args.tail, temperature=args.temperature,
                    top_p=args.top_p, selection=args.selection, seed=args.seed,
-                   batch_size=args.batch_size, thinking_budget=args.thinking_budget)
+                   batch_size=args.batch_size, thinking_budget=args.thinking_budget,
+                   speculative=args.speculative)
     context = None
     if args.backend_url:
         backend = _remote_backend(args)
@@ -110,8 +113,10 @@ def print_summary(result, profile, context: int | None) -> None:
     print(f"vote: {_counts(result.vote.counts)} ({len(result.population)} candidates, "
           f"{result.vote.no_answer} without an answer)")
     for r in result.rounds:
+        drafting = "" if r.get("draft_acceptance") is None else \
+            f", drafts {r['draft_acceptance']:.0%} accepted, {r['tokens_per_forward']:.2f} tok/forward"
         print(f"  round {r['round']}: {_counts(r['answers'])} "
-              f"({r['completion_tokens']} tokens, {r['seconds']:.1f}s)")
+              f"({r['completion_tokens']} tokens, {r['seconds']:.1f}s{drafting})")
     rate = result.completion_tokens / result.seconds if result.seconds > 0 else 0.0
     fitted = (cfg.budget, cfg.tail) != (profile.budget, profile.tail) and context
     print(f"cost: {result.completion_tokens} decode + {result.prompt_tokens} prompt tokens, "

@@ -10,6 +10,7 @@
 from zaya.engine.cache import CacheFullError, PagedCache, parse_memory
 from zaya.engine.engine import Engine, decode_threads
 from zaya.engine.sequence import Completion, Request, Sequence, TokenEvent
+from zaya.engine.speculative import SpecStats
 
-__all__ = ["CacheFullError", "Completion", "Engine", "PagedCache", "Request", "Sequence", "TokenEvent",
+__all__ = ["CacheFullError", "Completion", "Engine", "PagedCache", "Request", "Sequence", "SpecStats", "TokenEvent",
            "decode_threads", "parse_memory"]

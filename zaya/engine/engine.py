@@ -21,11 +21,13 @@ from typing import Iterable, Iterator
 import torch
 
 from zaya.engine import compiled
+from zaya.engine import speculative as spec
 from zaya.engine.cache import CACHE_FLAGS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SEQS, CacheFullError, PagedCache
 from zaya.engine.runner import ForwardBatch, forward
 from zaya.engine.sequence import Request, Sequence, TokenEvent
 from zaya.errors import ContextLengthError, ZayaError
-from zaya.sampling import SamplingParams, apply_penalties, fit_max_new_tokens, sample, token_logprobs
+from zaya.sampling import (SamplingParams, apply_penalties, fit_max_new_tokens, sample, token_logprobs,
+                           verify_draft)
 from zaya.tokenizer import IncrementalDecoder
 
 
@@ -81,12 +83,15 @@ class Engine:
     for all its calls); otherwise one is built from ``cache_memory`` (bytes, None: the default
     budget), ``block_size``, ``max_seqs`` (live sequences) and ``prefix_caching``. ``step_tokens``
     is the per-step token budget (decode rows plus prefill tokens); ``prefill_chunk`` the longest
-    prefill forward."""
+    prefill forward. ``speculative`` is the longest prompt-lookup draft for requests that do not
+    say (0: off; zaya.engine.speculative); decode work is counted in ``stats`` (a shared
+    `SpecStats`, else the engine's own)."""
 
     def __init__(self, model, tokenizer=None, *, max_context: int | None = None, prefill_chunk: int = 512,
                  threads: int | None = None, cache: PagedCache | None = None, cache_memory: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, max_seqs: int = DEFAULT_MAX_SEQS,
-                 prefix_caching: bool = True, step_tokens: int | None = None, identity: str = ""):
+                 prefix_caching: bool = True, step_tokens: int | None = None, identity: str = "",
+                 speculative: int = 0, stats: spec.SpecStats | None = None):
         self.model, self.tokenizer = model, tokenizer
         if compiled.enabled():
             compiled.compile_decode(model)
@@ -110,6 +115,9 @@ class Engine:
         self.waiting: deque[_Prefill] = deque()
         self.prompt_tokens_computed = 0      # prefill positions actually run through the model
         self.preemptions = 0                 # rows that gave their blocks back to be recomputed
+        self.speculative = self._draft_limit(speculative)
+        self.verify: spec.Verify | None = None   # a verify forward's rows, until sampled
+        self.spec_stats = stats if stats is not None else spec.SpecStats()  # shared when given
 
     # -- admission ------------------------------------------------------------------------------
     def check(self, prompt_len: int, params: SamplingParams) -> None:
@@ -145,9 +153,22 @@ class Engine:
         if p.constraint is not None:
             for s in seqs:
                 s.constraint = p.constraint.start()
+        # a constrained row does not draft: its mask depends on every token before it, so a
+        # verify would have to advance the grammar through the draft position by position
+        limit = 0 if p.constraint is not None else spec.draft_limit(p.speculative, self.speculative)
+        if limit:
+            for s in seqs:
+                s.drafter = spec.Drafter(min(limit, self.cache.block_size - 1))
         request.sequences = seqs
         self.waiting.append(_Prefill(seqs[0], list(ids), seqs[1:]))
         return seqs
+
+    @staticmethod
+    def _draft_limit(value) -> int:
+        value = int(value or 0)
+        if not 0 <= value <= spec.MAX_DRAFT:
+            raise ZayaError(f"speculative must be a draft length in [0, {spec.MAX_DRAFT}], got {value}")
+        return value
 
     def _decoder(self):
         return None if self.tokenizer is None else IncrementalDecoder(self.tokenizer)
@@ -173,7 +194,7 @@ class Engine:
         with self.cache.lock:
             for seq in self.rows + [w.seq for w in self.waiting]:
                 self._close(seq)
-            self.rows, self.logits, self.waiting = [], None, deque()
+            self.rows, self.logits, self.waiting, self.verify = [], None, deque(), None
 
     def _close(self, seq: Sequence) -> None:
         if seq.cache is not None:
@@ -191,21 +212,34 @@ class Engine:
             return self._sample_rows()
 
     def _decode(self) -> None:
-        """One forward for every row's last sampled token."""
+        """One forward for every row's last sampled token, and its draft when a row has one."""
+        drafts = spec.propose(self.rows, self.context_limit)
+        S = 1 + max(map(len, drafts), default=0)
         i = 0
-        while i < len(self.rows):  # a block for each row's new position, newest rows yielding theirs
-            if self.cache.reserve(self.rows[i].cache, 1):
+        while i < len(self.rows):  # blocks for each row's new positions, newest rows yielding theirs
+            if self.cache.reserve(self.rows[i].cache, S):
                 i += 1
             elif not self._preempt_one(keep=i):
                 raise CacheFullError(f"the KV cache is full and nothing can give blocks back; raise {CACHE_FLAGS}")
         if not self.rows:
             return
         seqs = [s.cache for s in self.rows]
+        if S > 1:
+            drafts = drafts[:len(seqs)]
+            batch = ForwardBatch(self.cache, seqs, S, keep_positions=True)
+            tokens = spec.verify_tokens(seqs, drafts, S, self.device)
+            with _threads(self.threads, self.device):
+                logits = forward(self.model, batch, tokens, last_only=False)
+            self.verify = spec.Verify(batch, drafts, logits)
+            self.logits = logits[:, 0]
+            return
         tokens = torch.tensor([[c.tokens[c.computed]] for c in seqs], device=self.device)
         with _threads(self.threads, self.device):
             self.logits = forward(self.model, ForwardBatch(self.cache, seqs, 1), tokens)
         for c in seqs:
             self.cache.advance(c, 1)
+        self.spec_stats.row_forwards += len(seqs)
+        self.spec_stats.tokens += len(seqs)
 
     def _preempt_one(self, keep: int) -> bool:
         """Free blocks for row ``keep``: a prefill in progress goes back to the queue first, else
@@ -275,14 +309,18 @@ class Engine:
         if not self.rows:
             return []
         events, tokens = [], []
+        verified = self.verify.B if self.verify is not None else 0
         for row, seq in enumerate(self.rows):
+            if row < verified:
+                events += spec.accept(self, seq, self.verify, row)
+                continue
             token, event = self._sample(seq, self.logits[row])
             events.append(event)
-            tokens.append(token)
-        for seq, token in zip(self.rows, tokens):
+            tokens.append((seq, token))
+        for seq, token in tokens:
             if not seq.finish_reason:
                 seq.cache.tokens.append(token)
-        self.logits = None  # consumed: the next step's decode computes the rows' next logits
+        self.logits = self.verify = None  # consumed: the next step's decode computes the rows' next logits
         self._retire()
         return events
 
@@ -295,12 +333,14 @@ class Engine:
                 self._close(s)
         self.rows = [self.rows[i] for i in keep]
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, TokenEvent]:
+    def _sample(self, seq: Sequence, logits: torch.Tensor, draft: int | None = None) -> tuple[int, TokenEvent]:
+        """The next token from ``logits``; where a draft proposed one, by the speculative rule."""
         p = seq.request.params
         scored = logits if seq.counts is None else apply_penalties(logits, seq.counts, seq.seen, p)
         if seq.constraint is not None:  # the one place constraints act: mask before, advance after
             scored = seq.constraint.restrict(scored)
-        token = sample(scored, p, seq.request.generator)
+        generator = seq.request.generator
+        token = sample(scored, p, generator) if draft is None else verify_draft(scored, draft, p, generator)
         if seq.constraint is not None:
             seq.constraint.accept(token)
         logprob = top = None

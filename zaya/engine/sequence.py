@@ -65,6 +65,7 @@ class Sequence:
     counts: torch.Tensor | None = None
     seen: torch.Tensor | None = None
     cache: SeqCache | None = None   # its place in the paged cache while it holds one
+    drafter: object | None = None   # its speculative.Drafter when it drafts
     constraint: Constraint | None = None  # structured output / tool call / thinking budget state
 
     def completion(self) -> Completion:

@@ -140,6 +140,7 @@ class GenerateRequest:
     enable_thinking: bool | None
     batch_size: int | None
     thinking_budget: int | None = None
+    speculative: bool | None = None  # prompt-lookup drafting, for backends that take it
 
     @property
     def label(self) -> str:
@@ -150,12 +151,15 @@ class GenerateRequest:
         return len(self.prompts) * self.n
 
     def sampling(self) -> dict:
-        """(``thinking_budget`` only when set, so backends written before it keep working.)"""
+        """(``thinking_budget`` and ``speculative`` only when set, so backends written before
+        them keep working.)"""
         out = dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                    top_k=self.top_k, seed=self.seed, enable_thinking=self.enable_thinking,
                    batch_size=self.batch_size)
         if self.thinking_budget is not None:
             out["thinking_budget"] = self.thinking_budget
+        if self.speculative is not None:
+            out["speculative"] = self.speculative
         return out
 
 
@@ -283,18 +287,24 @@ class RSARun:
                         cfg.final_top_k)
         else:
             sampling = (cfg.budget, cfg.temperature, cfg.top_p, cfg.top_k)
+        speculative = None
+        if getattr(self.backend, "drafts", False):  # a backend with prompt-lookup speculative decoding
+            speculative = cfg.speculative == "all" or (cfg.speculative == "aggregation" and t >= 1)
         return GenerateRequest(t, final, prompts, n, *sampling, seed=derive_seed(cfg.seed, t),
                                enable_thinking=cfg.enable_thinking, batch_size=cfg.batch_size,
-                               thinking_budget=cfg.thinking_budget)
+                               thinking_budget=cfg.thinking_budget, speculative=speculative)
 
     def _round(self, t: int, prompts, parents, stats, *, n: int, final: bool = False):
         """One generation (a generator: yields its request); returns the new members."""
         cfg = self.cfg
         for i, (messages, ps, stat) in enumerate(zip(prompts, parents, stats, strict=True)):
             self.audit("prompt", round=t, index=i, n=n, parents=ps, messages=messages, **stat)
+        stats = getattr(self.backend, "spec_stats", None)
+        before = stats.as_dict() if stats is not None else None
         started = time.perf_counter()
         outputs = yield self._request_for(t, prompts, n, final)
         seconds = time.perf_counter() - started
+        decode = _decode_stats(before, stats)
         pass_on = not final and (t < cfg.rounds or cfg.selection == "final_agg")
         members = []
         for i, cands in enumerate(outputs):
@@ -310,17 +320,17 @@ class RSARun:
                            tail_tokens=None if member.tail is None
                            else self.backend.count_tokens(member.tail))
         if not final:
-            self._summarize_round(t, members, seconds)
+            self._summarize_round(t, members, seconds, decode)
         return members
 
-    def _summarize_round(self, t: int, members: list[Member], seconds: float) -> None:
+    def _summarize_round(self, t: int, members: list[Member], seconds: float, decode: dict) -> None:
         answers = Counter(m.answer for m in members if m.answer)
         summary = {"round": t, "answers": dict(answers.most_common()),
                    "no_answer": sum(1 for m in members if not m.answer),
                    "finish_reasons": dict(Counter(m.candidate.finish_reason for m in members)),
                    "prompt_tokens": sum(m.candidate.prompt_tokens for m in members),
                    "completion_tokens": sum(m.candidate.completion_tokens for m in members),
-                   "seconds": round(seconds, 3)}
+                   "seconds": round(seconds, 3), **decode}
         self.rounds.append(summary)
         self.audit("round", **summary)
 
@@ -371,3 +381,15 @@ def _split_problem(problem) -> tuple[list[dict], str, list[dict]]:
     if not users or not isinstance(users[-1].get("content"), str):
         raise RSAError("problem must be a string or a message list with a text user message")
     return messages, users[-1]["content"], [m for m in messages if m.get("role") == "system"]
+
+
+def _decode_stats(before: dict | None, stats) -> dict:
+    """A round's speculative-decoding figures from a backend's cumulative `SpecStats`. Runs that a
+    driver decodes together (``run_batched``) share their backend calls, so each one's figures
+    cover the whole batch it decoded with."""
+    if before is None:
+        return {}
+    now = stats.as_dict()
+    d = {k: now[k] - before[k] for k in ("row_forwards", "tokens", "drafted", "accepted")}
+    return {"draft_acceptance": round(d["accepted"] / d["drafted"], 3) if d["drafted"] else None,
+            "tokens_per_forward": round(d["tokens"] / d["row_forwards"], 3) if d["row_forwards"] else None}

@@ -137,14 +137,18 @@ class TokenTools:
 class LocalBackend(TokenTools):
     """The in-process engine: ``zaya.LLM`` (``apply_chat_template`` + ``generate``/``stream``)."""
 
+    drafts = True  # takes ``speculative`` (prompt-lookup drafting) per call
+
     def __init__(self, llm, batch_size: int | None = None):
         self.llm = llm
+        self.spec_stats = getattr(llm, "spec_stats", None)
         self.tokenizer = llm.tokenizer
         self.batch_size = batch_size
         self.name = f"local:{getattr(llm, 'name', None) or type(llm).__name__}"
 
     def generate(self, messages_list, *, n, max_tokens, temperature, top_p, top_k, seed,
-                 enable_thinking=None, batch_size=None, progress=None, thinking_budget=None):
+                 enable_thinking=None, batch_size=None, progress=None, thinking_budget=None,
+                 speculative=None):
         prompts = [
             list(self.llm.apply_chat_template(m, add_generation_prompt=True,
                                               enable_thinking=enable_thinking))
@@ -153,7 +157,7 @@ class LocalBackend(TokenTools):
         thinking = [self._starts_in_reasoning(p) for p in prompts]
         out: list[list[Candidate]] = [[] for _ in prompts]
         sampling = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        top_k=top_k)
+                        top_k=top_k, speculative=speculative)
         if thinking_budget is not None:
             sampling["thinking_budget"] = thinking_budget
         start = time.perf_counter()

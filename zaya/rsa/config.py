@@ -42,6 +42,9 @@ class RSAError(ZayaError):
     """Invalid RSA settings, or a run that could not complete (message meant for people)."""
 
 
+SPECULATIVE = ("off", "aggregation", "all")
+
+
 @dataclass(frozen=True)
 class RSAConfig:
     n: int = 16                      # population N
@@ -61,6 +64,7 @@ class RSAConfig:
     batch_size: int | None = None    # local backend: max sequences decoded together
     enable_thinking: bool | None = None  # passed to the chat template (None = its default)
     thinking_budget: int | None = None   # reasoning tokens per candidate before </think> is forced
+    speculative: str = "aggregation"  # prompt-lookup drafting in: off | aggregation (rounds >= 1) | all
 
     def __post_init__(self):
         checks = [
@@ -76,6 +80,7 @@ class RSAConfig:
             (self.final_budget is None or self.final_budget >= 1, "final_budget must be >= 1"),
             (self.batch_size is None or self.batch_size >= 1, "batch_size must be >= 1"),
             (self.thinking_budget is None or self.thinking_budget >= 0, "thinking_budget must be >= 0"),
+            (self.speculative in SPECULATIVE, f"speculative must be one of {', '.join(SPECULATIVE)}"),
         ]
         for ok, message in checks:
             if not ok:

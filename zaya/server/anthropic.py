@@ -46,6 +46,7 @@ class MessagesRequest(_Body):
     thinking: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     rsa: Union[bool, dict[str, Any], None] = None   # zaya extension, as on /v1/chat/completions
+    speculative: Any = None  # zaya extension, as on /v1/chat/completions
 
 
 def _blocks(content, where: str) -> list[dict]:
@@ -132,7 +133,7 @@ def to_chat(req: MessagesRequest) -> ChatCompletionRequest:
             "tools": tools or None, "tool_choice": choice, "parallel_tool_calls": parallel,
             "thinking_budget": thinking.get("budget_tokens") if thinking.get("type") == "enabled" else None,
             "chat_template_kwargs": {"enable_thinking": False} if thinking.get("type") == "disabled" else None,
-            "rsa": req.rsa}
+            "rsa": req.rsa, "speculative": req.speculative}
     return parse(ChatCompletionRequest, json.dumps({k: v for k, v in body.items() if v is not None}).encode())
 
 

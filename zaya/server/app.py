@@ -58,6 +58,7 @@ class ServerConfig:
     thinking_budget: int | None = None    # reasoning tokens before </think> is forced (None: no limit)
     retry_after_s: int = 2
     step_tokens: int = 512                # per engine step: decode rows plus prefill chunks
+    speculative: int = 0                  # longest prompt-lookup draft for requests that do not say; 0 off
 
 
 class State:
@@ -66,7 +67,8 @@ class State:
     def __init__(self, llm, config: ServerConfig, engine_factory=None):
         self.llm, self.config = llm, config
         self.metrics = Metrics()
-        factory = engine_factory or (lambda: llm.engine(step_tokens=config.step_tokens))
+        factory = engine_factory or (lambda: llm.engine(step_tokens=config.step_tokens,
+                                                        speculative=config.speculative))
         self.scheduler = Scheduler(factory, max_batch=config.max_batch, max_queue=config.max_queue,
                                    metrics=self.metrics)
         engine = self.scheduler.engine
@@ -88,6 +90,17 @@ class State:
         m.gauge("zaya_rsa_running", "Markovian RSA runs in progress.", lambda: len(self.rsa_running))
         if self.cache is not None:
             m.cache_gauges(self.cache)
+        m.gauge("zaya_spec_draft_tokens", "Prompt-lookup draft tokens verified (cumulative).",
+                lambda: self._spec("drafted"))
+        m.gauge("zaya_spec_accepted_tokens", "Draft tokens accepted (cumulative).", lambda: self._spec("accepted"))
+        m.gauge("zaya_decode_row_forwards", "Rows in decode or verify forwards (cumulative).",
+                lambda: self._spec("row_forwards"))
+        m.gauge("zaya_decode_tokens", "Tokens those row-forwards produced (cumulative); over "
+                "zaya_decode_row_forwards: tokens per forward.", lambda: self._spec("tokens"))
+
+    def _spec(self, field: str) -> int:
+        stats = getattr(self.scheduler.engine, "spec_stats", None)
+        return getattr(stats, field, 0)
 
     def check_model(self, name: str) -> None:
         if name not in self.model_names:

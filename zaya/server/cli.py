@@ -10,6 +10,7 @@ from pathlib import Path
 
 from zaya.commands import add_model_args, load_from_args
 from zaya.errors import ZayaError
+from zaya.sampling import MAX_DRAFT
 from zaya.server.app import ServerConfig, create_app
 
 
@@ -25,6 +26,9 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $ZAYA_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="prompt-lookup speculative decoding with drafts of up to K tokens for requests that do "
+                        "not set `speculative` (default 0: off; 1-16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default 64)")
     p.add_argument("--step-tokens", type=int, default=512,
                    help="tokens one engine step computes: the decoding rows plus chunks of waiting prompts, so a "
@@ -52,6 +56,8 @@ def cmd_serve(args) -> int:
             raise ZayaError(f"--{flag.replace('_', '-')} must be positive")
     if args.thinking_budget is not None and args.thinking_budget < 0:
         raise ZayaError("--thinking-budget must be >= 0")
+    if not 0 <= args.speculative <= MAX_DRAFT:
+        raise ZayaError(f"--speculative must be a draft length in [0, {MAX_DRAFT}] (0: off), got {args.speculative}")
     if args.max_context is not None and args.max_context < 2:
         raise ZayaError("--max-context must be at least 2")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,7 +69,7 @@ def cmd_serve(args) -> int:
     aliases = tuple(a for a in {args.model, str(llm.path) if llm.path else None} if a and a != name)
     config = ServerConfig(model_name=name, aliases=aliases, api_key=args.api_key, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_body_bytes=args.max_body, step_tokens=args.step_tokens,
-                          thinking_budget=args.thinking_budget)
+                          thinking_budget=args.thinking_budget, speculative=args.speculative)
     app = create_app(llm, config)  # allocates the KV cache: a budget too small for one sequence fails here
     print(f"zaya: {llm.cache.describe()}; longest request {app.state.zaya.max_context:,} tokens", file=sys.stderr)
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets open requests finish (up to the

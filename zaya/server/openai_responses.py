@@ -47,6 +47,7 @@ class ResponsesRequest(_Body):
     thinking_budget: int | None = None         # zaya extension, as on /v1/chat/completions
     chat_template_kwargs: dict[str, Any] | None = None
     rsa: Union[bool, dict[str, Any], None] = None
+    speculative: Any = None  # zaya extension, as on /v1/chat/completions
 
 
 def _text_of(content, where: str) -> str:
@@ -145,7 +146,7 @@ def to_chat(req: ResponsesRequest):
             "tool_choice": _tool_choice(req.tool_choice), "parallel_tool_calls": req.parallel_tool_calls,
             "response_format": _response_format(req.text), "thinking_budget": req.thinking_budget,
             "reasoning_effort": (req.reasoning or {}).get("effort"),
-            "chat_template_kwargs": req.chat_template_kwargs, "rsa": req.rsa}
+            "chat_template_kwargs": req.chat_template_kwargs, "rsa": req.rsa, "speculative": req.speculative}
     return parse(ChatCompletionRequest, json.dumps({k: v for k, v in body.items() if v is not None}).encode())
 
 

@@ -91,6 +91,7 @@ class _Generation(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens
+    speculative: Any = None  # prompt-lookup drafting: true/false or the longest draft (checked by SamplingParams)
     user: str | None = None
 
 
@@ -174,7 +175,7 @@ def sampling_params(req: _Generation, prompt_len: int, max_context: int, *, max_
             max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
             min_p=req.min_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, seed=req.seed, stop=req.stop, n=req.n,
-            ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, top_logprobs=top_logprobs, speculative=req.speculative)
     except ContextLengthError as exc:
         raise bad_request(str(exc), code="context_length_exceeded") from None
     except (ZayaError, TypeError) as exc:
@@ -184,7 +185,7 @@ def sampling_params(req: _Generation, prompt_len: int, max_context: int, *, max_
 _PARAMS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
            "min_p": "min_p", "repetition_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
            "frequency_penalty": "frequency_penalty", "seed": "seed", "stop": "stop", "n": "n",
-           "top_logprobs": "top_logprobs"}
+           "top_logprobs": "top_logprobs", "speculative": "speculative"}
 
 
 def _param_of(message: str) -> str | None:

@@ -118,6 +118,8 @@ async def solve_on_scheduler(state, messages: list[dict], cfg: RSAConfig, progre
     """Drive one run to its result; every error leaves as an `ApiError` about ``rsa``."""
     try:
         tokens = TokenTools(state.llm.tokenizer, name="zaya-server")
+        # the scheduler drafts where a request asks (RSARun asks in aggregation rounds by default)
+        tokens.drafts, tokens.spec_stats = True, getattr(state.scheduler.engine, "spec_stats", None)
         run = await run_in_threadpool(RSARun, tokens, messages, profile=cfg)
         while (request := run.next_request()) is not None:
             outputs = await generate(state, request, progress)
@@ -139,7 +141,7 @@ async def generate(state, request: GenerateRequest, progress: Progress) -> list[
             params = SamplingParams.from_kwargs(
                 max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                 top_k=request.top_k, n=min(chunk, request.n - first), seed=derive_seed(request.seed, p, c),
-                constraint=_budget(state, thinking[p], request.thinking_budget))
+                constraint=_budget(state, thinking[p], request.thinking_budget), speculative=request.speculative)
             sched.check(len(ids), params)
             items.append((ids, params))
             origin.append((p, first))

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from zaya.kernels.build import user_cache_dir
+
 HALVES = ("attention_in", "attention_out")
 
 
@@ -38,10 +40,7 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    if os.environ.get("ZAYA_COMPILE_CACHE"):
-        return Path(os.environ["ZAYA_COMPILE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "zaya" / "inductor"
+    return user_cache_dir("inductor", "ZAYA_COMPILE_CACHE")
 
 
 def max_batch() -> int:

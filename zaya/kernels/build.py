@@ -37,11 +37,17 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def cache_root() -> Path:
-    if os.environ.get("ZAYA_KERNELS_CACHE"):
-        return Path(os.environ["ZAYA_KERNELS_CACHE"])
+def user_cache_dir(name: str, override: str) -> Path:
+    """``$override`` if set, else ``$XDG_CACHE_HOME/zaya/name`` (``~/.cache`` by default): where
+    zaya keeps build artifacts (the kernels here, Inductor's graphs for the compiled step)."""
+    if os.environ.get(override):
+        return Path(os.environ[override])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "zaya" / "kernels"
+    return Path(base) / "zaya" / name
+
+
+def cache_root() -> Path:
+    return user_cache_dir("kernels", "ZAYA_KERNELS_CACHE")
 
 
 def _compiler_id() -> str:

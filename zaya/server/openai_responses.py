@@ -15,7 +15,6 @@ is refused (send the whole conversation in ``input``, as with ``store: false``).
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, Literal, Union
 
 from pydantic import ConfigDict

@@ -344,3 +344,17 @@ def test_rsa_on_messages_and_responses(oai, claude):
     jsonschema.validate(uses[0].input, TOOL_PARAMS)
     r = oai.responses.create(model=MODEL, input=QUESTION, max_output_tokens=200, extra_body=rsa)
     assert r.status in ("completed", "incomplete") and r.output
+
+
+def test_responses_empty_answer_is_one_empty_message():
+    """An answer that ends before any text (an end token first) is still a message item."""
+    from types import SimpleNamespace
+
+    from zaya.server.openai_responses import ResponsesReply, ResponsesRequest, to_chat
+    from zaya.server.responses import ChatChoice
+
+    req = ResponsesRequest(model=MODEL, input=QUESTION)
+    reply = ResponsesReply(req, to_chat(req), ChatChoice(0, False), prompt_tokens=3)
+    reply.feed(0, SimpleNamespace(token_id=None, text="", finish_reason="stop", logprob=None, top_logprobs=None))
+    out = reply.body()["output"]
+    assert [(o["type"], o["content"][0]["text"]) for o in out] == [("message", "")]

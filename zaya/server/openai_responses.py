@@ -200,13 +200,21 @@ class ResponsesReply(R.Reply):
             "status": ("incomplete" if incomplete else "completed") if done else "in_progress",
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "error": None,
             "model": self.model, "instructions": req.instructions,
-            "output": [_item(b, i, True) for b, i in zip(self.out.blocks, self.item_ids)] if done else [],
+            "output": self._output() if done else [],
             "max_output_tokens": req.max_output_tokens, "temperature": req.temperature, "top_p": req.top_p,
             "parallel_tool_calls": req.parallel_tool_calls, "tool_choice": req.tool_choice or "auto",
             "tools": req.tools or [], "text": req.text or {"format": {"type": "text"}},
             "reasoning": {"effort": chat.reasoning_effort, "summary": None}, "store": False,
             "previous_response_id": None, "truncation": "disabled", "metadata": req.metadata or {},
             "usage": self.usage() if done else None}
+
+    def _output(self) -> list[dict]:
+        """The finished items; an answer that is empty (an end token first) is still one message
+        item with empty text, as OpenAI answers it, so a client always finds ``output_text``."""
+        items = [_item(b, i, True) for b, i in zip(self.out.blocks, self.item_ids)]
+        if not any(item["type"] != "reasoning" for item in items):
+            items.append(_item({"kind": "text", "text": ""}, f"msg_{R.new_id('')[1:]}", True))
+        return items
 
     # -- streaming --------------------------------------------------------------------------------
     def _event(self, kind: str, **data) -> bytes:

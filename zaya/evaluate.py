@@ -321,6 +321,7 @@ def run(args) -> int:
     for line in summary_lines(report):
         print(line)
     if args.data is None and args.wordings > 0:
+        # start-up time: the per-wording breakdown loads only when it is asked for
         from zaya.tasks.breakdown import breakdown_lines, evaluate_wordings
 
         report["wordings"] = evaluate_wordings(llm, per_family=args.wordings)

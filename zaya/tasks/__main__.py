@@ -76,6 +76,7 @@ def build_data(args) -> int:
 
 
 def build_mixture_data(args) -> int:
+    # start-up time: the mixture builder and the raw tokenizer load only for this subcommand
     from tokenizers import Tokenizer as RawTokenizer
 
     from zaya.tasks.mixture import MixtureSpec, build_mixture

@@ -56,6 +56,7 @@ def run(args) -> int:
     if args.dry_run:
         import os
 
+        # start-up time: the memory model is needed by --dry-run only
         from zaya.train.memory import dry_run
 
         text, fits = dry_run(cfg, args.ranks or int(os.environ.get("WORLD_SIZE", "1")), args.device_memory)

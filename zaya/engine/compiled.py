@@ -14,6 +14,7 @@ it ``"auto"`` (`resolve`). ``"auto"`` is a table per device type (`AUTO`), fille
 measurements: eager on CPU, where the compiled step measured level with eager at batch 1 and
 below it at batch 2 (docs/performance.md, "Compiled decode step"), and eager on CUDA, where it has
 not been measured; `decide` says which and why.
+
 Compiled graphs are cached on disk by Inductor's FX graph cache under ``$ZAYA_COMPILE_CACHE``
 (default ``$XDG_CACHE_HOME/zaya/inductor`` or ``~/.cache/zaya/inductor``), keyed by the graph,
 its shapes and dtypes and the torch version, so a later start loads them instead of compiling.

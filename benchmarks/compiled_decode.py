@@ -1,4 +1,4 @@
-"""Compiled decode steps (``ZAYA_COMPILE``) against eager, alternated in one process.
+"""Compiled decode steps (``--compile on``, zaya.engine.compiled) against eager, alternated in one process.
 
     python benchmarks/compiled_decode.py benchmarks/.checkpoints/mini --rounds 3 --threads 1
 

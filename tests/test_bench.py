@@ -10,10 +10,15 @@ from tests.tiny_model import make_tiny_model_dir
 from zaya.cli import main
 
 
-def test_bench_smoke(tiny_model_dir, capsys):
+def test_bench_smoke(tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("ZAYA_COMPILE", raising=False)
     assert main(["bench", "-m", str(tiny_model_dir), "--prefill-tokens", "16", "--new-tokens", "4", "--rounds", "1",
                  "--batches", "1,2"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr().out
+    out = json.loads(printed.strip().splitlines()[-1])
+    # which decode step ran, and why: auto picks eager on CPU
+    assert printed.startswith("decode step: eager (compile auto, the default: on CPU the compiled step measured")
+    assert (out["compile"], out["compiled"], out["compile_failure"]) == ("auto", False, None)
     for key in ("prefill_tok_s", "decode_b1_tok_s", "decode_b2_tok_s", "weight_bytes_per_token", "achieved_gb_s",
                 "bandwidth_gb_s", "mbu", "peak_rss_bytes", "cache_bytes_per_token", "cache_blocks",
                 "cache_memory_bytes"):
@@ -23,8 +28,9 @@ def test_bench_smoke(tiny_model_dir, capsys):
     assert out["mbu"] == pytest.approx(out["achieved_gb_s"] / out["bandwidth_gb_s"])
     assert out["cache_capacity_tokens"] == out["cache_blocks"] * out["cache_block_size"]
     assert main(["bench", "-m", str(tiny_model_dir), "--prefill-tokens", "16", "--new-tokens", "4", "--rounds", "1",
-                 "--batches", "1", "--cache-memory", "4MiB"]) == 0
+                 "--batches", "1", "--cache-memory", "4MiB", "--compile", "off"]) == 0
     printed = capsys.readouterr().out
+    assert printed.startswith("decode step: eager (compile off)\n")
     assert json.loads(printed.strip().splitlines()[-1])["cache_memory_bytes"] == 4 << 20
     assert "kv cache" in printed and "bytes per token" in printed and "4.0 MiB" in printed
 

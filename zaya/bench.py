@@ -17,7 +17,7 @@ import time
 import torch
 
 from zaya.commands import add_model_args, resolve_model_name
-from zaya.engine import Engine, PagedCache, Request, SpecStats
+from zaya.engine import Engine, PagedCache, Request, SpecStats, compiled
 from zaya.engine.cache import state_bytes
 from zaya.engine.runner import ForwardBatch, forward
 from zaya.llm import load
@@ -75,18 +75,20 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def _engine(model, cache: PagedCache | None = None, speculative: int = 0, stats=None):
-    return Engine(model, None, cache=cache, prefix_caching=False, speculative=speculative, stats=stats)
+def _engine(model, cache: PagedCache | None = None, speculative: int = 0, stats=None, compile: str | None = None):
+    return Engine(model, None, cache=cache, prefix_caching=False, speculative=speculative, stats=stats,
+                  compile=compile)
 
 
 def decode_rate(model, batch: int, prompt_len: int = 32, new_tokens: int = 64, seed: int = 0,
-                cache: PagedCache | None = None, speculative: int = 0, stats=None) -> float:
+                cache: PagedCache | None = None, speculative: int = 0, stats=None, compile: str | None = None) -> float:
     """Summed decode tok/s over ``batch`` rows (prefill excluded), greedy, EOS ignored; ``cache``
     is the paged cache to run in (default: a new one with the default budget); ``speculative``:
-    prompt-lookup drafts of up to that many tokens (decode work goes to ``stats``)."""
+    prompt-lookup drafts of up to that many tokens (decode work goes to ``stats``); ``compile``:
+    the engine's compile setting (zaya.engine.compiled)."""
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
-    engine = _engine(model, cache, speculative, stats)
+    engine = _engine(model, cache, speculative, stats, compile)
     params = SamplingParams.from_kwargs(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     for i in range(batch):
         engine.add(Request(torch.randint(3, V, (prompt_len,), generator=g).tolist(), params, i))
@@ -112,23 +114,28 @@ def prefill_rate(model, tokens: int = 512, seed: int = 0, cache: PagedCache | No
 
 
 def speed(model, *, prefill_tokens=512, new_tokens=64, batches=(1, 8), bandwidth=None, rounds=3,
-          cache: PagedCache | None = None, speculative: int = 0) -> dict:
+          cache: PagedCache | None = None, speculative: int = 0, compile: str | None = None) -> dict:
     bandwidth = bandwidth or measure_bandwidth()
-    cache = cache or _engine(model).cache  # one pool for every run, as a server has
-    for b in batches:  # warm-up (allocator, lazy kernels, and with ZAYA_COMPILE a compile per batch size)
-        decode_rate(model, b, new_tokens=2, cache=cache)
+    engine = _engine(model, cache, compile=compile)  # decides (and wraps the layers) once
+    cache = engine.cache  # one pool for every run, as a server has
+    for b in batches:  # warm-up (allocator, lazy kernels, and when compiled a compile per batch size)
+        decode_rate(model, b, new_tokens=2, cache=cache, compile=compile)
     out = {"prefill_tokens": prefill_tokens,
            "prefill_tok_s": statistics.median(prefill_rate(model, prefill_tokens, s, cache) for s in range(rounds))}
     stats = SpecStats()
     for b in batches:
         out[f"decode_b{b}_tok_s"] = statistics.median(
-            decode_rate(model, b, new_tokens=new_tokens, seed=s, cache=cache, speculative=speculative, stats=stats)
+            decode_rate(model, b, new_tokens=new_tokens, seed=s, cache=cache, speculative=speculative, stats=stats,
+                        compile=compile)
             for s in range(rounds))
     if speculative:
         out.update(speculative=speculative, draft_acceptance=stats.acceptance, tokens_per_forward=stats.tokens_per_forward)
     per_token = weight_bytes_per_token(model)
     achieved = out.get("decode_b1_tok_s", 0) * per_token
-    out.update(weight_bytes_per_token=per_token, achieved_gb_s=achieved / 1e9, bandwidth_gb_s=bandwidth / 1e9,
+    failures = compiled.compile_failures(model)
+    out.update(compile=engine.compile.mode, compiled=engine.compile.on and not failures,
+               compile_decision=str(engine.compile), compile_failure=failures[0] if failures else None,
+               weight_bytes_per_token=per_token, achieved_gb_s=achieved / 1e9, bandwidth_gb_s=bandwidth / 1e9,
                mbu=achieved / bandwidth, peak_rss_bytes=peak_rss(), **cache_report(cache))
     return out
 
@@ -178,15 +185,17 @@ def cmd_bench(args) -> int:
         return 0
     start = time.perf_counter()
     llm = load(path, dtype=args.dtype, quantize=args.quantize, adapter=args.adapter, cache_memory=args.cache_memory,
-               prefix_caching=args.prefix_caching)
+               prefix_caching=args.prefix_caching, compile=args.compile)
     load_s = time.perf_counter() - start
     rss_after_load = peak_rss()
     r = speed(llm.model, prefill_tokens=args.prefill_tokens, new_tokens=args.new_tokens,
               batches=tuple(int(b) for b in args.batches.split(",")), rounds=args.rounds, cache=llm.cache,
-              speculative=args.speculative)
+              speculative=args.speculative, compile=args.compile)
     r.update(model=str(llm.path), dtype=str(next(llm.model.parameters()).dtype).replace("torch.", ""),
              quantize=args.quantize or (llm.config.quantization or {}).get("bits"), load_s=load_s,
              peak_rss_after_load_bytes=rss_after_load)
+    failed = f"; compiling failed, so it ran eager ({r['compile_failure']})" if r["compile_failure"] else ""
+    print(f"decode step: {r['compile_decision']}{failed}")
     print(f"prefill {r['prefill_tokens']} tokens: {r['prefill_tok_s']:.1f} tok/s")
     for b in args.batches.split(","):
         print(f"decode batch {b}: {r[f'decode_b{b}_tok_s']:.1f} tok/s")

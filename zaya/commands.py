@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from zaya.checkpoint import convert, merge_adapter, open_checkpoint, resolve, save_quantized
+from zaya.engine import compiled
 from zaya.errors import ZayaError
 from zaya.llm import DEFAULT_MODEL, load, parse_dtype
 from zaya.model import ZayaForCausalLM
@@ -32,6 +33,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "memory, at most what 32 full-context sequences need; printed at start by serve)")
     p.add_argument("--no-prefix-cache", dest="prefix_caching", action="store_false",
                    help="do not reuse cached prompt prefixes across requests")
+    p.add_argument("--compile", choices=compiled.MODES, default=None, help=compiled.MODES_HELP)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
@@ -59,7 +61,7 @@ def sampling_kwargs(args) -> dict:
 def load_from_args(args):
     return load(resolve_model_name(args.model), dtype=args.dtype, quantize=args.quantize,
                 max_context=args.max_context, adapter=args.adapter, cache_memory=args.cache_memory,
-                prefix_caching=args.prefix_caching)
+                prefix_caching=args.prefix_caching, compile=args.compile)
 
 
 def resolve_model_name(name):

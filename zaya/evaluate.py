@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 import zaya
+from zaya.engine import compiled
 from zaya.rsa import LocalBackend, RSARun, run_batched, sample_pool
 from zaya.rsa.answers import boxed_answer, extract_boxed, majority_vote, normalize_answer
 from zaya.rsa.backends import derive_seed
@@ -274,6 +275,7 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", "-m", help="model directory or hub repo (default: the built-in model)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="weight dtype (default: checkpoint's)")
+    p.add_argument("--compile", choices=compiled.MODES, help=compiled.MODES_HELP)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="JSONL with problem and answer fields (e.g. AIME'25)")
     src.add_argument("--builtin", action="store_true", help="the built-in held-out arithmetic set (default)")
@@ -311,7 +313,7 @@ def run(args) -> int:
                      temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size)
     if args.rsa or any(v is not None for k, v in rsa_flags.items() if k not in ("temperature", "top_p")):
         rsa = make_config(args.rsa or "cpu-small", **rsa_flags)
-    llm = zaya.load(args.model, dtype=args.dtype)
+    llm = zaya.load(args.model, dtype=args.dtype, compile=args.compile)
     report = {"model": str(args.model or "built-in"), "data": args.data or "built-in held-out set"}
     report.update(evaluate(LocalBackend(llm, batch_size=args.batch_size), problems, samples=args.samples,
                            majority=args.majority, rsa=rsa, max_tokens=args.max_tokens,

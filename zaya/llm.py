@@ -16,7 +16,7 @@ import torch
 from zaya import rsa
 from zaya.chat import DEFAULT_CHAT_TEMPLATE, generation_starts_in_reasoning, parse_assistant, render_chat
 from zaya.checkpoint import load_model, load_tokenizer, resolve
-from zaya.engine import Completion, Engine, PagedCache, Request, SpecStats, TokenEvent, parse_memory
+from zaya.engine import Completion, Engine, PagedCache, Request, SpecStats, TokenEvent, compiled, parse_memory
 from zaya.engine.cache import CACHE_FLAGS, pool_blocks
 from zaya.errors import CheckpointError, ContextLengthError, ZayaError
 from zaya.grammar import REASONING_EFFORT, make_guide, schema_of_response_format
@@ -44,7 +44,7 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: str | None = None,
          max_context: int | None = None, adapter: str | Path | None = None, cache_memory=None,
-         prefix_caching: bool = True) -> LLM:
+         prefix_caching: bool = True, compile: str | None = None) -> LLM:
     """Load a ZAYA checkpoint (a local directory or a hub repo id) as an `LLM`.
 
     With no ``model``, the small built-in model that ships with zaya is loaded (no download).
@@ -54,7 +54,9 @@ def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: 
     ``zaya train`` does), else from the base.
     ``cache_memory`` is the KV cache budget (bytes, or a size such as ``"4GiB"``; default: from
     the free memory and the model, see docs/server.md); ``prefix_caching=False`` turns off the
-    reuse of cached prompt prefixes.
+    reuse of cached prompt prefixes. ``compile`` is ``"auto"``, ``"on"`` or ``"off"``: whether
+    decode steps run as compiled graphs (zaya.engine.compiled; unset: ``ZAYA_COMPILE``, else
+    ``"auto"``, which today is eager; docs/performance.md, "Compiled decode step").
     """
     if model is None:
         if not (DEFAULT_MODEL / "config.json").is_file():
@@ -69,15 +71,18 @@ def load(model: str | Path | None = None, *, dtype=None, device=None, quantize: 
     # the prefix cache's identity: anything that changes a token's keys and values
     identity = f"{path}|{layout}|{quantize or config.quantization}|{extra}"
     return LLM(net, tokenizer, path=path, layout=layout, max_context=max_context, cache_memory=cache_memory,
-               prefix_caching=prefix_caching, identity=identity)
+               prefix_caching=prefix_caching, identity=identity, compile=compile)
 
 
 class LLM:
     """A loaded model with its tokenizer: `generate`, `stream`, `chat`, `logits`, `solve`."""
 
     def __init__(self, model, tokenizer=None, *, path=None, layout: str = "native", max_context: int | None = None,
-                 cache_memory=None, prefix_caching: bool = True, identity: str | None = None):
+                 cache_memory=None, prefix_caching: bool = True, identity: str | None = None,
+                 compile: str | None = None):
         self.model, self.tokenizer, self.path, self.layout = model, tokenizer, path, layout
+        compiled.resolve(compile)  # a bad value fails here, not at the first request
+        self.compile_setting = compile
         self.config = model.config
         self.max_context = max_context or self.config.max_position_embeddings
         self.cache_memory = parse_memory(cache_memory)
@@ -149,6 +154,11 @@ class LLM:
                                      prefix_caching=self.prefix_caching)
         return self._cache
 
+    @property
+    def compile(self) -> compiled.Decision:
+        """Whether this LLM's decode steps run compiled, and why."""
+        return compiled.decide(self.compile_setting, next(self.model.parameters()).device)
+
     def _cache_dtype(self) -> torch.dtype:
         param = next(self.model.parameters())
         return param.dtype if param.is_floating_point() else torch.bfloat16
@@ -174,6 +184,7 @@ class LLM:
         """An engine over this LLM's shared cache (the server's scheduler owns one)."""
         kwargs.setdefault("max_context", self.max_context)
         kwargs.setdefault("stats", self.spec_stats)
+        kwargs.setdefault("compile", self.compile_setting)
         return Engine(self.model, self.tokenizer, cache=self.cache, **kwargs)
 
     def generate(self, prompts, **sampling) -> list[Completion]:

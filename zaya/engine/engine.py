@@ -85,16 +85,16 @@ class Engine:
     is the per-step token budget (decode rows plus prefill tokens); ``prefill_chunk`` the longest
     prefill forward. ``speculative`` is the longest prompt-lookup draft for requests that do not
     say (0: off; zaya.engine.speculative); decode work is counted in ``stats`` (a shared
-    `SpecStats`, else the engine's own)."""
+    `SpecStats`, else the engine's own). ``compile`` ("auto", "on", "off"; None: ``ZAYA_COMPILE``,
+    else auto) says whether decode steps go through `compiled.compile_decode` (``self.compile``
+    is the decision)."""
 
     def __init__(self, model, tokenizer=None, *, max_context: int | None = None, prefill_chunk: int = 512,
                  threads: int | None = None, cache: PagedCache | None = None, cache_memory: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE, max_seqs: int = DEFAULT_MAX_SEQS,
                  prefix_caching: bool = True, step_tokens: int | None = None, identity: str = "",
-                 speculative: int = 0, stats: spec.SpecStats | None = None):
+                 speculative: int = 0, stats: spec.SpecStats | None = None, compile: str | None = None):
         self.model, self.tokenizer = model, tokenizer
-        if compiled.enabled():
-            compiled.compile_decode(model)
         self.threads = decode_threads() if threads is None else threads
         self.config = model.config
         self.context_limit = max_context or self.config.max_position_embeddings
@@ -104,6 +104,7 @@ class Engine:
             raise ZayaError("prefill_chunk and step_tokens must be positive")
         param = next(model.parameters())
         self.dtype, self.device = param.dtype if param.is_floating_point() else torch.bfloat16, param.device
+        self.compile = compiled.apply(model, compile, self.device)
         self.cache = cache or PagedCache(self.config, dtype=self.dtype, device=self.device, memory=cache_memory,
                                          block_size=block_size, max_seqs=max_seqs, max_context=self.context_limit,
                                          identity=identity, prefix_caching=prefix_caching)

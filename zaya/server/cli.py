@@ -71,7 +71,8 @@ def cmd_serve(args) -> int:
                           max_queue=args.max_queue, max_body_bytes=args.max_body, step_tokens=args.step_tokens,
                           thinking_budget=args.thinking_budget, speculative=args.speculative)
     app = create_app(llm, config)  # allocates the KV cache: a budget too small for one sequence fails here
-    print(f"zaya: {llm.cache.describe()}; longest request {app.state.zaya.max_context:,} tokens", file=sys.stderr)
+    print(f"zaya: {llm.cache.describe()}; longest request {app.state.zaya.max_context:,} tokens; "
+          f"decode step {llm.compile}", file=sys.stderr)
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets open requests finish (up to the
     # timeout), then runs the app's shutdown, which stops the scheduler thread.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=30)

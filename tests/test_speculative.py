@@ -192,6 +192,33 @@ def test_drafts_from_an_added_source():
     assert d.propose([1, 2, 7, 3, 7], 10) == [3, 7]     # own tokens first
 
 
+def test_a_copied_source_is_drafted_at_full_length():
+    """An output that copies an added source: once the first draft is accepted every draft is as
+    long as k allows (4, 6, then the limit 8, then what max_tokens leaves) and is accepted whole,
+    so a forward yields nearly k + 1 tokens. Counts forwards, never time."""
+    model = make_tiny_model(seed=0)
+    plain, spec = engines(model, k=8, block_size=16)
+    g = torch.Generator().manual_seed(5)
+    prompt = [2] + torch.randint(10, 512, (40,), generator=g).tolist()
+    # a tiny model's greedy output repeats one token; the penalty keeps every token new, so the
+    # drafts must come from the source
+    kw = dict(max_new_tokens=48, temperature=0, ignore_eos=True, presence_penalty=2.0)
+    want = run(plain, [prompt], **kw)[0]
+    assert len(set(want)) == len(want)
+    request = Request(prompt, SamplingParams.from_kwargs(**kw))
+    seq, = spec.add(request)
+    seq.drafter.add_source(want)
+    updates = []
+    update = seq.drafter.update
+    seq.drafter.update = lambda d, a: (updates.append((d, a)), update(d, a))
+    while spec.active:
+        spec.step()
+    assert seq.token_ids == want
+    assert updates == [(4, 4), (6, 6), (8, 8), (8, 8), (8, 8), (7, 7)]
+    st = spec.spec_stats
+    assert (st.row_forwards, st.tokens) == (6, 47)   # the first token comes from the prefill
+
+
 class _Forbid:
     """A constraint that forbids one token and records every token it is handed."""
 

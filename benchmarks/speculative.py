@@ -23,8 +23,8 @@ how many rows equal the non-speculative output. What is measured is then what a 
 output gains: the cost of verifying drafts against the tokens they save; acceptance and tokens per
 row-forward count the timed runs only. Each round runs the same requests with speculation off
 then on (the order alternates between rounds); the figure is the median ratio, printed with the
-1-minute load average. Decode threads: ``--threads`` (default 1, the setting for shared cores; see docs/performance.md). The last
-line is one JSON object.
+1-minute load average. Decode threads: ``--threads`` (default 1, the setting for shared cores;
+see docs/performance.md). The last line is one JSON object.
 """
 
 from __future__ import annotations

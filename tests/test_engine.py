@@ -338,8 +338,8 @@ def _assert_same_prefill(got: list[dict], want: list[dict]) -> None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(sliding_window=6, layer_types=["hybrid", "hybrid_sliding", "hybrid"]),
-                                       dict(cca_time0=3, cca_time1=2)])
+@pytest.mark.parametrize("overrides", [dict(), dict(cca_time0=3, cca_time1=2),
+                                       dict(sliding_window=6, layer_types=["hybrid", "hybrid_sliding", "hybrid"])])
 def test_new_prompts_prefill_together_as_they_would_alone(overrides):
     """Prompts of different lengths admitted together run as one right-padded forward; each keeps
     the logits, CCA state and KV of a prefill of its own (fp32)."""
@@ -372,7 +372,8 @@ def test_prompts_continuing_cached_prefixes_prefill_together(llm):
     g = torch.Generator().manual_seed(4)
     vocab = llm.config.vocab_size
     head = [2] + torch.randint(10, vocab, (47,), generator=g).tolist()
-    prompts = [head[:n] + torch.randint(10, vocab, (m,), generator=g).tolist() for n, m in ((48, 20), (32, 30), (16, 25))]
+    prompts = [head[:n] + torch.randint(10, vocab, (m,), generator=g).tolist()
+               for n, m in ((48, 20), (32, 30), (16, 25))]
     engine = Engine(llm.model, block_size=16, step_tokens=1024)
     _prefilled(engine, [head])
     got = _prefilled(engine, prompts)

@@ -4,7 +4,8 @@ A request (one prompt, n samples) waits in a queue until its prompt is prefilled
 the paged cache, reusing the longest cached prefix (zaya.engine.cache); its n samples then share
 the prompt's blocks. Every `step()` runs one decode forward for the rows that go on, prefill
 chunks for waiting prompts within a per-step token budget (so a long prompt never stalls the
-running rows for more than a chunk), and samples one token for every row with fresh logits. Rows
+running rows for more than a chunk; waiting prompts in the same state share a forward, right-
+padded to the longest chunk), and samples one token for every row with fresh logits. Rows
 that finish give their blocks back; their full blocks stay cached for later requests. When the
 pool runs short in a decode step, the newest rows give their blocks back and are queued to be
 recomputed (mostly from the prefix cache), as vLLM does; a running row is never corrupted.
@@ -271,7 +272,8 @@ class Engine:
         """The waiting work whose next chunks run in this forward, in queue order, with each
         chunk's length: the head of the queue, then the works after it that are in the same
         state (no cached positions, or some) while the padded forward stays within ``budget``
-        tokens and its padding within a quarter of it; every row has blocks for the padded length."""
+        tokens and its padding within a quarter of the real tokens; every row has blocks for the
+        padded length."""
         group: list[tuple[_Prefill, int]] = []
         for work in list(self.waiting)[:self.cache.max_seqs]:
             if work.seq.cache is None and group and (not self.cache.free_slots or self._would_share(work, group)):
@@ -285,7 +287,8 @@ class Engine:
                 S = max(n, max(m for _, m in group))
                 real = n + sum(m for _, m in group)
                 fresh = group[0][0].seq.cache.computed == 0
-                if (c.computed == 0) != fresh or (len(group) + 1) * S > budget or 4 * ((len(group) + 1) * S - real) > real:
+                padded = (len(group) + 1) * S
+                if (c.computed == 0) != fresh or padded > budget or 4 * (padded - real) > real:
                     break
                 if not self.cache.reserve(c, S):
                     break

@@ -13,15 +13,18 @@
 
 The mini shape (compare_transformers.py) is built once under ``--dir`` with random weights. A
 random model does not follow a request to repeat its prompt, so the copy workload gives the
-drafter the text the output will copy instead: each prompt's greedy continuation, computed once
-beforehand, is added as a draft source (`Drafter.add_source`, what a caller editing a document
-does). bf16 logits of a random model often tie exactly, and a multi-token forward may break a tie
-the other way than a one-token step, so the source is the continuation the speculative engine
-itself produces (``identical_rows`` reports how many rows equal the non-speculative output). What is measured is then what copy-heavy decoding gains: the cost of verifying drafts
-against the tokens they save; the acceptance is printed beside each figure. Each round runs the same requests with speculation off then on (the order alternates
-between rounds); the figure is the median ratio, printed with the 1-minute load average. Decode
-threads: ``--threads`` (default 1, the setting for shared cores; see docs/performance.md). The last
-line is one JSON object.
+drafter the text the output will copy instead, as a draft source (`Drafter.add_source`, what a
+caller editing a document does). A random model's bf16 logits nearly tie at a few percent of
+positions, and a forward of k + 1 positions may pick the other token there than a one-token step,
+after which the output is new text with nothing to copy; so each row's source is the fixed point
+of "draft from the source, take the output as the new source" (`fixed_sources`; the number of
+runs it took and the share of rows that copy their source are printed). ``identical_rows`` reports
+how many rows equal the non-speculative output. What is measured is then what a fully copying
+output gains: the cost of verifying drafts against the tokens they save; acceptance and tokens per
+row-forward count the timed runs only. Each round runs the same requests with speculation off
+then on (the order alternates between rounds); the figure is the median ratio, printed with the
+1-minute load average. Decode threads: ``--threads`` (default 1, the setting for shared cores;
+see docs/performance.md). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -75,17 +78,17 @@ def timed(engine, batch_prompts, new_tokens: int, sources=None) -> tuple[float, 
 
 def compare(llm, kind: str, batch: int, args) -> dict:
     from zaya.engine import Engine
+    from zaya.engine import speculative as spec
 
     engines = {"off": Engine(llm.model, cache=llm.cache, prefix_caching=False),
                "on": Engine(llm.model, cache=llm.cache, prefix_caching=False, speculative=args.k)}
     work = prompts(kind, batch, llm.config.vocab_size, args.prompt_tokens)
     timed(engines["off"], [p[:64] for p in work[:1]], 8)  # warm-up
-    sources = None
+    sources, source_runs, copying = None, 0, None
     if kind == "copy":  # the text each output copies: its greedy continuation
-        sources = [seq.token_ids for seq in _greedy(engines["off"], work, args.new_tokens)]
-        for _ in range(2):  # bf16 logits tie often in a random model, and a multi-token forward may
-            # break a tie the other way: take the continuation the speculative run itself produces
-            sources = timed(engines["on"], work, args.new_tokens, sources)[2]
+        sources, source_runs, copying = fixed_sources(engines, work, args.new_tokens, args.source_runs)
+    stats = engines["on"].spec_stats
+    before = spec.SpecStats(**{k: getattr(stats, k) for k in ("row_forwards", "tokens", "drafted", "accepted")})
     ratios, rates, loads, same = [], {"off": [], "on": []}, [], []
     for r in range(args.rounds):
         order = ("off", "on") if r % 2 == 0 else ("on", "off")
@@ -97,16 +100,39 @@ def compare(llm, kind: str, batch: int, args) -> dict:
         same += [a == b for a, b in zip(outputs["on"], outputs["off"])]
         ratios.append(speed["on"] / speed["off"])
         loads.append(load_avg())
-    stats = engines["on"].spec_stats
+    timed_stats = spec.SpecStats(**{k: getattr(stats, k) - getattr(before, k)
+                                    for k in ("row_forwards", "tokens", "drafted", "accepted")})
     out = {"ratio": round(statistics.median(ratios), 3), "off_tok_s": round(statistics.median(rates["off"]), 2),
-           "on_tok_s": round(statistics.median(rates["on"]), 2), "acceptance": _round(stats.acceptance),
-           "tokens_per_forward": _round(stats.tokens_per_forward), "identical_rows": round(sum(same) / len(same), 3),
-           "load": max(loads)}
+           "on_tok_s": round(statistics.median(rates["on"]), 2), "acceptance": _round(timed_stats.acceptance),
+           "tokens_per_forward": _round(timed_stats.tokens_per_forward),
+           "identical_rows": round(sum(same) / len(same), 3), "load": max(loads)}
+    if kind == "copy":
+        out.update(source_runs=source_runs, rows_copying=copying)
     print(f"{kind} batch {batch}: {out['off_tok_s']} -> {out['on_tok_s']} tok/s, ratio {out['ratio']} "
           f"(acceptance {out['acceptance']}, {out['tokens_per_forward']} tokens per row-forward, greedy rows "
-          f"identical to off: {out['identical_rows']}; load {out['load']})",
-          flush=True)
+          f"identical to off: {out['identical_rows']}"
+          + (f"; rows copying their source: {copying} after {source_runs} runs" if kind == "copy" else "")
+          + f"; load {out['load']})", flush=True)
     return out
+
+
+def fixed_sources(engines, work, new_tokens: int, limit: int) -> tuple[list[list[int]], int, float]:
+    """Each row's copy source: the text the speculative engine produces when it drafts from that
+    same text. Start from the plain greedy continuation and rerun with the last output as the
+    source until nothing changes (at most ``limit`` runs). Needed because a random model's bf16
+    logits nearly tie at a few percent of positions, where a forward of k + 1 positions can pick
+    another token than a one-token step; from there on the output is new random text with nothing
+    to copy. A run keeps every token before its first change (the same drafts give the same
+    forwards), so each run extends the stable prefix. Returns the sources, the runs made and the
+    share of rows whose output equals their source."""
+    sources = [seq.token_ids for seq in _greedy(engines["off"], work, new_tokens)]
+    for runs in range(1, limit + 1):
+        out = timed(engines["on"], work, new_tokens, sources)[2]
+        if out == sources:
+            break
+        sources = out
+    copying = sum(a == b for a, b in zip(timed(engines["on"], work, new_tokens, sources)[2], sources))
+    return sources, runs, round(copying / len(work), 3)
 
 
 def compare_rsa(args) -> dict:
@@ -166,6 +192,8 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=192)
     ap.add_argument("--new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--source-runs", type=int, default=12,
+                    help="most speculative runs to settle the copy sources (see fixed_sources)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import zaya

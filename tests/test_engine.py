@@ -298,3 +298,93 @@ def test_budget_errors_are_clear(llm):
         small.generate([list(range(10, 140))])
     # an unset max_new_tokens runs to the end of what the budget holds, not of the model's context
     assert len(small.generate([list(range(10, 60))], temperature=0, ignore_eos=True)[0].token_ids) == 128 - 50
+
+
+def _prefilled(engine: Engine, prompts: list[list[int]]) -> list[dict]:
+    """Queue ``prompts`` (n=1 each) and step until every one is prefilled: per prompt its first
+    logits, its CCA state (conv window, delayed value) and its keys and values, read back from
+    the cache."""
+    reqs = [Request(p, SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True), i)
+            for i, p in enumerate(prompts)]
+    seqs = [s for r in reqs for s in engine.add(r)]
+    logits = {}
+    while engine.waiting:
+        before = len(engine.rows)
+        with torch.inference_mode():
+            engine._prefill(engine.step_tokens)
+        for i, s in enumerate(engine.rows[before:]):
+            logits[id(s)] = engine.logits[before + i].clone()
+    cache, out = engine.cache, []
+    for s in seqs:
+        c, bs = s.cache, cache.block_size
+        kv = []
+        for group, table in zip(cache.groups, c.tables):
+            slots = [table[p // bs] * bs + p % bs for p in range(c.computed) if table[p // bs] != 0]
+            kv.append(group.kv[:, :, :, slots])
+        out.append({"logits": logits[id(s)], "conv": cache.conv[:, c.slot].clone(),
+                    "vdelay": cache.vdelay[:, c.slot].clone(), "kv": kv, "computed": c.computed})
+    engine.reset()
+    return out
+
+
+def _assert_same_prefill(got: list[dict], want: list[dict]) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert g["computed"] == w["computed"]
+        assert g["logits"].argmax() == w["logits"].argmax()
+        torch.testing.assert_close(g["logits"], w["logits"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g["conv"], w["conv"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g["vdelay"], w["vdelay"], rtol=1e-5, atol=1e-5)
+        for a, b in zip(g["kv"], w["kv"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(cca_time0=3, cca_time1=2),
+                                       dict(sliding_window=6, layer_types=["hybrid", "hybrid_sliding", "hybrid"])])
+def test_new_prompts_prefill_together_as_they_would_alone(overrides):
+    """Prompts of different lengths admitted together run as one right-padded forward; each keeps
+    the logits, CCA state and KV of a prefill of its own (fp32)."""
+    from tests.tiny_model import make_tiny_model
+
+    model = make_tiny_model(seed=2, **overrides)
+    g = torch.Generator().manual_seed(0)
+    prompts = [[2] + torch.randint(10, 512, (n,), generator=g).tolist() for n in (37, 40, 33, 45, 9)]
+    together = Engine(model, block_size=8, prefix_caching=False, step_tokens=1024)
+    got = _prefilled(together, prompts)
+    assert together.prefill_forwards == 2   # the 10-token prompt would pad too much: a forward of its own
+    alone = Engine(model, block_size=8, prefix_caching=False)
+    want = [_prefilled(alone, [p])[0] for p in prompts]
+    _assert_same_prefill(got, want)
+    assert alone.prefill_forwards == len(prompts)
+    kw = dict(max_new_tokens=12, temperature=0, ignore_eos=True, presence_penalty=1.5)
+    reqs = [Request(p, SamplingParams.from_kwargs(**kw), i) for i, p in enumerate(prompts)]
+    for _ in together.run(reqs):
+        pass
+    for p, r in zip(prompts, reqs):
+        single = Request(p, SamplingParams.from_kwargs(**kw))
+        for _ in alone.run([single]):
+            pass
+        assert r.sequences[0].token_ids == single.sequences[0].token_ids
+
+
+def test_prompts_continuing_cached_prefixes_prefill_together(llm):
+    """Sequences that start from cached blocks (different lengths of them) batch their remaining
+    chunks; a prompt that shares blocks another is about to compute waits for them instead."""
+    g = torch.Generator().manual_seed(4)
+    vocab = llm.config.vocab_size
+    head = [2] + torch.randint(10, vocab, (47,), generator=g).tolist()
+    prompts = [head[:n] + torch.randint(10, vocab, (m,), generator=g).tolist()
+               for n, m in ((48, 20), (32, 30), (16, 25))]
+    engine = Engine(llm.model, block_size=16, step_tokens=1024)
+    _prefilled(engine, [head])
+    got = _prefilled(engine, prompts)
+    assert engine.prefill_forwards == 2
+    plain = Engine(llm.model, block_size=16, prefix_caching=False)
+    _assert_same_prefill(got, [_prefilled(plain, [p])[0] for p in prompts])
+    # two new prompts with a common opening not cached yet: the second waits and reuses it
+    twins = [[2] + torch.randint(10, vocab, (40,), generator=g).tolist()]
+    twins.append(twins[0][:33] + [11, 12, 13])
+    engine.prefill_forwards = 0
+    reqs = [Request(p, SamplingParams(max_new_tokens=2, temperature=0), i) for i, p in enumerate(twins)]
+    for _ in engine.run(reqs):
+        pass
+    assert engine.prefill_forwards == 2 and reqs[1].cached_tokens == 32

@@ -47,7 +47,13 @@ def test_drafter_finds_latest_occurrence_and_backs_off():
     tokens = [1, 2, 3, 4, 9, 1, 2, 3, 4, 7, 8, 1, 2, 3, 4]
     assert d.propose(tokens, 10) == [7, 8, 1, 2]       # k starts at 4, the later "1 2 3 4" wins
     assert d.propose(tokens + [5], 10) == []            # no earlier 5
-    assert Drafter(8).propose([5, 6, 5], 1) == [6]      # 1-gram, room 1
+    assert Drafter(8).propose([5, 6, 5], 1) == []       # a 1-gram only while copying
+    assert Drafter(8).propose([5, 6, 5, 6], 1) == [5]   # 2-gram, room 1
+    copying = Drafter(8)
+    copying.update(4, 2)
+    assert copying.propose([5, 6, 5], 1) == [6]         # last draft accepted: 1-grams count
+    copying.update(4, 0)
+    assert copying.propose([5, 6, 5], 1) == []
     for _ in range(3):
         d.update(4, 0)
     assert d.off == 8 and d.propose(tokens, 10) == []   # off after three failures
@@ -160,7 +166,8 @@ def test_sampled_tokens_follow_the_model_distribution():
     exact distribution sum_t1 p(t1) p(t2 | t1) from full forwards, against 3,072 samples."""
     V = 12
     model = make_tiny_model(seed=3, vocab_size=V)
-    prompt = [2, 7, 8, 9, 7, 8, 9, 7, 8]
+    # "8 t 5" for every t, then 8: whatever the first token t1, "8 t1" was seen and a draft follows
+    prompt = [2] + [x for t in range(V) for x in (8, t, 5)] + [8]
     with torch.no_grad():
         p1 = model(torch.tensor([prompt])).float()[0, -1].softmax(-1)
         ctx = torch.tensor([prompt + [t] for t in range(V)])
@@ -188,8 +195,37 @@ def test_sampled_tokens_follow_the_model_distribution():
 def test_drafts_from_an_added_source():
     d = Drafter(8)
     d.add_source([5, 6, 7, 8, 9, 10])
-    assert d.propose([1, 2, 7], 10) == [8, 9, 10]       # own tokens have no earlier 7
-    assert d.propose([1, 2, 7, 3, 7], 10) == [3, 7]     # own tokens first
+    assert d.propose([1, 6, 7], 10) == [8, 9, 10]       # own tokens have no earlier "6 7"
+    assert d.propose([1, 6, 7, 3, 6, 7], 10) == [3, 6, 7]   # own tokens first
+
+
+def test_a_copied_source_is_drafted_at_full_length():
+    """An output that copies an added source: once the match is established every draft is as
+    long as k allows (4, 6, then the limit 8, then what max_tokens leaves) and is accepted whole,
+    so a forward yields nearly k + 1 tokens. Counts forwards, never time."""
+    model = make_tiny_model(seed=0)
+    plain, spec = engines(model, k=8, block_size=16)
+    g = torch.Generator().manual_seed(5)
+    prompt = [2] + torch.randint(10, 512, (40,), generator=g).tolist()
+    # a tiny model's greedy output repeats one token; the penalty keeps every token new, so the
+    # drafts must come from the source
+    kw = dict(max_new_tokens=48, temperature=0, ignore_eos=True, presence_penalty=2.0)
+    want = run(plain, [prompt], **kw)[0]
+    assert len(set(want)) == len(want)
+    request = Request(prompt, SamplingParams.from_kwargs(**kw))
+    seq, = spec.add(request)
+    seq.drafter.add_source(want)
+    updates = []
+    update = seq.drafter.update
+    seq.drafter.update = lambda d, a: (updates.append((d, a)), update(d, a))
+    while spec.active:
+        spec.step()
+    assert seq.token_ids == want
+    # the first token comes from the prefill and the second from a plain step (a one-token match
+    # does not draft before a draft was accepted); from the third on the source is followed
+    assert updates == [(4, 4), (6, 6), (8, 8), (8, 8), (8, 8), (6, 6)]
+    st = spec.spec_stats
+    assert (st.row_forwards, st.tokens) == (7, 47)
 
 
 class _Forbid:

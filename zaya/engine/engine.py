@@ -4,7 +4,8 @@ A request (one prompt, n samples) waits in a queue until its prompt is prefilled
 the paged cache, reusing the longest cached prefix (zaya.engine.cache); its n samples then share
 the prompt's blocks. Every `step()` runs one decode forward for the rows that go on, prefill
 chunks for waiting prompts within a per-step token budget (so a long prompt never stalls the
-running rows for more than a chunk), and samples one token for every row with fresh logits. Rows
+running rows for more than a chunk; waiting prompts in the same state share a forward, right-
+padded to the longest chunk), and samples one token for every row with fresh logits. Rows
 that finish give their blocks back; their full blocks stay cached for later requests. When the
 pool runs short in a decode step, the newest rows give their blocks back and are queued to be
 recomputed (mostly from the prefix cache), as vLLM does; a running row is never corrupted.
@@ -23,7 +24,7 @@ import torch
 from zaya.engine import compiled
 from zaya.engine import speculative as spec
 from zaya.engine.cache import CACHE_FLAGS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SEQS, CacheFullError, PagedCache
-from zaya.engine.runner import ForwardBatch, forward
+from zaya.engine.runner import ForwardBatch, forward, forward_rows
 from zaya.engine.sequence import Request, Sequence, TokenEvent
 from zaya.errors import ContextLengthError, ZayaError
 from zaya.sampling import (SamplingParams, apply_penalties, fit_max_new_tokens, sample, token_logprobs,
@@ -116,6 +117,7 @@ class Engine:
         self.waiting: deque[_Prefill] = deque()
         self.prompt_tokens_computed = 0      # prefill positions actually run through the model
         self.preemptions = 0                 # rows that gave their blocks back to be recomputed
+        self.prefill_forwards = 0            # forwards that ran prefill chunks (of one or more sequences)
         self.speculative = self._draft_limit(speculative)
         self.verify: spec.Verify | None = None   # a verify forward's rows, until sampled
         self.spec_stats = stats if stats is not None else spec.SpecStats()  # shared when given
@@ -260,23 +262,79 @@ class Engine:
 
     def _prefill(self, budget: int) -> None:
         while self.waiting and budget > 0:
-            work = self.waiting[0]
-            if work.seq.cache is None and not self._start(work):
+            group = self._prefill_group(budget)
+            if not group:
                 return
+            S = max(n for _, n in group)
+            budget -= len(group) * S
+            self._prefill_forward(group, S)
+
+    def _prefill_group(self, budget: int) -> list[tuple[_Prefill, int]]:
+        """The waiting work whose next chunks run in this forward, in queue order, with each
+        chunk's length: the head of the queue, then the works after it that are in the same
+        state (no cached positions, or some) while the padded forward stays within ``budget``
+        tokens and its padding within a quarter of the real tokens; every row has blocks for the
+        padded length."""
+        group: list[tuple[_Prefill, int]] = []
+        for work in list(self.waiting)[:self.cache.max_seqs]:
+            if work.seq.cache is None and group and (not self.cache.free_slots or self._would_share(work, group)):
+                break
+            if work.seq.cache is None and not self._start(work):
+                break
             c = work.seq.cache
-            end = min(len(work.tokens), (c.computed // self.prefill_chunk + 1) * self.prefill_chunk, c.computed + budget)
-            if not self.cache.reserve(c, end - c.computed):
+            n = min(len(work.tokens), (c.computed // self.prefill_chunk + 1) * self.prefill_chunk,
+                    c.computed + budget) - c.computed
+            if group:
+                S = max(n, max(m for _, m in group))
+                real = n + sum(m for _, m in group)
+                fresh = group[0][0].seq.cache.computed == 0
+                padded = (len(group) + 1) * S
+                if (c.computed == 0) != fresh or padded > budget or 4 * (padded - real) > real:
+                    break
+                if not self.cache.reserve(c, S):
+                    break
+                if S > max(m for _, m in group) and not all(self.cache.reserve(w.seq.cache, S) for w, _ in group):
+                    break  # (what the rows already took stays reserved: their next chunks use it)
+            elif not self.cache.reserve(c, n):
                 if not self.rows:
                     raise CacheFullError(f"the KV cache is held by other generations; raise {CACHE_FLAGS}")
-                return  # the running rows give blocks back as they finish
-            tokens = torch.tensor([work.tokens[c.computed:end]], device=self.device)
-            logits = forward(self.model, ForwardBatch(self.cache, [c], end - c.computed), tokens)
-            budget -= end - c.computed
-            self.prompt_tokens_computed += end - c.computed
-            self.cache.advance(c, end - c.computed)
+                return []  # the running rows give blocks back as they finish
+            group.append((work, n))
+        return group
+
+    def _would_share(self, work: _Prefill, group) -> bool:
+        """Whether ``work`` starts with full blocks that a row of ``group`` is about to compute:
+        it then waits for them to be cached (prompts of one RSA round share their opening)."""
+        if not self.cache.prefix_caching:
+            return False
+        bs, tokens = self.cache.block_size, work.tokens
+        for other, _ in group:
+            have = other.seq.cache.computed // bs
+            limit = min(len(tokens) - 1, len(other.tokens)) // bs
+            if limit > have and tokens[:(have + 1) * bs] == other.tokens[:(have + 1) * bs]:
+                return True
+        return False
+
+    def _prefill_forward(self, group: list[tuple[_Prefill, int]], S: int) -> None:
+        """One forward over the group's chunks, right-padded to S; a padded row keeps its real
+        positions only (`PagedCache.truncate`, as for a rejected draft), so its KV, CCA state and
+        logits are those of a forward of its own."""
+        caches = [w.seq.cache for w, _ in group]
+        padded = any(n < S for _, n in group)
+        rows = [w.tokens[c.computed:c.computed + n] for (w, n), c in zip(group, caches)]
+        tokens = torch.tensor([r + [r[-1]] * (S - len(r)) for r in rows], device=self.device)
+        batch = ForwardBatch(self.cache, caches, S, keep_positions=padded)
+        logits = forward_rows(self.model, batch, tokens, [n - 1 for _, n in group])
+        self.prefill_forwards += 1
+        for i, ((work, n), c) in enumerate(zip(group, caches)):
+            self.prompt_tokens_computed += n
+            if n < S:
+                self.cache.truncate(c, c.computed + n, batch, i)
+            else:
+                self.cache.advance(c, n)
             if c.computed == len(work.tokens):
-                self.waiting.popleft()
-                self._join(work, logits)
+                del self.waiting[next(j for j, w in enumerate(self.waiting) if w is work)]
+                self._join(work, logits[i:i + 1])
 
     def _start(self, work: _Prefill) -> bool:
         """Give waiting work its cache: a slot, and the longest cached prefix of its tokens."""

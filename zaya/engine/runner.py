@@ -168,3 +168,15 @@ def forward(model, batch: ForwardBatch, tokens: torch.Tensor, *, last_only: bool
     """Logits (B, V) of each row's last new token in fp32 (``last_only``), else (B, S, V)."""
     logits = model(tokens, cache=batch, last_only=last_only)
     return logits[:, -1].float() if last_only else logits.float()
+
+
+def forward_rows(model, batch: ForwardBatch, tokens: torch.Tensor, last: list[int]) -> torch.Tensor:
+    """Logits (B, V) in fp32 of row r's token at column ``last[r]`` (rows right-padded to one
+    length): the head runs on those positions only."""
+    S = tokens.shape[1]
+    if all(j == S - 1 for j in last):
+        return forward(model, batch, tokens)
+    h, _ = model.model(tokens, None, batch)
+    rows = torch.arange(len(last), device=h.device)
+    picked = h[rows, torch.tensor(last, device=h.device)]
+    return model.head(picked[:, None])[:, 0].float()

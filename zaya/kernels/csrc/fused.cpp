@@ -93,15 +93,57 @@ at::Tensor apply(const Mat& m, const at::Tensor& x, const std::optional<at::Tens
   return y;
 }
 
-// Values in the weight dtype: bf16 rounds, fp32 keeps.
+// The loops whose cost grows with the model or the context (the conv contraction, attention),
+// compiled for AVX-512, AVX2 and the baseline and chosen at load (their results are not compared
+// bit for bit with the eager path: its reductions run in another order anyway).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define ZAYA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ZAYA_CLONES
+#endif
+
+ZAYA_CLONES float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+ZAYA_CLONES void axpy(float* y, float a, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+ZAYA_CLONES void axpy_bf16(float* y, float a, const uint16_t* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * bf16_to_f32(x[i]);
+}
+
+ZAYA_CLONES void widen_bf16(float* y, const uint16_t* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = bf16_to_f32(x[i]);
+}
+
+// Values in the weight dtype: bf16 rounds, fp32 keeps (a template parameter, so loops specialise).
+template <bool BF>
 struct Dt {
-  bool bf;
-  inline float rd(float v) const { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
+  static constexpr bool bf = BF;
+  inline float rd(float v) const {
+    if constexpr (BF) {
+      return bf16_to_f32(f32_to_bf16(v));
+    } else {
+      return v;
+    }
+  }
   inline float get(const void* p, int64_t i) const {
-    return bf ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+    if constexpr (BF) {
+      return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
+    } else {
+      return static_cast<const float*>(p)[i];
+    }
   }
   inline void put(void* p, int64_t i, float v) const {
-    if (bf) {
+    if constexpr (BF) {
       static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
     } else {
       static_cast<float*>(p)[i] = v;
@@ -109,10 +151,10 @@ struct Dt {
   }
 };
 
-Dt dtype_of(const at::Tensor& t) {
+bool is_bf16(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat,
               "zaya fused: weights must be bfloat16 or float32, got ", t.scalar_type());
-  return Dt{t.scalar_type() == at::kBFloat16};
+  return t.scalar_type() == at::kBFloat16;
 }
 
 void check(const at::Tensor& t, at::ScalarType st, std::initializer_list<int64_t> shape, const char* name) {
@@ -122,7 +164,8 @@ void check(const at::Tensor& t, at::ScalarType st, std::initializer_list<int64_t
 }
 
 // ZayaRMSNorm on x rounded to the weight dtype: y = w * round(x * rsqrt(mean(x^2) + eps)).
-void rms_norm_row(const Dt& dt, const float* x, int64_t n, const void* w, float eps, void* out, int64_t row) {
+template <class D>
+void rms_norm_row(const D& dt, const float* x, int64_t n, const void* w, float eps, void* out, int64_t row) {
   float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
   for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
@@ -131,7 +174,8 @@ void rms_norm_row(const Dt& dt, const float* x, int64_t n, const void* w, float 
 }
 
 // Residual scaling: (branch + b) * s in the weight dtype, plus (residual + rb) * rs in fp32.
-void residual(const Dt& dt, const float* branch, const float* h, const void* const* p, int64_t n, float* out) {
+template <class D>
+void residual(const D& dt, const float* branch, const float* h, const void* const* p, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) {
     const float t = dt.rd(dt.rd(branch[i] + dt.get(p[0], i)) * dt.get(p[1], i));
     const float u = (h[i] + dt.get(p[2], i)) * dt.get(p[3], i);
@@ -161,7 +205,8 @@ Slots slots_of(const std::optional<at::Tensor>& t, int64_t start, int64_t rows, 
   return s;
 }
 
-at::Tensor fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double eps,
+template <class DT>
+at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor& norm_w, double eps,
                            const c10::List<std::optional<at::Tensor>>& qkv_t, at::IntArrayRef qkv_meta,
                            const at::Tensor& k0, const at::Tensor& b0, const at::Tensor& k1, const at::Tensor& b1,
                            const at::Tensor& temp, const at::Tensor& cos, const at::Tensor& sin,
@@ -169,17 +214,16 @@ at::Tensor fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double
                            int64_t state0, const at::Tensor& kv, const std::optional<at::Tensor>& write,
                            int64_t write0, const std::optional<at::Tensor>& read, int64_t read0, int64_t L,
                            const std::optional<at::Tensor>& mask, int64_t Hq, int64_t Hkv, int64_t D) {
-  const Dt dt = dtype_of(norm_w);
   const at::ScalarType wst = norm_w.scalar_type();
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(), "zaya fused: h must be (B, H) float32");
   const int64_t B = h.size(0), H = h.size(1);
   const int64_t Q = Hq * D, KV = Hkv * D, Hv = KV / 2, C = Q + KV, G = Hq + Hkv, grp = Hq / Hkv;
-  const int64_t t0 = k0.size(1), t1 = k1.size(2) / D, W = conv.size(2), rot = cos.size(1);
+  const int64_t t0 = k0.size(1), t1 = k1.size(1) / D, W = conv.size(2), rot = cos.size(1);
   TORCH_CHECK(W == t0 + t1 - 2, "zaya fused: a conv state of ", W, " columns does not fit taps ", t0, " and ", t1);
   check(norm_w, wst, {H}, "norm weight");
   check(k0, at::kFloat, {C, t0}, "conv_k0");
   check(b0, at::kFloat, {C}, "conv_b0");
-  check(k1, at::kFloat, {G, D, D * t1}, "conv_k1");
+  check(k1, at::kFloat, {G, D * t1, D}, "conv_k1 (groups, inputs x taps, outputs)");
   check(b1, at::kFloat, {C}, "conv_b1");
   check(temp, wst, {Hkv}, "temp");
   check(cos, wst, {B, rot}, "cos");
@@ -259,15 +303,12 @@ at::Tensor fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double
         for (int64_t u = 1; u < t0; ++u) s += win[c * (W + 1) + t + u] * k0p[c * t0 + u];
         dw[c * t1 + t] = s + b0p[c];
       }
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t o = 0; o < D; ++o) {
-        const float* wk = k1p + (g * D + o) * D * t1;
-        const float* in = &dw[g * D * t1];
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t k = 0; k < D * t1; ++k) s += in[k] * wk[k];
-        x[g * D + o] = dt.rd(s + b1p[g * D + o]);
-      }
+    for (int64_t g = 0; g < G; ++g) {  // k1 is [group][input k][output o]: the o loop is contiguous
+      float* acc = &x[g * D];
+      std::fill(acc, acc + D, 0.0f);
+      for (int64_t k = 0; k < D * t1; ++k) axpy(acc, dw[g * D * t1 + k], k1p + (g * D * t1 + k) * D, D);
+      for (int64_t o = 0; o < D; ++o) acc[o] = dt.rd(acc[o] + b1p[g * D + o]);
+    }
     // query / key = conv output + the mix, L2-normalised to sqrt(D) (keys times temp), rotated
     const void* cosp = cos.data_ptr();
     const void* sinp = sin.data_ptr();
@@ -337,12 +378,14 @@ at::Tensor fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double
         const int64_t sl = rs.at(b, l);
         const bool masked = mk && !mk[b * L + l];
         const uint8_t* kp = kbase + (g * N + sl) * D * elem;
-        for (int64_t d = 0; d < D; ++d) krow[d] = dt.get(kp, d);
+        if constexpr (DT::bf) {
+          widen_bf16(krow.data(), reinterpret_cast<const uint16_t*>(kp), D);
+        } else {
+          std::copy_n(reinterpret_cast<const float*>(kp), D, krow.data());
+        }
         for (int64_t j = 0; j < grp; ++j) {
           const float* q = &qrot[b * Q + (g * grp + j) * D];
-          float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < D; ++d) s += q[d] * krow[d];
+          const float s = dot(q, krow.data(), D);
           sc[j * L + l] = masked ? -std::numeric_limits<float>::infinity() : s * attn_scale;
         }
       }
@@ -361,14 +404,10 @@ at::Tensor fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double
           const float p = s[l] * inv;
           if (p == 0.0f) continue;
           const uint8_t* vp = vbase + (g * N + rs.at(b, l)) * D * elem;
-          if (dt.bf) {
-            const uint16_t* v16 = reinterpret_cast<const uint16_t*>(vp);
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) acc[d] += p * bf16_to_f32(v16[d]);
+          if constexpr (DT::bf) {
+            axpy_bf16(acc.data(), p, reinterpret_cast<const uint16_t*>(vp), D);
           } else {
-            const float* v32 = reinterpret_cast<const float*>(vp);
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) acc[d] += p * v32[d];
+            axpy(acc.data(), p, reinterpret_cast<const float*>(vp), D);
           }
         }
         for (int64_t d = 0; d < D; ++d) dt.put(o.data_ptr(), b * Q + (g * grp + j) * D + d, acc[d]);
@@ -378,7 +417,20 @@ at::Tensor fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double
   return o;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe(
+at::Tensor fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double eps,
+                           const c10::List<std::optional<at::Tensor>>& qkv_t, at::IntArrayRef qkv_meta,
+                           const at::Tensor& k0, const at::Tensor& b0, const at::Tensor& k1, const at::Tensor& b1,
+                           const at::Tensor& temp, const at::Tensor& cos, const at::Tensor& sin,
+                           const at::Tensor& conv, const at::Tensor& vdelay, const std::optional<at::Tensor>& state,
+                           int64_t state0, const at::Tensor& kv, const std::optional<at::Tensor>& write,
+                           int64_t write0, const std::optional<at::Tensor>& read, int64_t read0, int64_t L,
+                           const std::optional<at::Tensor>& mask, int64_t Hq, int64_t Hkv, int64_t D) {
+  return is_bf16(norm_w) ? fused_attention_t(Dt<true>{}, h, norm_w, eps, qkv_t, qkv_meta, k0, b0, k1, b1, temp, cos, sin, conv, vdelay, state, state0, kv, write, write0, read, read0, L, mask, Hq, Hkv, D)
+                         : fused_attention_t(Dt<false>{}, h, norm_w, eps, qkv_t, qkv_meta, k0, b0, k1, b1, temp, cos, sin, conv, vdelay, state, state0, kv, write, write0, read, read0, L, mask, Hq, Hkv, D);
+}
+
+template <class DT>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe_t(const DT& dt, 
     const at::Tensor& o, const at::Tensor& h, const std::optional<at::Tensor>& router_state,
     const c10::List<std::optional<at::Tensor>>& mats_t, at::IntArrayRef meta, const std::vector<at::Tensor>& vecs,
     double eps_post, double eps_router, int64_t num_experts) {
@@ -387,7 +439,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe(
   //       balancing biases (fp32); post-MLP hb, hs, rb, rs
   const std::vector<Mat> m = unpack_mats(mats_t, meta);
   TORCH_CHECK(m.size() == 7 && vecs.size() == 12, "zaya fused: fused_moe takes 7 matrices and 12 vectors");
-  const Dt dt = dtype_of(vecs[4]);
   const at::ScalarType wst = vecs[4].scalar_type();
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(), "zaya fused: h must be (B, H) float32");
   TORCH_CHECK(o.scalar_type() == wst && o.dim() == 2, "zaya fused: o must be (B, Hq*D) in the weight dtype");
@@ -462,6 +513,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe(
     residual(dt, yr.data(), &h1[b * H], post_mlp, H, h2.data_ptr<float>() + b * H);
   }
   return {h2, r, index};
+}
+
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe(
+    const at::Tensor& o, const at::Tensor& h, const std::optional<at::Tensor>& router_state,
+    const c10::List<std::optional<at::Tensor>>& mats_t, at::IntArrayRef meta, const std::vector<at::Tensor>& vecs,
+    double eps_post, double eps_router, int64_t num_experts) {
+  return is_bf16(vecs.at(4)) ? fused_moe_t(Dt<true>{}, o, h, router_state, mats_t, meta, vecs, eps_post, eps_router, num_experts)
+                             : fused_moe_t(Dt<false>{}, o, h, router_state, mats_t, meta, vecs, eps_post, eps_router, num_experts);
 }
 
 }  // namespace

@@ -12,7 +12,7 @@ norms, the conv's grouped contraction and attention.
 ``install(model)`` (the checkpoint loader calls it) gives every decoder layer whose weights are all
 on zaya's kernels (bf16 packed, zaya int8 / int4) a ``FusedLayer`` in ``ZayaDecoderLayer.fused``;
 the layer hands a call to it and runs eager when it declines: no kernels, gradients, a prefill
-chunk or fresh prompt (S > 1), more rows than ``ZAYA_FUSED_MAX_BATCH`` (default 32), a cache
+chunk or fresh prompt (S > 1), more rows than ``ZAYA_FUSED_MAX_BATCH`` (default 32, read at install), a cache
 other than the engine's paged ``ForwardBatch``, a speculative verify that keeps positions, or a
 module the fused path does not know (a LoRA adapter, a float32 or oneDNN-packed linear).
 ``ZAYA_FUSED=0`` turns it off; eager stays the fallback and the tests' oracle.
@@ -112,17 +112,19 @@ class FusedLayer:
                      pm.hidden_states_bias, pm.hidden_states_scale, pm.residual_bias, pm.residual_scale]
         self.eps = (layer.post_attention_layernorm.variance_epsilon, gate.router_mlp.norm.variance_epsilon)
         self.gate, self.num_experts = gate, gate.num_experts
+        self.max_batch = max_batch()
 
     def current(self, layer) -> bool:
         """Whether the layer still has the modules this was built from (a swap makes it stale)."""
         attn, mlp = layer.self_attn, layer.mlp
-        return all(a is b for a, b in zip(self.modules, (attn.qkv_proj, attn.o_proj, attn.attend, mlp.gate,
-                                                           mlp.experts)))
+        qkv, o, attend, gate, experts = self.modules
+        return attn.qkv_proj is qkv and attn.o_proj is o and attn.attend is attend and mlp.gate is gate \
+            and mlp.experts is experts
 
     def __call__(self, layer, h: torch.Tensor, router_state, ctx):
         B, S, H = h.shape
         batch = ctx.cache
-        if S != 1 or B > max_batch() or ctx.conv_mask is not None or torch.is_grad_enabled() \
+        if S != 1 or B > self.max_batch or ctx.conv_mask is not None or torch.is_grad_enabled() \
                 or getattr(batch, "fresh", True) or getattr(batch, "kept", 0) is not None \
                 or not hasattr(batch, "layer_plans") or not self.current(layer):
             return None

@@ -124,6 +124,23 @@ ZAYA_CLONES void widen_bf16(float* y, const uint16_t* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = bf16_to_f32(x[i]);
 }
 
+// GELU (erf form) as ATen's vectorized CPU kernel computes it for reduced-precision tensors:
+// x * 0.5 * (1 + erf(x / sqrt 2)) in fp32 with ATen's polynomial erf (Abramowitz-Stegun 7.1.26,
+// its fused multiply-adds kept); only its exp may round differently from the library's, rarely.
+inline float gelu_aten(float x) {
+  const float z = x * static_cast<float>(M_SQRT1_2);
+  const float a = std::fabs(z);
+  const float t = 1.0f / std::fma(0.3275911f, a, 1.0f);
+  float r = std::fma(1.061405429f, t, -1.453152027f);
+  r = std::fma(r, t, 1.421413741f);
+  r = std::fma(r, t, -0.284496736f);
+  r = std::fma(r, t, 0.254829592f);
+  const float e = -std::exp(-(z * z));
+  const float erf_abs = std::fma(e * t, r, 1.0f);
+  const float erf = std::copysign(1.0f, z) * erf_abs;
+  return x * 0.5f * (1.0f + erf);
+}
+
 // Values in the weight dtype: bf16 rounds, fp32 keeps (a template parameter, so loops specialise).
 template <bool BF>
 struct Dt {
@@ -482,8 +499,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe_t(const DT& dt,
     rms_norm_row(dt, rrow.data(), R, vecs[5].data_ptr(), static_cast<float>(eps_router), rn.data_ptr(), b);
   }
   auto rounded = [&](const at::Tensor& f) { return f.to(wst); };  // fp32 sums (+ bias) -> the weight dtype
-  const at::Tensor g1 = at::gelu(rounded(apply(m[2], rn)));
-  const at::Tensor g2 = at::gelu(rounded(apply(m[3], g1)));
+  auto gelu = [&](const at::Tensor& f) {  // fp32 sums (+ bias) -> rounded -> GELU -> rounded
+    if constexpr (!DT::bf) return at::gelu(f);
+    at::Tensor out = at::empty(f.sizes(), f.options().dtype(wst));
+    const float* src = f.data_ptr<float>();
+    for (int64_t i = 0; i < f.numel(); ++i) dt.put(out.data_ptr(), i, gelu_aten(dt.rd(src[i])));
+    return out;
+  };
+  const at::Tensor g1 = gelu(apply(m[2], rn));
+  const at::Tensor g2 = gelu(apply(m[3], g1));
   const at::Tensor probs = at::softmax(rounded(apply(m[4], g2)), -1);
   at::Tensor biased = probs.to(at::kFloat);
   {

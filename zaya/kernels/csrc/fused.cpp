@@ -102,26 +102,74 @@ at::Tensor apply(const Mat& m, const at::Tensor& x, const std::optional<at::Tens
 #define ZAYA_CLONES
 #endif
 
-ZAYA_CLONES float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.0f;
+template <class T>
+__attribute__((always_inline)) inline float widen(T v) {
+  if constexpr (sizeof(T) == 2) {
+    return bf16_to_f32(v);
+  } else {
+    return v;
+  }
+}
+
+// Attention scores of grp query rows (q, [grp][D]) against L keys, key l being row
+// slots[l] (or start + l) of the pool: sc[j * L + l] = q_j . k_l.
+template <class T>
+__attribute__((always_inline)) inline void scores_impl(float* sc, const float* q, int64_t grp, const T* keys,
+                                                       const int64_t* slots, int64_t start, int64_t L, int64_t D) {
+  for (int64_t l = 0; l < L; ++l) {
+    const T* k = keys + (slots ? slots[l] : start + l) * D;
+    for (int64_t j = 0; j < grp; ++j) {
+      const float* qj = q + j * D;
+      float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+      for (int64_t d = 0; d < D; ++d) s += qj[d] * widen(k[d]);
+      sc[j * L + l] = s;
+    }
+  }
 }
 
-ZAYA_CLONES void axpy(float* y, float a, const float* x, int64_t n) {
+// acc[D] += sum over l of p[l] * value row l (rows as in scores_impl).
+template <class T>
+__attribute__((always_inline)) inline void values_impl(float* acc, const float* p, const T* values,
+                                                       const int64_t* slots, int64_t start, int64_t L, int64_t D) {
+  for (int64_t l = 0; l < L; ++l) {
+    if (p[l] == 0.0f) continue;
+    const T* v = values + (slots ? slots[l] : start + l) * D;
+    const float pl = p[l];
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+    for (int64_t d = 0; d < D; ++d) acc[d] += pl * widen(v[d]);
+  }
 }
 
-ZAYA_CLONES void axpy_bf16(float* y, float a, const uint16_t* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * bf16_to_f32(x[i]);
+ZAYA_CLONES void scores_bf16(float* sc, const float* q, int64_t grp, const uint16_t* keys, const int64_t* slots,
+                             int64_t start, int64_t L, int64_t D) {
+  scores_impl(sc, q, grp, keys, slots, start, L, D);
+}
+ZAYA_CLONES void scores_f32(float* sc, const float* q, int64_t grp, const float* keys, const int64_t* slots,
+                            int64_t start, int64_t L, int64_t D) {
+  scores_impl(sc, q, grp, keys, slots, start, L, D);
+}
+ZAYA_CLONES void values_bf16(float* acc, const float* p, const uint16_t* values, const int64_t* slots, int64_t start,
+                             int64_t L, int64_t D) {
+  values_impl(acc, p, values, slots, start, L, D);
+}
+ZAYA_CLONES void values_f32(float* acc, const float* p, const float* values, const int64_t* slots, int64_t start,
+                            int64_t L, int64_t D) {
+  values_impl(acc, p, values, slots, start, L, D);
 }
 
-ZAYA_CLONES void widen_bf16(float* y, const uint16_t* x, int64_t n) {
+// The grouped conv for one column: x[g][o] = sum over k of dw[g][k] * k1[g][k][o] (no bias).
+ZAYA_CLONES void conv_grouped(float* x, const float* dw, const float* k1, int64_t G, int64_t D, int64_t Kt) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* acc = x + g * D;
+    for (int64_t o = 0; o < D; ++o) acc[o] = 0.0f;
+    for (int64_t k = 0; k < Kt; ++k) {
+      const float v = dw[g * Kt + k];
+      const float* w = k1 + (g * Kt + k) * D;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = bf16_to_f32(x[i]);
+      for (int64_t o = 0; o < D; ++o) acc[o] += v * w[o];
+    }
+  }
 }
 
 // GELU (erf form) as ATen's vectorized CPU kernel computes it for reduced-precision tensors:
@@ -320,12 +368,8 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
         for (int64_t u = 1; u < t0; ++u) s += win[c * (W + 1) + t + u] * k0p[c * t0 + u];
         dw[c * t1 + t] = s + b0p[c];
       }
-    for (int64_t g = 0; g < G; ++g) {  // k1 is [group][input k][output o]: the o loop is contiguous
-      float* acc = &x[g * D];
-      std::fill(acc, acc + D, 0.0f);
-      for (int64_t k = 0; k < D * t1; ++k) axpy(acc, dw[g * D * t1 + k], k1p + (g * D * t1 + k) * D, D);
-      for (int64_t o = 0; o < D; ++o) acc[o] = dt.rd(acc[o] + b1p[g * D + o]);
-    }
+    conv_grouped(x.data(), dw.data(), k1p, G, D, D * t1);  // k1 is [group][input k][output o]
+    for (int64_t c = 0; c < C; ++c) x[c] = dt.rd(x[c] + b1p[c]);
     // query / key = conv output + the mix, L2-normalised to sqrt(D) (keys times temp), rotated
     const void* cosp = cos.data_ptr();
     const void* sinp = sin.data_ptr();
@@ -388,44 +432,36 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
   const int64_t work = L * D * grp;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, work));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> sc(L * grp), acc(D), krow(D);
+    std::vector<float> sc(L * grp), acc(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, g = task % Hkv;
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t sl = rs.at(b, l);
-        const bool masked = mk && !mk[b * L + l];
-        const uint8_t* kp = kbase + (g * N + sl) * D * elem;
-        if constexpr (DT::bf) {
-          widen_bf16(krow.data(), reinterpret_cast<const uint16_t*>(kp), D);
-        } else {
-          std::copy_n(reinterpret_cast<const float*>(kp), D, krow.data());
-        }
-        for (int64_t j = 0; j < grp; ++j) {
-          const float* q = &qrot[b * Q + (g * grp + j) * D];
-          const float s = dot(q, krow.data(), D);
-          sc[j * L + l] = masked ? -std::numeric_limits<float>::infinity() : s * attn_scale;
-        }
+      const float* q = &qrot[b * Q + g * grp * D];
+      const int64_t* slots = rs.idx ? rs.idx + b * L : nullptr;
+      const int64_t start = rs.start + b * L;
+      if constexpr (DT::bf) {
+        scores_bf16(sc.data(), q, grp, reinterpret_cast<const uint16_t*>(kbase) + g * N * D, slots, start, L, D);
+      } else {
+        scores_f32(sc.data(), q, grp, reinterpret_cast<const float*>(kbase) + g * N * D, slots, start, L, D);
       }
       for (int64_t j = 0; j < grp; ++j) {
         float* s = &sc[j * L];
         float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t l = 0; l < L; ++l) mx = std::max(mx, s[l]);
+        for (int64_t l = 0; l < L; ++l) {
+          s[l] = mk && !mk[b * L + l] ? -std::numeric_limits<float>::infinity() : s[l] * attn_scale;
+          mx = std::max(mx, s[l]);
+        }
         float sum = 0.0f;
         for (int64_t l = 0; l < L; ++l) {
           s[l] = std::exp(s[l] - mx);
           sum += s[l];
         }
         const float inv = 1.0f / sum;
+        for (int64_t l = 0; l < L; ++l) s[l] *= inv;
         std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t l = 0; l < L; ++l) {
-          const float p = s[l] * inv;
-          if (p == 0.0f) continue;
-          const uint8_t* vp = vbase + (g * N + rs.at(b, l)) * D * elem;
-          if constexpr (DT::bf) {
-            axpy_bf16(acc.data(), p, reinterpret_cast<const uint16_t*>(vp), D);
-          } else {
-            axpy(acc.data(), p, reinterpret_cast<const float*>(vp), D);
-          }
+        if constexpr (DT::bf) {
+          values_bf16(acc.data(), s, reinterpret_cast<const uint16_t*>(vbase) + g * N * D, slots, start, L, D);
+        } else {
+          values_f32(acc.data(), s, reinterpret_cast<const float*>(vbase) + g * N * D, slots, start, L, D);
         }
         for (int64_t d = 0; d < D; ++d) dt.put(o.data_ptr(), b * Q + (g * grp + j) * D + d, acc[d]);
       }

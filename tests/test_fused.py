@@ -17,7 +17,9 @@ import zaya.kernels
 from tests.tiny_model import make_tiny_model_dir
 from zaya import fused
 from zaya.cpu_attention import DECODE_ATTENTION_MIN_KEYS
+from zaya.engine import Request
 from zaya.fused import FusedLayer
+from zaya.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not zaya.kernels.available(), reason="zaya's compiled kernels are unavailable")
 
@@ -59,7 +61,8 @@ class _Checked:
             a, b = after[2][differ].float(), live[2][differ].float()
             kv_error = float(((a - b).abs() / b.abs().clamp_min(1e-3)).max()) if differ.any() else 0.0
             keys = ctx.kv_len - ctx.cache.layer_plans[i].offset
-            self.records.append(dict(states_equal=states_equal, kv_error=kv_error, keys=keys,
+            state_index = isinstance(ctx.cache.slots, torch.Tensor)
+            self.records.append(dict(states_equal=states_equal, kv_error=kv_error, keys=keys, state_index=state_index,
                                      h=float((out[0] - ref[0]).abs().max() / ref[0].abs().max()),
                                      r=float((out[1].float() - ref[1].float()).abs().max()
                                              / ref[1].float().abs().max()),
@@ -85,8 +88,13 @@ def test_fused_layers_match_eager(model_dirs, monkeypatch, quantize, kind):
     # short and long caches (SDPA and fp32 attention on the eager side), block ends (snapshots)
     llm.generate(_prompts([9, 70, 150]), max_new_tokens=40, temperature=0, ignore_eos=True)
     llm.generate(_prompts([140], seed=1), max_new_tokens=24, temperature=0, ignore_eos=True)
+    # the middle row finishes first: the others' state slots are no longer consecutive (index plans)
+    engine = llm.engine()
+    list(engine.run([Request(p, SamplingParams.from_kwargs(max_new_tokens=n, temperature=0, ignore_eos=True))
+                     for p, n in zip(_prompts([20, 25, 30], seed=4), (40, 4, 40))]))
     rec = checked.records
-    assert len(rec) >= 3 * (39 + 23)
+    assert len(rec) >= 3 * (39 + 23 + 39)
+    assert any(r["state_index"] for r in rec)
     assert all(r["states_equal"] for r in rec) and max(r["kv_error"] for r in rec) <= 2 ** -6
     assert sum(r["kv_error"] == 0 for r in rec) >= 0.9 * len(rec)
     long = [r for r in rec if r["keys"] > DECODE_ATTENTION_MIN_KEYS]

@@ -56,7 +56,8 @@ constexpr int kMatTensors = 5, kMatInts = 4;
 
 std::vector<Mat> unpack_mats(const c10::List<std::optional<at::Tensor>>& t, at::IntArrayRef meta) {
   TORCH_CHECK(t.size() % kMatTensors == 0 && meta.size() * kMatTensors == t.size() * kMatInts,
-              "zaya fused: ", t.size(), " weight tensors and ", meta.size(), " integers do not describe whole matrices");
+              "zaya fused: ", t.size(), " weight tensors and ", meta.size(),
+              " integers do not describe whole matrices");
   std::vector<Mat> out;
   for (size_t i = 0; i * kMatTensors < t.size(); ++i) {
     Mat m;
@@ -223,7 +224,8 @@ bool is_bf16(const at::Tensor& t) {
 }
 
 void check(const at::Tensor& t, at::ScalarType st, std::initializer_list<int64_t> shape, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == st && t.is_contiguous() && t.sizes().vec() == std::vector<int64_t>(shape),
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == st && t.is_contiguous() &&
+                  t.sizes().vec() == std::vector<int64_t>(shape),
               "zaya fused: ", name, " must be a contiguous CPU ", st, " tensor of shape ", at::IntArrayRef(shape),
               ", got ", t.scalar_type(), " ", t.sizes(), t.is_contiguous() ? "" : " (not contiguous)");
 }
@@ -280,7 +282,8 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
                            int64_t write0, const std::optional<at::Tensor>& read, int64_t read0, int64_t L,
                            const std::optional<at::Tensor>& mask, int64_t Hq, int64_t Hkv, int64_t D) {
   const at::ScalarType wst = norm_w.scalar_type();
-  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(), "zaya fused: h must be (B, H) float32");
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
+              "zaya fused: h must be (B, H) float32");
   const int64_t B = h.size(0), H = h.size(1);
   const int64_t Q = Hq * D, KV = Hkv * D, Hv = KV / 2, C = Q + KV, G = Hq + Hkv, grp = Hq / Hkv;
   const int64_t t0 = k0.size(1), t1 = k1.size(1) / D, W = conv.size(2), rot = cos.size(1);
@@ -478,8 +481,11 @@ at::Tensor fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double
                            int64_t state0, const at::Tensor& kv, const std::optional<at::Tensor>& write,
                            int64_t write0, const std::optional<at::Tensor>& read, int64_t read0, int64_t L,
                            const std::optional<at::Tensor>& mask, int64_t Hq, int64_t Hkv, int64_t D) {
-  return is_bf16(norm_w) ? fused_attention_t(Dt<true>{}, h, norm_w, eps, qkv_t, qkv_meta, k0, b0, k1, b1, temp, cos, sin, conv, vdelay, state, state0, kv, write, write0, read, read0, L, mask, Hq, Hkv, D)
-                         : fused_attention_t(Dt<false>{}, h, norm_w, eps, qkv_t, qkv_meta, k0, b0, k1, b1, temp, cos, sin, conv, vdelay, state, state0, kv, write, write0, read, read0, L, mask, Hq, Hkv, D);
+  auto run = [&](auto dt) {
+    return fused_attention_t(dt, h, norm_w, eps, qkv_t, qkv_meta, k0, b0, k1, b1, temp, cos, sin, conv, vdelay,
+                             state, state0, kv, write, write0, read, read0, L, mask, Hq, Hkv, D);
+  };
+  return is_bf16(norm_w) ? run(Dt<true>{}) : run(Dt<false>{});
 }
 
 template <class DT>
@@ -493,7 +499,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe_t(const DT& dt,
   const std::vector<Mat> m = unpack_mats(mats_t, meta);
   TORCH_CHECK(m.size() == 7 && vecs.size() == 12, "zaya fused: fused_moe takes 7 matrices and 12 vectors");
   const at::ScalarType wst = vecs[4].scalar_type();
-  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(), "zaya fused: h must be (B, H) float32");
+  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
+              "zaya fused: h must be (B, H) float32");
   TORCH_CHECK(o.scalar_type() == wst && o.dim() == 2, "zaya fused: o must be (B, Hq*D) in the weight dtype");
   const int64_t B = h.size(0), H = h.size(1), R = m[1].n;
   for (int i : {0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11}) {
@@ -564,7 +571,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe_t(const DT& dt,
   at::Tensor hidden = at::empty({B, I}, h.options().dtype(wst));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < I; ++i)
-      dt.put(hidden.data_ptr(), b * I + i, dt.get(act.data_ptr(), b * I + i) * dt.get(gu.data_ptr(), b * 2 * I + I + i));
+      dt.put(hidden.data_ptr(), b * I + i,
+             dt.get(act.data_ptr(), b * I + i) * dt.get(gu.data_ptr(), b * 2 * I + I + i));
   const at::Tensor dn = apply(m[6], hidden, expert);  // (B, H) fp32 sums
   at::Tensor h2 = at::empty({B, H}, h.options());
   for (int64_t b = 0; b < B; ++b) {
@@ -580,8 +588,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe(
     const at::Tensor& o, const at::Tensor& h, const std::optional<at::Tensor>& router_state,
     const c10::List<std::optional<at::Tensor>>& mats_t, at::IntArrayRef meta, const std::vector<at::Tensor>& vecs,
     double eps_post, double eps_router, int64_t num_experts) {
-  return is_bf16(vecs.at(4)) ? fused_moe_t(Dt<true>{}, o, h, router_state, mats_t, meta, vecs, eps_post, eps_router, num_experts)
-                             : fused_moe_t(Dt<false>{}, o, h, router_state, mats_t, meta, vecs, eps_post, eps_router, num_experts);
+  auto run = [&](auto dt) {
+    return fused_moe_t(dt, o, h, router_state, mats_t, meta, vecs, eps_post, eps_router, num_experts);
+  };
+  return is_bf16(vecs.at(4)) ? run(Dt<true>{}) : run(Dt<false>{});
 }
 
 }  // namespace

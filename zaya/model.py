@@ -344,7 +344,15 @@ class ZayaDecoderLayer(nn.Module):
         self.post_attention_residual_scale = ZayaResidualScaling(config.hidden_size)
         self.post_mlp_residual_scale = ZayaResidualScaling(config.hidden_size)
 
+    # A fused decode step for this layer (zaya.fused sets it at load on CPUs with zaya's kernels):
+    # called first, it returns None for any call it does not take, and eager runs.
+    fused = None
+
     def forward(self, h: torch.Tensor, router_state, ctx: ForwardContext):
+        if self.fused is not None:
+            out = self.fused(self, h, router_state, ctx)
+            if out is not None:
+                return out
         attn, cache = self.self_attn, ctx.cache
         conv_state = v_state = None
         if cache is not None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from zaya import cpu_attention, lora, packed, quant
+from zaya import cpu_attention, fused, lora, packed, quant
 from zaya.checkpoint.adapters import adapter_values
 from zaya.checkpoint import compressed
 from zaya.checkpoint.directory import SafetensorsCheckpoint
@@ -79,6 +79,7 @@ def load_model(path: Path, *, dtype: torch.dtype | None = None, device=None, qua
     if adapters is not None:
         lora.assign_adapters(model, adapters[1])
     prepare_kernels(model, dtype, ckpt.reader())
+    fused.install(model)
     quantization = ckpt.stored or spec
     if quantization is not None:
         model.config = dataclasses.replace(ckpt.config, quantization=quantization.to_config())

@@ -27,7 +27,7 @@ import torch
 from zaya.kernels import fake
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "gemv_avx512.cpp", "gemv_portable.cpp")
+SOURCES = ("ops.cpp", "gemv_avx512.cpp", "gemv_portable.cpp", "fused.cpp")
 HEADERS = ("kernels.h", "prep.h")
 CFLAGS = ("-O3", "-fopenmp", "-DNDEBUG")
 LDFLAGS = ("-fopenmp",)

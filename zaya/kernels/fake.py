@@ -31,6 +31,16 @@ def read_all(t):
     return t.new_empty((1,), dtype=torch.int64)
 
 
+def fused_attention(h, norm_w, eps, qkv, qkv_meta, conv_k0, conv_b0, conv_k1, conv_b1, temp, cos, sin, conv, vdelay,
+                    state, state0, kv, write, write0, read, read0, L, mask, num_heads, num_kv_heads, head_dim):
+    return h.new_empty((h.shape[0], num_heads * head_dim), dtype=norm_w.dtype)
+
+
+def fused_moe(o, h, router_state, mats, meta, vecs, eps_post, eps_router, num_experts):
+    # meta holds four integers per matrix (format, n, group, act_int8); the second matrix is the router's down_proj
+    return h.new_empty(h.shape), o.new_empty((h.shape[0], meta[5])), h.new_empty((h.shape[0],), dtype=torch.int64)
+
+
 def register() -> None:
-    for fn in (mv_bf16, mv_int8, mv_4bit, mv_fp8, read_all):
+    for fn in (mv_bf16, mv_int8, mv_4bit, mv_fp8, read_all, fused_attention, fused_moe):
         torch.library.register_fake(f"zaya::{fn.__name__}")(fn)

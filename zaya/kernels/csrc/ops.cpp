@@ -317,6 +317,14 @@ at::Tensor read_all(const at::Tensor& t) {
 }
 
 }  // namespace
+
+// The matrix-vector entry point for the fused operators (fused.cpp).
+at::Tensor fused_matvec(Fmt fmt, const at::Tensor& x, const at::Tensor& w, const at::Tensor* scales,
+                        const at::Tensor* mins, const at::Tensor* lut, int64_t n, int64_t group, bool act_int8,
+                        const std::optional<at::Tensor>& expert, std::optional<at::ScalarType> out_dtype) {
+  return matvec(fmt, x, w, scales, mins, lut, n, group, act_int8, expert, out_dtype);
+}
+
 }  // namespace zaya_kernels
 
 TORCH_LIBRARY(zaya, m) {

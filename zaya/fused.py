@@ -1,0 +1,212 @@
+"""Fused decode steps on the CPU: a decoder layer's work for one new token per sequence in two C++ calls.
+
+A batch-1 decode step of the eager model issues about 4,000 small operators from Python
+(norms, the CCA mixing and one-column conv, q/k norms, RoPE, the cache writes, attention, residual
+scaling, the router MLP, the expert), which on a small model cost more than its weight matmuls
+(docs/performance.md). ``torch.ops.zaya.fused_attention`` and ``fused_moe`` (``zaya/kernels/csrc/
+fused.cpp``) do a layer's work for decode rows in two calls that call the same matmul kernels
+internally: the model's arithmetic op for op, every intermediate rounded to the weight dtype
+where the eager path rounds it, so results differ from eager only by the summation order of the
+norms, the conv's grouped contraction and attention.
+
+``install(model)`` (the checkpoint loader calls it) gives every decoder layer whose weights are all
+on zaya's kernels (bf16 packed, zaya int8 / int4) a ``FusedLayer`` in ``ZayaDecoderLayer.fused``;
+the layer hands a call to it and runs eager when it declines: no kernels, gradients, a prefill
+chunk or fresh prompt (S > 1), more rows than ``ZAYA_FUSED_MAX_BATCH`` (default 32, read at install), a cache
+other than the engine's paged ``ForwardBatch``, a speculative verify that keeps positions, or a
+module the fused path does not know (a LoRA adapter, a float32 or oneDNN-packed linear).
+``ZAYA_FUSED=0`` turns it off; eager stays the fallback and the tests' oracle.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from zaya import kernels
+from zaya.cpu_attention import CPUDecodeAttention
+from zaya.model import ScaledDotProductAttention, ZayaCCAProjection, ZayaRMSNorm
+from zaya.packed import PackedCCAProjection, PackedExperts, PackedLinear
+from zaya.quant import QuantExperts, QuantLinear
+
+FORMATS = {"bf16": 0, "int8": 1, "4bit": 2, "fp8": 3}
+QKV_NAMES = ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed")
+
+
+def enabled() -> bool:
+    """Whether ``ZAYA_FUSED`` allows fused decode steps (on by default)."""
+    value = os.environ.get("ZAYA_FUSED", "1").strip().lower()
+    if value not in ("0", "1", "off", "on", ""):
+        raise ValueError(f"ZAYA_FUSED must be 0/off or 1/on, got {value!r}")
+    return value not in ("0", "off")
+
+
+def max_batch() -> int:
+    return int(os.environ.get("ZAYA_FUSED_MAX_BATCH", "32") or 32)
+
+
+# ------------------------------------------------------------------------- the layer's weights
+def _flatten(mats: list[kernels.Matmul]) -> tuple[list, list[int]]:
+    """Matmuls as the operators take them: five tensors and four integers each."""
+    tensors, ints = [], []
+    for m in mats:
+        w = m.w
+        tensors += [w.data, w.scales, w.mins, w.lut, m.bias]
+        ints += [FORMATS[w.fmt], w.n, w.group, int(m.act_int8)]
+    return tensors, ints
+
+
+def _linear(module) -> kernels.Matmul | None:
+    """The kernel Matmul a linear multiplies by, when that is all its forward does."""
+    if type(module) is PackedLinear and isinstance(module.packed, kernels.Matmul):
+        return module.packed
+    if type(module) is QuantLinear and module.bias is None and module.w is not None \
+            and isinstance(module.w.kernel, kernels.Matmul):
+        return module.w.kernel
+    return None
+
+
+def _projections(proj) -> list[kernels.Matmul] | None:
+    if type(proj) is PackedCCAProjection and isinstance(proj.packed_qkv, kernels.Matmul):
+        return [proj.packed_qkv]
+    if type(proj) is ZayaCCAProjection:
+        mats = [_linear(getattr(proj, n)) for n in QKV_NAMES]
+        return None if any(m is None for m in mats) else mats
+    return None
+
+
+def _experts(experts) -> list[kernels.Matmul] | None:
+    if type(experts) is PackedExperts and experts.stacks is not None:
+        return list(experts.stacks)
+    if type(experts) is QuantExperts and experts.gate_up_proj.kernel is not None:
+        return [experts.gate_up_proj.kernel, experts.down_proj.kernel]
+    return None
+
+
+class FusedLayer:
+    """One decoder layer's fused decode step (``__call__`` returns None where eager must run)."""
+
+    def __init__(self, layer, qkv: list, moe: list):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.modules = (attn.qkv_proj, attn.o_proj, attn.attend, mlp.gate, mlp.experts)
+        self.layer_idx, self.layer_type, self.window = attn.layer_idx, attn.layer_type, attn.sliding_window
+        proj = attn.qkv_proj
+        self.heads = (proj.num_heads, proj.num_kv_heads, proj.head_dim)
+        self.qkv, self.qkv_meta = _flatten(qkv)
+        self.moe, self.moe_meta = _flatten(moe)
+        w0, w1 = proj.conv_qk_depthwise, proj.conv_qk_grouped
+        C, D = w0.weight.shape[0], proj.head_dim
+        with torch.no_grad():
+            self.conv = (w0.weight.float().reshape(C, -1).contiguous(), w0.bias.float().contiguous(),
+                         w1.weight.float().reshape(w1.groups, D, -1).transpose(1, 2).contiguous(),
+                         w1.bias.float().contiguous())
+        self.norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.temp = attn.qk_norm.temp
+        gate = mlp.gate
+        pa, pm = layer.post_attention_residual_scale, layer.post_mlp_residual_scale
+        dtype = layer.input_layernorm.weight.dtype
+        carry = gate.router_states_scale if gate.use_eda else torch.empty(0, dtype=dtype)
+        self.vecs = [pa.hidden_states_bias, pa.hidden_states_scale, pa.residual_bias, pa.residual_scale,
+                     layer.post_attention_layernorm.weight, gate.router_mlp.norm.weight, carry, None,
+                     pm.hidden_states_bias, pm.hidden_states_scale, pm.residual_bias, pm.residual_scale]
+        self.eps = (layer.post_attention_layernorm.variance_epsilon, gate.router_mlp.norm.variance_epsilon)
+        self.gate, self.num_experts = gate, gate.num_experts
+        self.max_batch = max_batch()
+
+    def current(self, layer) -> bool:
+        """Whether the layer still has the modules this was built from (a swap makes it stale)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, o, attend, gate, experts = self.modules
+        return attn.qkv_proj is qkv and attn.o_proj is o and attn.attend is attend and mlp.gate is gate \
+            and mlp.experts is experts
+
+    def __call__(self, layer, h: torch.Tensor, router_state, ctx):
+        B, S, H = h.shape
+        batch = ctx.cache
+        if S != 1 or B > self.max_batch or ctx.conv_mask is not None or torch.is_grad_enabled() \
+                or getattr(batch, "fresh", True) or getattr(batch, "kept", 0) is not None \
+                or not hasattr(batch, "layer_plans") or not self.current(layer):
+            return None
+        i, cache = self.layer_idx, batch.cache
+        plan = batch.layer_plans[i]
+        state0 = write0 = read0 = 0
+        state = write = read = None
+        if isinstance(batch.slots, slice):
+            state0 = batch.slots.start
+        else:
+            state = batch.slots
+        if isinstance(plan.write, slice):
+            write0 = plan.write.start
+        else:
+            write = plan.write
+        L = batch.kv_len - plan.offset
+        if isinstance(plan.read, slice):
+            read0 = plan.read.start
+        else:
+            read = plan.read
+        mask = ctx.mask(self.window)
+        if mask is not None:
+            mask = mask.reshape(B, L)
+        cos, sin = ctx.rope[self.layer_type]
+        Hq, Hkv, D = self.heads
+        o = torch.ops.zaya.fused_attention(
+            h.view(B, H), self.norm[0], self.norm[1], self.qkv, self.qkv_meta, *self.conv, self.temp,
+            cos.reshape(B, -1), sin.reshape(B, -1), cache.layer_conv[i], cache.layer_vdelay[i], state, state0,
+            cache.layer_kv[i], write, write0, read, read0, L, mask, Hq, Hkv, D)
+        if batch.snapshots is not None:
+            self._snapshot(batch, i, state0, state)
+        vecs = self.vecs
+        biases = self.gate.balancing_biases
+        vecs[7] = biases if biases.dtype == torch.float32 else biases.float()
+        rs = None if router_state is None else router_state.reshape(B, -1)
+        h2, r, index = torch.ops.zaya.fused_moe(o, h.view(B, H), rs, self.moe, self.moe_meta, vecs, self.eps[0],
+                                                self.eps[1], self.num_experts)
+        return h2.view(B, 1, H), r.view(B, 1, -1), index.view(B, 1)
+
+    @staticmethod
+    def _snapshot(batch, layer: int, state0: int, state) -> None:
+        """The CCA state after a token that ends a block, beside that block (the live slot holds it now)."""
+        cache = batch.cache
+        rows, _, _, blocks = batch.snapshots
+        slots = (torch.arange(state0, state0 + batch.B) if state is None else state)[rows]
+        cache.conv_snap[layer].index_copy_(0, blocks, cache.layer_conv[layer].index_select(0, slots))
+        cache.vdelay_snap[layer].index_copy_(0, blocks, cache.layer_vdelay[layer].index_select(0, slots))
+
+
+def fusable(layer) -> tuple[list, list] | None:
+    """The layer's matmuls in the fused operators' order, or None when any part is not one the
+    fused path reproduces."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = (layer.input_layernorm, layer.post_attention_layernorm, mlp.gate.router_mlp.norm)
+    if any(type(n) is not ZayaRMSNorm for n in norms) or type(attn.attend) not in (ScaledDotProductAttention,
+                                                                                   CPUDecodeAttention):
+        return None
+    dtype = layer.input_layernorm.weight.dtype
+    if dtype not in (torch.bfloat16, torch.float32) or layer.input_layernorm.weight.device.type != "cpu":
+        return None
+    qkv, experts = _projections(attn.qkv_proj), _experts(mlp.experts)
+    router = mlp.gate.router_mlp
+    moe = [_linear(attn.o_proj), _linear(mlp.gate.down_proj), _linear(router.fc1), _linear(router.fc2),
+           _linear(router.out_proj)]
+    if qkv is None or experts is None or any(m is None for m in moe):
+        return None
+    return qkv, moe + experts
+
+
+def install(model) -> int:
+    """Give each decoder layer whose weights are all on the kernels a fused decode step; returns how
+    many layers have one. Call it after the modules' ``prepare`` (the packed copies must exist)."""
+    if not enabled() or not kernels.available():
+        return 0
+    count = 0
+    for layer in model.model.layers:
+        mats = fusable(layer)
+        layer.fused = None if mats is None else FusedLayer(layer, *mats)
+        count += mats is not None
+    return count
+
+
+def uninstall(model) -> None:
+    for layer in model.model.layers:
+        layer.fused = None

@@ -263,7 +263,8 @@ def test_candidates_are_listed_in_population_order_so_prompts_share_prefixes():
                 while same < 4 and parents[a][same] == parents[b][same]:
                     same += 1
                 opening = prompts[a].index("---- Solution 1 ----")
-                shared = len(prompts[a]) if same == 4 else prompts[a].index(f"---- Solution {same + 1} ----")
+                shared = (len(prompts[a]) if same == 4
+                          else prompts[a].index(f"---- Solution {same + 1} ----"))
                 assert prompts[a][:shared] == prompts[b][:shared]
                 assert (prompts[a][:opening + 30] == prompts[b][:opening + 30]) == (same > 0)
     # the subsets are still drawn from every K-of-N choice: some prompts start past index 0

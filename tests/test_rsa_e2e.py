@@ -92,4 +92,5 @@ def test_aggregation_prompts_take_their_shared_openings_from_the_prefix_cache(ll
         assert m.candidate.cached_tokens >= common // block * block
         if firsts[i] in firsts[:i]:  # the first tail is shared too: at least a block more
             assert m.candidate.cached_tokens >= (everyone // block + 1) * block
-    assert result.rounds[1]["cached_prompt_tokens"] == sum(m.candidate.cached_tokens for m in members)
+    cached = sum(m.candidate.cached_tokens for m in members)
+    assert result.rounds[1]["cached_prompt_tokens"] == cached

@@ -403,7 +403,7 @@ def _split_problem(problem) -> tuple[list[dict], str, list[dict]]:
 
 def _cached_stats(members: list[Member]) -> dict:
     """The prompt tokens a round took from the backend's prefix cache, when it reports them (the
-    local engine does; prompt_tokens and cached_prompt_tokens both count a prompt once per sample)."""
+    local engine does); like ``prompt_tokens``, a prompt counts once per sample."""
     cached = [m.candidate.cached_tokens for m in members]
     if any(c is None for c in cached):
         return {}

@@ -247,6 +247,31 @@ def test_parents_are_recorded_from_previous_round():
             assert len(set(m.parents)) == len(m.parents)
 
 
+def test_candidates_are_listed_in_population_order_so_prompts_share_prefixes():
+    backend, result = run(profile="cpu-small", n=8, k=4, rounds=2, budget=30, tail=6, seed=3)
+    for t in (1, 2):
+        prompts = [m[-1]["content"] for m in backend.calls[t]["messages_list"]]
+        parents = [[int(p.split(".c")[1]) for p in m.parents] for m in result.candidates[t]]
+        assert all(ps == sorted(ps) for ps in parents)
+        tails = [backend.tail(m.reasoning, 6).strip() for m in backend.outputs[t - 1]]
+        assert [tails_in(p) for p in prompts] == [[tails[i] for i in ps] for ps in parents]
+        # prompts whose subsets have the same lowest index open with the same text through
+        # that candidate's tail, which is what the prefix cache shares
+        for a in range(8):
+            for b in range(a + 1, 8):
+                same = 0
+                while same < 4 and parents[a][same] == parents[b][same]:
+                    same += 1
+                opening = prompts[a].index("---- Solution 1 ----")
+                shared = (len(prompts[a]) if same == 4
+                          else prompts[a].index(f"---- Solution {same + 1} ----"))
+                assert prompts[a][:shared] == prompts[b][:shared]
+                assert (prompts[a][:opening + 30] == prompts[b][:opening + 30]) == (same > 0)
+    # the subsets are still drawn from every K-of-N choice: some prompts start past index 0
+    firsts = {int(m.parents[0].split(".c")[1]) for r in result.candidates[1:] for m in r}
+    assert firsts != {0} and 0 in firsts
+
+
 def test_untruncated_reasoning_and_full_chain():
     # budget cuts inside the reasoning: no </think>, the whole text is the reasoning
     backend, _ = run(profile="cpu-tiny", n=3, k=2, rounds=1, budget=10, tail=4, seed=0)

@@ -61,3 +61,36 @@ def test_batch_size_chunks_round_zero(llm):
     out = backend.generate([[{"role": "user", "content": "hi"}]], n=4, max_tokens=4,
                            temperature=1.0, top_p=1.0, top_k=0, seed=0)
     assert len(out[0]) == 4 and all(c.completion_tokens <= 4 for c in out[0])
+
+
+def test_aggregation_prompts_take_their_shared_openings_from_the_prefix_cache(llm, tmp_path):
+    """A round's prompts list their candidates in population order; those with the same lowest
+    index share the question and that tail, and the engine computes the whole blocks of it once:
+    every prompt's cached tokens cover what it shares with the prompts queued before it."""
+    audit = tmp_path / "run.jsonl"
+    backend = LocalBackend(llm)
+    result = solve(backend, "What is 12+30? Put the answer in \\boxed{}.", profile="cpu-small",
+                   n=8, k=4, rounds=1, budget=48, tail=40, seed=5, audit_path=audit,
+                   progress=False)
+    block = llm.cache.block_size
+    prompts = [json.loads(line) for line in audit.read_text().splitlines()]
+    prompts = [e["messages"] for e in prompts if e["event"] == "prompt" and e["round"] == 1]
+    ids = [list(llm.apply_chat_template(m, add_generation_prompt=True)) for m in prompts]
+    members = result.candidates[1]
+    firsts = [m.parents[0] for m in members]
+    assert len(set(firsts)) < len(firsts)  # some prompts share their first candidate
+
+    def lcp(a, b):
+        n = 0
+        while n < min(len(a) - 1, len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    everyone = min(lcp(a, b) for a in ids for b in ids if a is not b)  # template and question
+    for i, m in enumerate(members):
+        common = max((lcp(ids[i], ids[j]) for j in range(i)), default=0)
+        assert m.candidate.cached_tokens >= common // block * block
+        if firsts[i] in firsts[:i]:  # the first tail is shared too: at least a block more
+            assert m.candidate.cached_tokens >= (everyone // block + 1) * block
+    cached = sum(m.candidate.cached_tokens for m in members)
+    assert result.rounds[1]["cached_prompt_tokens"] == cached

@@ -1,9 +1,10 @@
 """Markovian Recursive Self-Aggregation (ZAYA1-8B report, arXiv 2605.05365 §VI-A).
 
     round 0      N candidates sampled from the question (one prompt, n=N: one shared prefill)
-    round t>=1   for i in 1..N: draw K distinct candidates of round t-1 (seeded ``random.sample``),
-                 carry the last tau tokens of each one's reasoning (the text before </think>, or the
-                 whole text when there is none), render the aggregation prompt, generate with
+    round t>=1   for i in 1..N: draw K distinct candidates of round t-1 (seeded ``random.sample``,
+                 listed in population order so that prompts share prefixes: ``RSARun._choose``),
+                 carry the last tau tokens of each one's reasoning (the text before </think>, or
+                 the whole text when there is none), render the aggregation prompt, generate with
                  budget beta; the N prompts decode as one batch
     selection    majority  - vote over extracted, normalised answers of round T; ties go to an
                              answer held by a candidate that finished with "stop"
@@ -57,7 +58,8 @@ class Member:
         c = self.candidate
         d = {"id": self.id, "round": self.round, "parents": self.parents, "answer": self.answer,
              "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-             "completion_tokens": c.completion_tokens, "seconds": round(c.seconds, 3)}
+             "completion_tokens": c.completion_tokens, "cached_tokens": c.cached_tokens,
+             "seconds": round(c.seconds, 3)}
         if include_text:
             d.update(text=c.text, reasoning=c.reasoning, content=c.content, tail=self.tail)
         return d
@@ -248,7 +250,7 @@ class RSARun:
         for t in range(1, cfg.rounds + 1):
             prompts, parents, stats = [], [], []
             for _ in range(cfg.n):
-                chosen = self.rng.sample(population, k)
+                chosen = self._choose(population, k)
                 prompt, stat = self._aggregation_prompt(t, chosen)
                 prompts.append(prompt)
                 parents.append([m.id for m in chosen])
@@ -330,9 +332,25 @@ class RSARun:
                    "finish_reasons": dict(Counter(m.candidate.finish_reason for m in members)),
                    "prompt_tokens": sum(m.candidate.prompt_tokens for m in members),
                    "completion_tokens": sum(m.candidate.completion_tokens for m in members),
+                   **_cached_stats(members),
                    "seconds": round(seconds, 3), **decode}
         self.rounds.append(summary)
         self.audit("round", **summary)
+
+    def _choose(self, population: list[Member], k: int) -> list[Member]:
+        """K distinct members drawn uniformly (seeded ``random.sample``), in population order.
+
+        The order lets a round's prompts share more than the template and question: prompts whose
+        subsets have the same lowest index open with the same tail, and the engine's prefix cache
+        computes that prefix (its whole blocks) once. It keeps each prompt's distribution: the
+        subset is the same uniform draw, and a round's members are exchangeable (conditionally
+        i.i.d. given the round before, numbered in generation order: round 0's samples of one
+        prompt, round t's member i from prompt i, whose subset does not depend on i), so listing a
+        subset in index order shows its tails in a uniformly random order, as a shuffle would. What
+        changes is only that the prompts of one round share that order: two prompts holding the
+        same two candidates list them the same way round, where independent shuffles would agree
+        half of the time."""
+        return [population[i] for i in sorted(self.rng.sample(range(len(population)), k))]
 
     def _aggregation_prompt(self, t: int, chosen: list[Member]) -> tuple[list[dict], dict]:
         """Render one aggregation prompt and check it against |q| + K*tau + template."""
@@ -358,7 +376,7 @@ class RSARun:
 
     def _final_aggregation(self, population: list[Member], k: int):
         t = self.cfg.rounds + 1
-        chosen = self.rng.sample(population, k)
+        chosen = self._choose(population, k)
         prompt, stat = self._aggregation_prompt(t, chosen)
         members = yield from self._round(t, [prompt], [[m.id for m in chosen]], [stat], n=1,
                                          final=True)
@@ -381,6 +399,15 @@ def _split_problem(problem) -> tuple[list[dict], str, list[dict]]:
     if not users or not isinstance(users[-1].get("content"), str):
         raise RSAError("problem must be a string or a message list with a text user message")
     return messages, users[-1]["content"], [m for m in messages if m.get("role") == "system"]
+
+
+def _cached_stats(members: list[Member]) -> dict:
+    """The prompt tokens a round took from the backend's prefix cache, when it reports them (the
+    local engine does); like ``prompt_tokens``, a prompt counts once per sample."""
+    cached = [m.candidate.cached_tokens for m in members]
+    if any(c is None for c in cached):
+        return {}
+    return {"cached_prompt_tokens": sum(cached)}
 
 
 def _decode_stats(before: dict | None, stats) -> dict:

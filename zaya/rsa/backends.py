@@ -55,6 +55,7 @@ class Candidate:
     prompt_tokens: int
     completion_tokens: int
     seconds: float = 0.0       # from the start of its generate() call to its last token
+    cached_tokens: int | None = None  # prompt tokens the prefix cache gave (None: not reported)
 
 
 class Backend(Protocol):
@@ -80,11 +81,11 @@ def derive_seed(seed: int | None, *keys: int) -> int | None:
 
 
 def candidate(text: str, started_in_reasoning: bool, finish_reason: str | None, prompt_tokens: int,
-              completion_tokens: int, seconds: float) -> Candidate:
+              completion_tokens: int, seconds: float, cached_tokens: int | None = None) -> Candidate:
     """A Candidate from a completion's text, its reasoning split off as the chat layer does."""
     reasoning, content = split_reasoning(text, started_in_reasoning)
     return Candidate(text, reasoning or "", content, finish_reason, prompt_tokens, completion_tokens,
-                     seconds)
+                     seconds, cached_tokens)
 
 
 class EventText:
@@ -173,7 +174,7 @@ class LocalBackend(TokenTools):
         for c in self.llm.generate(chunk, **sampling):
             yield c.prompt_index, candidate(c.text, thinking[c.prompt_index], c.finish_reason,
                                             c.prompt_tokens, len(c.token_ids),
-                                            time.perf_counter() - start)
+                                            time.perf_counter() - start, getattr(c, "cached_tokens", None))
 
     def _stream(self, chunk, thinking, sampling, progress, start):
         events = EventText(start)

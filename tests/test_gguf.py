@@ -255,3 +255,26 @@ def test_pull_quant_picks_one_file_and_shows_sizes(monkeypatch, capsys, tmp_path
         ms.pull("Abiray/ZAYA1-8B-GGUF", quant="Q6_K")
     with pytest.raises(ZayaError, match="several GGUF files.*--quant"):
         ms.pick_gguf(files, None, "Abiray/ZAYA1-8B-GGUF")
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K"])
+def test_quantized_files_decode_through_the_fused_step(files, kind):
+    """Every layer of a quantized file gets the fused decode step (its experts stacked once), and
+    greedy decoding gives the tokens the eager layers give."""
+    from zaya import fused
+
+    if not fused.enabled() or not zaya.kernels.available():
+        pytest.skip("the fused step needs zaya's compiled kernels")
+    llm = zaya.load(files[kind][0], dtype="bf16")
+    layers = llm.config.num_hidden_layers
+    # past 128 cached keys the eager attention is fp32 like the fused one, so bf16 near-ties agree
+    prompt = torch.randint(3, 500, (150,), generator=torch.Generator().manual_seed(0)).tolist()
+    runs = []
+    for installed in (True, False, True):
+        if installed:
+            assert fused.install(llm.model) == layers
+        else:
+            fused.uninstall(llm.model)
+        runs.append(llm.generate([prompt, prompt[:140]], max_new_tokens=8, temperature=0, ignore_eos=True))
+    tokens = [[o.token_ids for o in run] for run in runs]
+    assert tokens[0] == tokens[1] == tokens[2]

@@ -26,7 +26,7 @@ import torch
 
 from zaya import kernels
 from zaya.cpu_attention import CPUDecodeAttention
-from zaya.formats.modules import KernelExperts, KernelLinear, StoredMatrix
+from zaya.formats.modules import KernelExperts, KernelLinear
 from zaya.model import ScaledDotProductAttention, ZayaCCAProjection, ZayaRMSNorm
 from zaya.packed import PackedCCAProjection, PackedExperts, PackedLinear
 from zaya.quant import QuantExperts, QuantLinear
@@ -84,31 +84,10 @@ def _experts(experts) -> list[kernels.Matmul] | None:
         return list(experts.stacks)
     if type(experts) is QuantExperts and experts.gate_up_proj.kernel is not None:
         return [experts.gate_up_proj.kernel, experts.down_proj.kernel]
-    if type(experts) is KernelExperts and len(experts.gate_up_proj.kernels) == experts.num_experts:
-        return [kernels.Matmul(_stacked(experts.gate_up_proj)), kernels.Matmul(_stacked(experts.down_proj))]
+    if type(experts) is KernelExperts and experts.gate_up_proj.stack is not None \
+            and experts.down_proj.stack is not None:
+        return [kernels.Matmul(experts.gate_up_proj.stack), kernels.Matmul(experts.down_proj.stack)]
     return None
-
-
-def _stacked(matrix: StoredMatrix) -> kernels.KernelWeight:
-    """A checkpoint format's per-expert matrices as one stack the fused operator indexes per row;
-    the module keeps views into the stack, so the experts stay in memory once (each expert's own
-    copy is released as soon as it is copied in)."""
-    parts = list(matrix.kernels)
-    matrix.kernels = parts
-
-    def take(e: int) -> kernels.KernelWeight:
-        part, parts[e] = parts[e], None
-        return part
-
-    stack = kernels.stack_experts(take, len(parts))
-
-    def view(e: int) -> kernels.KernelWeight:
-        pick = (lambda t: None if t is None else t[e])
-        return kernels.KernelWeight(stack.fmt, stack.data[e], stack.n, stack.k, stack.group, pick(stack.scales),
-                                    pick(stack.mins), stack.lut)
-
-    matrix.kernels = [view(e) for e in range(len(parts))]
-    return stack
 
 
 class FusedLayer:

@@ -63,19 +63,35 @@ class StoredMatrix(nn.Module):
         else:
             self.scale = None
         self.kernels: list[zk.KernelWeight] = []
+        self.stack: zk.KernelWeight | None = None  # experts only
 
     @torch.no_grad()
     def prepare(self, dtype=None, reader=None) -> None:
         if self.codec.experts is None and self.scale is None:  # one matrix, no scales: in row blocks
             self.kernels = [self.codec.kernel_in_blocks(lambda rows: _read(reader, "data", self.data, rows))]
             return
-        indices = [None] if self.codec.experts is None else range(self.codec.experts)
-        self.kernels = [self.codec.kernel(_read(reader, "data", self.data, i), _read(reader, "scale", self.scale, i))
-                        for i in indices]
+        if self.codec.experts is None:
+            self.kernels = [self.codec.kernel(_read(reader, "data", self.data, None),
+                                              _read(reader, "scale", self.scale, None))]
+            return
+        # experts: one stack (what the fused decode step indexes per row), converted one expert at
+        # a time; each expert's matrix is a view into it
+        self.stack = zk.stack_experts(lambda i: self.codec.kernel(_read(reader, "data", self.data, i),
+                                                                  _read(reader, "scale", self.scale, i)),
+                                      self.codec.experts)
+        self.kernels = [_expert_view(self.stack, e) for e in range(self.codec.experts)]
 
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.kernels)
+
+
+def _expert_view(stack: zk.KernelWeight, e: int) -> zk.KernelWeight:
+    def pick(t):
+        return None if t is None else t[e]
+
+    return zk.KernelWeight(stack.fmt, stack.data[e], stack.n, stack.k, stack.group, pick(stack.scales),
+                           pick(stack.mins), stack.lut)
 
 
 class KernelLinear(StoredMatrix):

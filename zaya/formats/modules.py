@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import zaya.kernels as zk
+from zaya.kernels.layouts import select_expert
 from zaya.formats.codecs import Codec
 from zaya.kernels.layouts import row_slice, take_rows
 from zaya.model import ZayaExperts, replace_modules
@@ -79,19 +80,11 @@ class StoredMatrix(nn.Module):
         self.stack = zk.stack_experts(lambda i: self.codec.kernel(_read(reader, "data", self.data, i),
                                                                   _read(reader, "scale", self.scale, i)),
                                       self.codec.experts)
-        self.kernels = [_expert_view(self.stack, e) for e in range(self.codec.experts)]
+        self.kernels = [select_expert(self.stack, e) for e in range(self.codec.experts)]
 
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for w in self.kernels)
-
-
-def _expert_view(stack: zk.KernelWeight, e: int) -> zk.KernelWeight:
-    def pick(t):
-        return None if t is None else t[e]
-
-    return zk.KernelWeight(stack.fmt, stack.data[e], stack.n, stack.k, stack.group, pick(stack.scales),
-                           pick(stack.mins), stack.lut)
 
 
 class KernelLinear(StoredMatrix):

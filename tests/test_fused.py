@@ -164,3 +164,33 @@ def test_fused_step_is_not_used_for_float32_or_training(model_dirs):
     ids = torch.tensor([_prompts([6])[0]])
     bf.model(ids)  # a forward without a cache (prefill, scoring) never takes the fused step
     assert calls and not any(calls)
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+@pytest.mark.parametrize("kind", ["plain", "sliding"])
+def test_verify_forwards_run_fused_and_equal_decoding(model_dirs, monkeypatch, quantize, kind):
+    """A speculative verify forward runs fused and computes exactly what decoding its draft
+    would: greedy tokens and their logprobs with drafting equal those without, bit for bit in
+    bf16, through accepted and rejected drafts (rollback to a kept CCA state) and block ends
+    inside a draft (snapshots)."""
+    llm = zaya.load(model_dirs[kind], dtype="bf16", quantize=quantize)
+    calls = []
+    original = FusedLayer.__call__
+
+    def spy(layer_fused, layer, h, router_state, ctx):
+        out = original(layer_fused, layer, h, router_state, ctx)
+        calls.append((h.shape[1], out is not None))
+        return out
+
+    monkeypatch.setattr(FusedLayer, "__call__", spy)
+    g = torch.Generator().manual_seed(7)
+    spans = [torch.randint(10, 512, (40,), generator=g).tolist() for _ in range(3)]
+    prompts = [[2] + s + s[:20] for s in spans]  # a repeated span: prompt lookup drafts from it
+    kw = dict(max_new_tokens=40, temperature=0, ignore_eos=True, logprobs=1)
+    plain = llm.generate(prompts, **kw)
+    spec = llm.generate(prompts, speculative=8, **kw)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert [o.logprobs for o in spec] == [o.logprobs for o in plain]
+    assert sum(S > 1 and ok for S, ok in calls) >= 10 * llm.config.num_hidden_layers
+    stats = llm.engine().spec_stats
+    assert stats.accepted > 0 and stats.accepted < stats.drafted

@@ -1,4 +1,4 @@
-"""Fused decode steps on the CPU: a decoder layer's work for one new token per sequence in two C++ calls.
+"""Fused decode steps on the CPU: a decoder layer's work for a few new tokens per sequence in two C++ calls.
 
 A batch-1 decode step of the eager model issues about 4,000 small operators from Python
 (norms, the CCA mixing and one-column conv, q/k norms, RoPE, the cache writes, attention, residual
@@ -11,10 +11,13 @@ norms, the conv's grouped contraction and attention.
 
 ``install(model)`` (the checkpoint loader calls it) gives every decoder layer whose weights are all
 on zaya's kernels (bf16 packed, zaya int8 / int4) a ``FusedLayer`` in ``ZayaDecoderLayer.fused``;
-the layer hands a call to it and runs eager when it declines: no kernels, gradients, a prefill
-chunk or fresh prompt (S > 1), more rows than ``ZAYA_FUSED_MAX_BATCH`` (default 32, read at install), a cache
-other than the engine's paged ``ForwardBatch``, a speculative verify that keeps positions, or a
-module the fused path does not know (a LoRA adapter, a float32 or oneDNN-packed linear).
+the layer hands a call to it and runs eager when it declines: no kernels, gradients, a fresh
+prompt, more rows (sequences x new tokens) than ``ZAYA_FUSED_MAX_BATCH`` (default 32, read at
+install), a cache other than the engine's paged ``ForwardBatch``, or a module the fused path does
+not know (a LoRA adapter, a float32 or oneDNN-packed linear). So decode steps, speculative verify
+forwards (S = draft + 1, keeping every position's CCA state for the rollback) and short chunks of
+a continued sequence run fused; a sequence's positions pass the conv and the delayed value one by
+one, as decode steps would, so verifying a draft computes what decoding it would.
 ``ZAYA_FUSED=0`` turns it off; eager stays the fallback and the tests' oracle.
 """
 
@@ -130,9 +133,8 @@ class FusedLayer:
     def __call__(self, layer, h: torch.Tensor, router_state, ctx):
         B, S, H = h.shape
         batch = ctx.cache
-        if S != 1 or B > self.max_batch or ctx.conv_mask is not None or torch.is_grad_enabled() \
-                or getattr(batch, "fresh", True) or getattr(batch, "kept", 0) is not None \
-                or not hasattr(batch, "layer_plans") or not self.current(layer):
+        if B * S > self.max_batch or ctx.conv_mask is not None or torch.is_grad_enabled() \
+                or getattr(batch, "fresh", True) or not hasattr(batch, "layer_plans") or not self.current(layer):
             return None
         i, cache = self.layer_idx, batch.cache
         plan = batch.layer_plans[i]
@@ -153,31 +155,27 @@ class FusedLayer:
             read = plan.read
         mask = ctx.mask(self.window)
         if mask is not None:
-            mask = mask.reshape(B, L)
+            mask = mask.reshape(B * S, L)
         cos, sin = ctx.rope[self.layer_type]
         Hq, Hkv, D = self.heads
-        o = torch.ops.zaya.fused_attention(
-            h.view(B, H), self.norm[0], self.norm[1], self.qkv, self.qkv_meta, *self.conv, self.temp,
-            cos.reshape(B, -1), sin.reshape(B, -1), cache.layer_conv[i], cache.layer_vdelay[i], state, state0,
-            cache.layer_kv[i], write, write0, read, read0, L, mask, Hq, Hkv, D)
+        keep = batch.kept is not None or batch.snapshots is not None
+        o, qk, v_del = torch.ops.zaya.fused_attention(
+            h.view(B * S, H), self.norm[0], self.norm[1], self.qkv, self.qkv_meta, *self.conv, self.temp,
+            cos.reshape(B * S, -1), sin.reshape(B * S, -1), cache.layer_conv[i], cache.layer_vdelay[i], state,
+            state0, cache.layer_kv[i], write, write0, read, read0, L, mask, Hq, Hkv, D, S, keep)
         if batch.snapshots is not None:
-            self._snapshot(batch, i, state0, state)
+            rows, cols, j, blocks = batch.snapshots
+            cache.conv_snap[i].index_copy_(0, blocks, qk[rows[:, None], :, cols].transpose(1, 2))
+            cache.vdelay_snap[i].index_copy_(0, blocks, v_del[rows, j])
+        if batch.kept is not None:
+            batch.kept[i] = (qk, v_del)
         vecs = self.vecs
         biases = self.gate.balancing_biases
         vecs[7] = biases if biases.dtype == torch.float32 else biases.float()
-        rs = None if router_state is None else router_state.reshape(B, -1)
-        h2, r, index = torch.ops.zaya.fused_moe(o, h.view(B, H), rs, self.moe, self.moe_meta, vecs, self.eps[0],
+        rs = None if router_state is None else router_state.reshape(B * S, -1)
+        h2, r, index = torch.ops.zaya.fused_moe(o, h.view(B * S, H), rs, self.moe, self.moe_meta, vecs, self.eps[0],
                                                 self.eps[1], self.num_experts)
-        return h2.view(B, 1, H), r.view(B, 1, -1), index.view(B, 1)
-
-    @staticmethod
-    def _snapshot(batch, layer: int, state0: int, state) -> None:
-        """The CCA state after a token that ends a block, beside that block (the live slot holds it now)."""
-        cache = batch.cache
-        rows, _, _, blocks = batch.snapshots
-        slots = (torch.arange(state0, state0 + batch.B) if state is None else state)[rows]
-        cache.conv_snap[layer].index_copy_(0, blocks, cache.layer_conv[layer].index_select(0, slots))
-        cache.vdelay_snap[layer].index_copy_(0, blocks, cache.layer_vdelay[layer].index_select(0, slots))
+        return h2.view(B, S, H), r.view(B, S, -1), index.view(B, S)
 
 
 def fusable(layer) -> tuple[list, list] | None:

@@ -32,8 +32,10 @@ def read_all(t):
 
 
 def fused_attention(h, norm_w, eps, qkv, qkv_meta, conv_k0, conv_b0, conv_k1, conv_b1, temp, cos, sin, conv, vdelay,
-                    state, state0, kv, write, write0, read, read0, L, mask, num_heads, num_kv_heads, head_dim):
-    return h.new_empty((h.shape[0], num_heads * head_dim), dtype=norm_w.dtype)
+                    state, state0, kv, write, write0, read, read0, L, mask, num_heads, num_kv_heads, head_dim, S, keep):
+    B, C, Hv = h.shape[0] // S if keep else 0, conv.shape[1], vdelay.shape[1]
+    return (h.new_empty((h.shape[0], num_heads * head_dim), dtype=norm_w.dtype),
+            h.new_empty((B, C, conv.shape[2] + S), dtype=norm_w.dtype), h.new_empty((B, S, Hv), dtype=norm_w.dtype))
 
 
 def fused_moe(o, h, router_state, mats, meta, vecs, eps_post, eps_router, num_experts):

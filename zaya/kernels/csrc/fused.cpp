@@ -1,12 +1,19 @@
-// Fused decode operators: a decoder layer's work for one new token per sequence in two calls.
+// Fused decode operators: a decoder layer's work for S new tokens per sequence (a decode step:
+// S = 1; a speculative verify or a short chunk: a few) in two calls.
 //
 //   fused_attention  input RMSNorm, the q/k/v projections, the CCA one-column conv and GQA mean
 //                    mix, q/k L2 norm with temp, partial RoPE, the delayed value, the writes of
 //                    the new key, value and CCA state into the paged cache, and attention over
-//                    the cache -> the attention output (B, Hq*D)
+//                    the cache -> the attention output (B*S, Hq*D); with `keep`, also each
+//                    sequence's raw q|k columns (B, C, W+S) and delayed values (B, S, Hv), from
+//                    which the state after any of its positions is read (rollback, snapshots)
 //   fused_moe        output projection, both residual scalings, the post-attention RMSNorm, the
 //                    router (down projection, depth carry, RMSNorm, GELU MLP, softmax, biased
 //                    top-1) and the SwiGLU expert -> the new residual, router state and expert
+//
+// Rows are sequence-major (row b*S + j is position j of sequence b). A sequence's positions run
+// in order through the conv window and the delayed value, exactly as S decode steps would, so a
+// position's result does not depend on how many positions share the call.
 //
 // The arithmetic is the eager model's (zaya/model.py), op for op: every intermediate the eager
 // path holds in the weight dtype is rounded to it here at the same place (bf16: round to nearest
@@ -14,7 +21,9 @@
 // contraction), and the weight matmuls are the same kernels with the same activations, so their
 // results are bit-identical. What differs is only the summation order of reductions (norms, the
 // conv's grouped contraction, attention), i.e. fp32 rounding; GELU, SiLU, softmax and top-k call
-// the ATen operators the eager path calls, so the router's choice sees the same values.
+// the ATen operators the eager path calls, so the router's choice sees the same values. (For S > 1
+// the eager model runs Conv1d layers in the weight dtype; every position here takes the eager
+// one-column path a decode step takes.)
 #pragma GCC optimize("fp-contract=off")
 
 #include <ATen/core/List.h>
@@ -273,18 +282,21 @@ Slots slots_of(const std::optional<at::Tensor>& t, int64_t start, int64_t rows, 
 }
 
 template <class DT>
-at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor& norm_w, double eps,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor& norm_w, double eps,
                            const c10::List<std::optional<at::Tensor>>& qkv_t, at::IntArrayRef qkv_meta,
                            const at::Tensor& k0, const at::Tensor& b0, const at::Tensor& k1, const at::Tensor& b1,
                            const at::Tensor& temp, const at::Tensor& cos, const at::Tensor& sin,
                            const at::Tensor& conv, const at::Tensor& vdelay, const std::optional<at::Tensor>& state,
                            int64_t state0, const at::Tensor& kv, const std::optional<at::Tensor>& write,
                            int64_t write0, const std::optional<at::Tensor>& read, int64_t read0, int64_t L,
-                           const std::optional<at::Tensor>& mask, int64_t Hq, int64_t Hkv, int64_t D) {
+                           const std::optional<at::Tensor>& mask, int64_t Hq, int64_t Hkv, int64_t D, int64_t S,
+                           bool keep) {
   const at::ScalarType wst = norm_w.scalar_type();
   TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
-              "zaya fused: h must be (B, H) float32");
-  const int64_t B = h.size(0), H = h.size(1);
+              "zaya fused: h must be (B*S, H) float32");
+  const int64_t R = h.size(0), H = h.size(1);
+  TORCH_CHECK(S >= 1 && R % S == 0, "zaya fused: ", R, " rows are not whole sequences of ", S, " positions");
+  const int64_t B = R / S;
   const int64_t Q = Hq * D, KV = Hkv * D, Hv = KV / 2, C = Q + KV, G = Hq + Hkv, grp = Hq / Hkv;
   const int64_t t0 = k0.size(1), t1 = k1.size(1) / D, W = conv.size(2), rot = cos.size(1);
   TORCH_CHECK(W == t0 + t1 - 2, "zaya fused: a conv state of ", W, " columns does not fit taps ", t0, " and ", t1);
@@ -294,8 +306,8 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
   check(k1, at::kFloat, {G, D * t1, D}, "conv_k1 (groups, inputs x taps, outputs)");
   check(b1, at::kFloat, {C}, "conv_b1");
   check(temp, wst, {Hkv}, "temp");
-  check(cos, wst, {B, rot}, "cos");
-  check(sin, wst, {B, rot}, "sin");
+  check(cos, wst, {R, rot}, "cos");
+  check(sin, wst, {R, rot}, "sin");
   TORCH_CHECK(conv.scalar_type() == wst && conv.is_contiguous() && conv.dim() == 3 && conv.size(1) == C,
               "zaya fused: conv state must be contiguous (slots, ", C, ", W) in the weight dtype");
   TORCH_CHECK(vdelay.scalar_type() == wst && vdelay.is_contiguous() && vdelay.dim() == 2 && vdelay.size(1) == Hv,
@@ -306,32 +318,32 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
   TORCH_CHECK(rot % 2 == 0 && rot <= D && Hq % Hkv == 0 && L >= 1, "zaya fused: bad head or rope shape");
   at::Tensor keep_s, keep_w, keep_r, keep_m;
   const Slots ss = slots_of(state, state0, B, 1, "state slots", keep_s);
-  const Slots ws = slots_of(write, write0, B, 1, "write slots", keep_w);
+  const Slots ws = slots_of(write, write0, B, S, "write slots", keep_w);
   const Slots rs = slots_of(read, read0, B, L, "read slots", keep_r);
   const bool* mk = nullptr;
   if (mask) {
     keep_m = mask->to(at::kBool).contiguous();
-    TORCH_CHECK(keep_m.numel() == B * L, "zaya fused: mask must have B * L entries");
+    TORCH_CHECK(keep_m.numel() == R * L, "zaya fused: mask must have B * S * L entries");
     mk = keep_m.data_ptr<bool>();
   }
   const int64_t N = kv.size(2);
 
   // input norm, then the projections in order ([q | k | v current | v delayed])
   std::vector<float> hrow(H);
-  at::Tensor a = at::empty({B, H}, h.options().dtype(wst));
-  for (int64_t b = 0; b < B; ++b) {
+  at::Tensor a = at::empty({R, H}, h.options().dtype(wst));
+  for (int64_t b = 0; b < R; ++b) {
     for (int64_t i = 0; i < H; ++i) hrow[i] = dt.rd(h.data_ptr<float>()[b * H + i]);
     rms_norm_row(dt, hrow.data(), H, norm_w.data_ptr(), static_cast<float>(eps), a.data_ptr(), b);
   }
   const std::vector<Mat> mats = unpack_mats(qkv_t, qkv_meta);
   const int64_t P = C + 2 * Hv;
-  std::vector<float> qkv(B * P);
+  std::vector<float> qkv(R * P);
   int64_t col = 0;
   for (const Mat& m : mats) {
     const at::Tensor y = apply(m, a);
     const float* yp = y.data_ptr<float>();
     TORCH_CHECK(col + m.n <= P, "zaya fused: the projections give more than q, k and the value halves");
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = 0; b < R; ++b)
       for (int64_t j = 0; j < m.n; ++j) qkv[b * P + col + j] = dt.rd(yp[b * m.n + j]);
     col += m.n;
   }
@@ -344,10 +356,13 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
   const float* k1p = k1.data_ptr<float>();
   const float* b1p = b1.data_ptr<float>();
   // per row: rotated queries (Hq*D, fp32 values of the weight dtype)
-  std::vector<float> qrot(B * Q);
+  std::vector<float> qrot(R * Q);
   std::vector<float> win(C * (W + 1)), dw(C * t1), qres(Q), kres(KV), x(C), v(KV);
-  for (int64_t b = 0; b < B; ++b) {
-    const float* r = &qkv[b * P];
+  at::Tensor kept_qk = at::empty({keep ? B : 0, C, W + S}, h.options().dtype(wst));
+  at::Tensor kept_v = at::empty({keep ? B : 0, S, Hv}, h.options().dtype(wst));
+  for (int64_t row = 0; row < R; ++row) {
+    const int64_t b = row / S, pos = row % S;
+    const float* r = &qkv[row * P];
     // GQA mean mix of the pre-conv values
     for (int64_t hh = 0; hh < Hq; ++hh)
       for (int64_t d = 0; d < D; ++d) qres[hh * D + d] = dt.rd(dt.rd(r[hh * D + d] + r[Q + (hh / grp) * D + d]) * 0.5f);
@@ -364,6 +379,15 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t t = 0; t < W; ++t) win[c * (W + 1) + t] = dt.get(cs, c * W + t);
       win[c * (W + 1) + W] = r[c];
+    }
+    if (keep) {  // the state before the sequence's first position, then each position's raw column
+      void* kq = kept_qk.data_ptr();
+      for (int64_t c = 0; c < C; ++c) {
+        if (pos == 0)
+          for (int64_t t = 0; t < W; ++t) dt.put(kq, (b * C + c) * (W + S) + t, win[c * (W + 1) + t]);
+        dt.put(kq, (b * C + c) * (W + S) + W + pos, r[c]);
+      }
+      for (int64_t i = 0; i < Hv; ++i) dt.put(kept_v.data_ptr(), (b * S + pos) * Hv + i, r[C + Hv + i]);
     }
     for (int64_t c = 0; c < C; ++c)
       for (int64_t t = 0; t < t1; ++t) {
@@ -394,13 +418,13 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
         for (int64_t d = 0; d < rot; ++d) {
           const float rotated = d < half ? -u[d + half] : u[d - half];
           out[hh * D + d] =
-              dt.rd(dt.rd(u[d] * dt.get(cosp, b * rot + d)) + dt.rd(rotated * dt.get(sinp, b * rot + d)));
+              dt.rd(dt.rd(u[d] * dt.get(cosp, row * rot + d)) + dt.rd(rotated * dt.get(sinp, row * rot + d)));
         }
         for (int64_t d = rot; d < D; ++d) out[hh * D + d] = u[d];
       }
     };
     std::vector<float> tmpq(Q), tmpk(KV), krot(KV);
-    finish(tmpq.data(), Hq, qres.data(), 0, false, &qrot[b * Q]);
+    finish(tmpq.data(), Hq, qres.data(), 0, false, &qrot[row * Q]);
     finish(tmpk.data(), Hkv, kres.data(), Q, true, krot.data());
     // value: [current half | the previous token's delayed half]
     const void* vprev = static_cast<const uint8_t*>(vdelay.data_ptr()) + slot * Hv * vdelay.element_size();
@@ -414,7 +438,7 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
       for (int64_t t = 0; t < W; ++t) dt.put(csw, c * W + t, win[c * (W + 1) + t + 1]);
     void* vw = static_cast<uint8_t*>(vdelay.data_ptr()) + slot * Hv * vdelay.element_size();
     for (int64_t i = 0; i < Hv; ++i) dt.put(vw, i, r[C + Hv + i]);
-    const int64_t wslot = ws.at(b, 0);
+    const int64_t wslot = ws.at(b, pos);
     TORCH_CHECK(wslot >= 0 && wslot < N, "zaya fused: write slot ", wslot, " out of range");
     for (int64_t g = 0; g < Hkv; ++g)
       for (int64_t d = 0; d < D; ++d) {
@@ -428,17 +452,17 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
   }
 
   // attention: softmax(q k^T / sqrt(D)) v in fp32, per (row, kv head); its query heads share the keys
-  at::Tensor o = at::empty({B, Q}, h.options().dtype(wst));
+  at::Tensor o = at::empty({R, Q}, h.options().dtype(wst));
   const int64_t elem = kv.element_size();
   const uint8_t* kbase = static_cast<const uint8_t*>(kv.data_ptr());
   const uint8_t* vbase = kbase + Hkv * N * D * elem;
   const int64_t work = L * D * grp;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, work));
-  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R * Hkv, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> sc(L * grp), acc(D);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / Hkv, g = task % Hkv;
-      const float* q = &qrot[b * Q + g * grp * D];
+      const int64_t row = task / Hkv, g = task % Hkv, b = row / S;
+      const float* q = &qrot[row * Q + g * grp * D];
       const int64_t* slots = rs.idx ? rs.idx + b * L : nullptr;
       const int64_t start = rs.start + b * L;
       if constexpr (DT::bf) {
@@ -450,7 +474,7 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
         float* s = &sc[j * L];
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t l = 0; l < L; ++l) {
-          s[l] = mk && !mk[b * L + l] ? -std::numeric_limits<float>::infinity() : s[l] * attn_scale;
+          s[l] = mk && !mk[row * L + l] ? -std::numeric_limits<float>::infinity() : s[l] * attn_scale;
           mx = std::max(mx, s[l]);
         }
         float sum = 0.0f;
@@ -466,24 +490,25 @@ at::Tensor fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor
         } else {
           values_f32(acc.data(), s, reinterpret_cast<const float*>(vbase) + g * N * D, slots, start, L, D);
         }
-        for (int64_t d = 0; d < D; ++d) dt.put(o.data_ptr(), b * Q + (g * grp + j) * D + d, acc[d]);
+        for (int64_t d = 0; d < D; ++d) dt.put(o.data_ptr(), row * Q + (g * grp + j) * D + d, acc[d]);
       }
     }
   });
-  return o;
+  return {o, kept_qk, kept_v};
 }
 
-at::Tensor fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double eps,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double eps,
                            const c10::List<std::optional<at::Tensor>>& qkv_t, at::IntArrayRef qkv_meta,
                            const at::Tensor& k0, const at::Tensor& b0, const at::Tensor& k1, const at::Tensor& b1,
                            const at::Tensor& temp, const at::Tensor& cos, const at::Tensor& sin,
                            const at::Tensor& conv, const at::Tensor& vdelay, const std::optional<at::Tensor>& state,
                            int64_t state0, const at::Tensor& kv, const std::optional<at::Tensor>& write,
                            int64_t write0, const std::optional<at::Tensor>& read, int64_t read0, int64_t L,
-                           const std::optional<at::Tensor>& mask, int64_t Hq, int64_t Hkv, int64_t D) {
+                           const std::optional<at::Tensor>& mask, int64_t Hq, int64_t Hkv, int64_t D, int64_t S,
+                           bool keep) {
   auto run = [&](auto dt) {
     return fused_attention_t(dt, h, norm_w, eps, qkv_t, qkv_meta, k0, b0, k1, b1, temp, cos, sin, conv, vdelay,
-                             state, state0, kv, write, write0, read, read0, L, mask, Hq, Hkv, D);
+                             state, state0, kv, write, write0, read, read0, L, mask, Hq, Hkv, D, S, keep);
   };
   return is_bf16(norm_w) ? run(Dt<true>{}) : run(Dt<false>{});
 }
@@ -601,7 +626,8 @@ TORCH_LIBRARY_FRAGMENT(zaya, m) {
   m.def("fused_attention(Tensor h, Tensor norm_w, float eps, Tensor?[] qkv, int[] qkv_meta, Tensor conv_k0, "
         "Tensor conv_b0, Tensor conv_k1, Tensor conv_b1, Tensor temp, Tensor cos, Tensor sin, Tensor(a!) conv, "
         "Tensor(b!) vdelay, Tensor? state, int state0, Tensor(c!) kv, Tensor? write, int write0, Tensor? read, "
-        "int read0, int L, Tensor? mask, int num_heads, int num_kv_heads, int head_dim) -> Tensor");
+        "int read0, int L, Tensor? mask, int num_heads, int num_kv_heads, int head_dim, int S, bool keep) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("fused_moe(Tensor o, Tensor h, Tensor? router_state, Tensor?[] mats, int[] meta, Tensor[] vecs, "
         "float eps_post, float eps_router, int num_experts) -> (Tensor, Tensor, Tensor)");
 }

@@ -62,6 +62,22 @@ def test_drafter_finds_latest_occurrence_and_backs_off():
     assert d.k == 3 and d.backoff == 8                  # 4 -> 1 by the failures, + 2 on success
 
 
+def test_fit_bounds_the_padding_of_a_verify_forward():
+    from zaya.engine.speculative import PAD_ROWS, fit
+    assert fit([[5] * 8]) == [[5] * 8]                           # batch 1 never pads
+    eight = [[5] * 8] + [[]] * 7
+    assert fit(eight) == eight                                   # 72 positions, 56 of them padding
+    few = [[5] * 8] * 10 + [[]] * 118
+    assert fit(few) == [[]] * 128                                # 10 of 128 rows drafting: no verify
+    most = [[5] * 8] * 80 + [[]] * 48
+    cut = fit(most)
+    S = 1 + max(map(len, cut))
+    real = sum(1 + len(d) for d in cut)
+    assert 1 < S < 9 and all(d == [5] * (S - 1) for d in cut[:80])
+    assert 128 * S - real <= max(PAD_ROWS, real // 4)
+    assert 128 * (S + 1) - (real + 80) > max(PAD_ROWS, (real + 80) // 4)   # the longest that fits
+
+
 @pytest.mark.parametrize("overrides", [dict(), dict(sliding_window=6, layer_types=["hybrid", "hybrid_sliding", "hybrid"]),
                                        dict(cca_time0=3, cca_time1=2)])
 def test_greedy_equals_plain_decoding(overrides):

@@ -216,7 +216,7 @@ class Engine:
 
     def _decode(self) -> None:
         """One forward for every row's last sampled token, and its draft when a row has one."""
-        drafts = spec.propose(self.rows, self.context_limit)
+        drafts = spec.fit(spec.propose(self.rows, self.context_limit))
         S = 1 + max(map(len, drafts), default=0)
         i = 0
         while i < len(self.rows):  # blocks for each row's new positions, newest rows yielding theirs

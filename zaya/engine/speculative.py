@@ -17,6 +17,13 @@ token from the last position. The cache then keeps the accepted positions only:
 `PagedCache.truncate` gives back the blocks past them and restores each layer's CCA conv window
 and delayed value to the last accepted position, from the columns that forward computed.
 
+Padding: a verify forward is as long as its longest draft, so in a large batch where few rows
+draft, most of its positions would be padding, and where rows, not weights, set a forward's cost
+(a small model, many rows) that padding costs as much as real positions. `fit` cuts the drafts to
+the longest forward whose padding stays within ``PAD_ROWS`` positions or a quarter of the real ones
+(the prefill grouping's rule), whichever is more: batch 1 never pads, batch 8 drafts up to 8 freely,
+and at 128 rows a forward of 2 positions needs half the rows drafting.
+
 Adaptive length: a row's draft length k starts at ``START_K`` (at most the request's limit), grows
 by 2 after a fully accepted draft and shrinks by 1 after a rejection, as transformers' assisted
 generation does. A row whose drafts keep failing stops drafting for a while (``FAILURES`` drafts in
@@ -38,6 +45,7 @@ MAX_NGRAM = 4
 FAILURES = 3
 BACKOFF = 8
 MAX_BACKOFF = 256
+PAD_ROWS = 64
 
 
 def draft_limit(requested: bool | int | None, default: int) -> int:
@@ -151,6 +159,17 @@ def propose(rows, context_limit: int) -> list[list[int]]:
         room = min(seq.request.params.max_new_tokens - len(seq.token_ids) - 1, context_limit - len(tokens))
         drafts.append(seq.drafter.propose(tokens, room))
     return drafts
+
+
+def fit(drafts: list[list[int]]) -> list[list[int]]:
+    """The drafts cut to the longest verify forward whose padding is within ``PAD_ROWS`` positions
+    or a quarter of its real positions (module docstring); all empty when no length qualifies."""
+    B = len(drafts)
+    for S in range(1 + max(map(len, drafts), default=0), 1, -1):
+        real = sum(1 + min(len(d), S - 1) for d in drafts)
+        if B * S - real <= max(PAD_ROWS, real // 4):
+            return [d[:S - 1] for d in drafts]
+    return [[] for _ in drafts]
 
 
 def verify_tokens(seqs, drafts: list[list[int]], S: int, device) -> torch.Tensor:

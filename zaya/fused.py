@@ -108,7 +108,8 @@ class FusedLayer:
         C, D = w0.weight.shape[0], proj.head_dim
         with torch.no_grad():
             self.conv = (w0.weight.float().reshape(C, -1).contiguous(), w0.bias.float().contiguous(),
-                         w1.weight.float().reshape(w1.groups, D, -1).transpose(1, 2).contiguous(),
+                         w1.weight.to(layer.input_layernorm.weight.dtype).reshape(w1.groups, D, -1).transpose(1, 2)
+                         .contiguous(),
                          w1.bias.float().contiguous())
         self.norm = (layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         self.temp = attn.qk_norm.temp

@@ -168,18 +168,34 @@ ZAYA_CLONES void values_f32(float* acc, const float* p, const float* values, con
   values_impl(acc, p, values, slots, start, L, D);
 }
 
-// The grouped conv for one column: x[g][o] = sum over k of dw[g][k] * k1[g][k][o] (no bias).
-ZAYA_CLONES void conv_grouped(float* x, const float* dw, const float* k1, int64_t G, int64_t D, int64_t Kt) {
-  for (int64_t g = 0; g < G; ++g) {
-    float* acc = x + g * D;
-    for (int64_t o = 0; o < D; ++o) acc[o] = 0.0f;
+// The grouped conv for the newest column of R rows: x[r][g][o] = sum over k of dw[r][g][k] *
+// k1[g][k][o] (no bias), each weight row read once for all rows; per (r, o) the sum runs over k in
+// order, as the eager one-column contraction's does.
+template <class T>
+__attribute__((always_inline)) inline void conv_grouped_impl(float* x, const float* dw, const T* k1, int64_t R,
+                                                             int64_t G, int64_t D, int64_t Kt) {
+  const int64_t C = G * D;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < C; ++c) x[r * C + c] = 0.0f;
+  for (int64_t g = 0; g < G; ++g)
     for (int64_t k = 0; k < Kt; ++k) {
-      const float v = dw[g * Kt + k];
-      const float* w = k1 + (g * Kt + k) * D;
+      const T* w = k1 + (g * Kt + k) * D;
+      for (int64_t r = 0; r < R; ++r) {
+        const float v = dw[(r * G + g) * Kt + k];
+        float* acc = x + r * C + g * D;
 #pragma omp simd
-      for (int64_t o = 0; o < D; ++o) acc[o] += v * w[o];
+        for (int64_t o = 0; o < D; ++o) acc[o] += v * widen(w[o]);
+      }
     }
-  }
+}
+
+ZAYA_CLONES void conv_grouped_bf16(float* x, const float* dw, const uint16_t* k1, int64_t R, int64_t G, int64_t D,
+                                   int64_t Kt) {
+  conv_grouped_impl(x, dw, k1, R, G, D, Kt);
+}
+ZAYA_CLONES void conv_grouped_f32(float* x, const float* dw, const float* k1, int64_t R, int64_t G, int64_t D,
+                                  int64_t Kt) {
+  conv_grouped_impl(x, dw, k1, R, G, D, Kt);
 }
 
 // GELU (erf form) as ATen's vectorized CPU kernel computes it for reduced-precision tensors:
@@ -303,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_t(const DT& dt, c
   check(norm_w, wst, {H}, "norm weight");
   check(k0, at::kFloat, {C, t0}, "conv_k0");
   check(b0, at::kFloat, {C}, "conv_b0");
-  check(k1, at::kFloat, {G, D * t1, D}, "conv_k1 (groups, inputs x taps, outputs)");
+  check(k1, wst, {G, D * t1, D}, "conv_k1 (groups, inputs x taps, outputs)");
   check(b1, at::kFloat, {C}, "conv_b1");
   check(temp, wst, {Hkv}, "temp");
   check(cos, wst, {R, rot}, "cos");
@@ -353,16 +369,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_t(const DT& dt, c
   const float eps_qk = dt.bf ? 0.0078125f : std::numeric_limits<float>::epsilon();
   const float* k0p = k0.data_ptr<float>();
   const float* b0p = b0.data_ptr<float>();
-  const float* k1p = k1.data_ptr<float>();
   const float* b1p = b1.data_ptr<float>();
-  // per row: rotated queries (Hq*D, fp32 values of the weight dtype)
-  std::vector<float> qrot(R * Q);
-  std::vector<float> win(C * (W + 1)), dw(C * t1), qres(Q), kres(KV), x(C), v(KV);
+  // Three passes over the rows. 1: per row in order (a sequence's positions one after another),
+  // the GQA mean mix, the depthwise conv over the window [state | new column], the delayed value
+  // and the writes of the new state and value. 2: the grouped conv for all rows at once, so its
+  // weights are read once per call, not once per row. 3: per row, q and k normed and rotated, the
+  // key written.
+  std::vector<float> qrot(R * Q), res(R * (Q + KV)), dw(R * C * t1), x(R * C);
+  std::vector<float> win(C * (W + 1)), v(KV);
   at::Tensor kept_qk = at::empty({keep ? B : 0, C, W + S}, h.options().dtype(wst));
   at::Tensor kept_v = at::empty({keep ? B : 0, S, Hv}, h.options().dtype(wst));
+  std::vector<int64_t> wslots(R);
   for (int64_t row = 0; row < R; ++row) {
     const int64_t b = row / S, pos = row % S;
     const float* r = &qkv[row * P];
+    float* qres = &res[row * (Q + KV)];
+    float* kres = qres + Q;
     // GQA mean mix of the pre-conv values
     for (int64_t hh = 0; hh < Hq; ++hh)
       for (int64_t d = 0; d < D; ++d) qres[hh * D + d] = dt.rd(dt.rd(r[hh * D + d] + r[Q + (hh / grp) * D + d]) * 0.5f);
@@ -375,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_t(const DT& dt, c
     // the conv window: the state's W columns, then the new one; the state becomes its last W
     const int64_t slot = ss.at(b, 0);
     TORCH_CHECK(slot >= 0 && slot < conv.size(0), "zaya fused: state slot ", slot, " out of range");
-    const void* cs = static_cast<const uint8_t*>(conv.data_ptr()) + slot * C * W * conv.element_size();
+    void* cs = static_cast<uint8_t*>(conv.data_ptr()) + slot * C * W * conv.element_size();
     for (int64_t c = 0; c < C; ++c) {
       for (int64_t t = 0; t < W; ++t) win[c * (W + 1) + t] = dt.get(cs, c * W + t);
       win[c * (W + 1) + W] = r[c];
@@ -389,21 +411,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_t(const DT& dt, c
       }
       for (int64_t i = 0; i < Hv; ++i) dt.put(kept_v.data_ptr(), (b * S + pos) * Hv + i, r[C + Hv + i]);
     }
+    float* dwr = &dw[row * C * t1];
     for (int64_t c = 0; c < C; ++c)
       for (int64_t t = 0; t < t1; ++t) {
         float s = win[c * (W + 1) + t] * k0p[c * t0];
         for (int64_t u = 1; u < t0; ++u) s += win[c * (W + 1) + t + u] * k0p[c * t0 + u];
-        dw[c * t1 + t] = s + b0p[c];
+        dwr[c * t1 + t] = s + b0p[c];
       }
-    conv_grouped(x.data(), dw.data(), k1p, G, D, D * t1);  // k1 is [group][input k][output o]
-    for (int64_t c = 0; c < C; ++c) x[c] = dt.rd(x[c] + b1p[c]);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t t = 0; t < W; ++t) dt.put(cs, c * W + t, win[c * (W + 1) + t + 1]);
+    // value: [current half | the previous token's delayed half]; this token's delayed half is the state
+    void* vd = static_cast<uint8_t*>(vdelay.data_ptr()) + slot * Hv * vdelay.element_size();
+    for (int64_t i = 0; i < Hv; ++i) {
+      v[i] = r[C + i];
+      v[Hv + i] = dt.get(vd, i);
+    }
+    for (int64_t i = 0; i < Hv; ++i) dt.put(vd, i, r[C + Hv + i]);
+    const int64_t wslot = ws.at(b, pos);
+    TORCH_CHECK(wslot >= 0 && wslot < N, "zaya fused: write slot ", wslot, " out of range");
+    wslots[row] = wslot;
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t d = 0; d < D; ++d) dt.put(kv.data_ptr(), ((1 * Hkv + g) * N + wslot) * D + d, v[g * D + d]);
+  }
+  // k1 is [group][input k][output o] in the weight dtype
+  if constexpr (DT::bf) {
+    conv_grouped_bf16(x.data(), dw.data(), static_cast<const uint16_t*>(k1.data_ptr()), R, G, D, D * t1);
+  } else {
+    conv_grouped_f32(x.data(), dw.data(), k1.data_ptr<float>(), R, G, D, D * t1);
+  }
+  const void* cosp = cos.data_ptr();
+  const void* sinp = sin.data_ptr();
+  std::vector<float> u(D), krot(KV);
+  for (int64_t row = 0; row < R; ++row) {
+    float* xr = &x[row * C];
+    for (int64_t c = 0; c < C; ++c) xr[c] = dt.rd(xr[c] + b1p[c]);
     // query / key = conv output + the mix, L2-normalised to sqrt(D) (keys times temp), rotated
-    const void* cosp = cos.data_ptr();
-    const void* sinp = sin.data_ptr();
-    auto finish = [&](float* vec, int64_t n_heads, const float* res, int64_t off, bool is_key, float* out) {
+    auto finish = [&](int64_t n_heads, const float* mix, int64_t off, bool is_key, float* out) {
       for (int64_t hh = 0; hh < n_heads; ++hh) {
-        float* u = vec + hh * D;
-        for (int64_t d = 0; d < D; ++d) u[d] = dt.rd(x[off + hh * D + d] + res[hh * D + d]);
+        for (int64_t d = 0; d < D; ++d) u[d] = dt.rd(xr[off + hh * D + d] + mix[hh * D + d]);
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int64_t d = 0; d < D; ++d) s += u[d] * u[d];
@@ -423,28 +468,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_t(const DT& dt, c
         for (int64_t d = rot; d < D; ++d) out[hh * D + d] = u[d];
       }
     };
-    std::vector<float> tmpq(Q), tmpk(KV), krot(KV);
-    finish(tmpq.data(), Hq, qres.data(), 0, false, &qrot[row * Q]);
-    finish(tmpk.data(), Hkv, kres.data(), Q, true, krot.data());
-    // value: [current half | the previous token's delayed half]
-    const void* vprev = static_cast<const uint8_t*>(vdelay.data_ptr()) + slot * Hv * vdelay.element_size();
-    for (int64_t i = 0; i < Hv; ++i) {
-      v[i] = r[C + i];
-      v[Hv + i] = dt.get(vprev, i);
-    }
-    // the new state, the new key and value
-    void* csw = static_cast<uint8_t*>(conv.data_ptr()) + slot * C * W * conv.element_size();
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t t = 0; t < W; ++t) dt.put(csw, c * W + t, win[c * (W + 1) + t + 1]);
-    void* vw = static_cast<uint8_t*>(vdelay.data_ptr()) + slot * Hv * vdelay.element_size();
-    for (int64_t i = 0; i < Hv; ++i) dt.put(vw, i, r[C + Hv + i]);
-    const int64_t wslot = ws.at(b, pos);
-    TORCH_CHECK(wslot >= 0 && wslot < N, "zaya fused: write slot ", wslot, " out of range");
+    finish(Hq, &res[row * (Q + KV)], 0, false, &qrot[row * Q]);
+    finish(Hkv, &res[row * (Q + KV) + Q], Q, true, krot.data());
     for (int64_t g = 0; g < Hkv; ++g)
-      for (int64_t d = 0; d < D; ++d) {
-        dt.put(kv.data_ptr(), ((0 * Hkv + g) * N + wslot) * D + d, krot[g * D + d]);
-        dt.put(kv.data_ptr(), ((1 * Hkv + g) * N + wslot) * D + d, v[g * D + d]);
-      }
+      for (int64_t d = 0; d < D; ++d) dt.put(kv.data_ptr(), ((0 * Hkv + g) * N + wslots[row]) * D + d, krot[g * D + d]);
   }
   for (int64_t i = 0; i < B * L; ++i) {
     const int64_t sl = rs.at(i / L, i % L);

@@ -76,6 +76,8 @@ def test_fit_bounds_the_padding_of_a_verify_forward():
     assert 1 < S < 9 and all(d == [5] * (S - 1) for d in cut[:80])
     assert 128 * S - real <= max(PAD_ROWS, real // 4)
     assert 128 * (S + 1) - (real + 80) > max(PAD_ROWS, (real + 80) // 4)   # the longest that fits
+    assert fit([[5] * 8] * 8, max_rows=32) == [[5] * 3] * 8             # 8 x 4 rows
+    assert fit([[5] * 8] * 64, max_rows=32) == [[]] * 64                # past the rows: no verify
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(sliding_window=6, layer_types=["hybrid", "hybrid_sliding", "hybrid"]),

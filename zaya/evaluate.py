@@ -41,6 +41,9 @@ from zaya.rsa.drivers import progress_bar
 from zaya.tasks import builtin_test_set, problem_records
 
 # ------------------------------------------------------------------------------------- data
+# Sequences decoded together: the independent samples in chunks of this many, RSA with as many
+# problems in lockstep as fill it (the engine's default state slots), so both batch alike.
+MAX_BATCH = 256
 _PROBLEM_KEYS = ("problem", "question", "prompt", "Problem", "Question")
 _ANSWER_KEYS = ("answer", "final_answer", "Answer", "expected_answer")
 
@@ -112,7 +115,7 @@ def evaluate(backend, problems: list[dict], *, samples: int = 4, majority: bool 
     started = time.perf_counter()
     pool = sample_pool(backend, [p["problem"] + suffix for p in problems], samples=pool_size,
                        max_tokens=budget, temperature=temperature, top_p=top_p, seed=seed,
-                       progress=progress)
+                       max_batch=MAX_BATCH, progress=progress)
     pool_seconds = time.perf_counter() - started
     records = []
     for p, cands in zip(problems, pool):
@@ -155,10 +158,11 @@ def _majority(records: list[dict], pool_size: int) -> list[dict]:
     return out
 
 
-def _run_rsa(backend, problems, records, cfg, suffix, seed, progress, group: int = 16) -> dict:
-    """Markovian RSA on every problem; ``group`` problems run in lockstep so that their rounds
-    decode as one batch (``run_batched``), which is what makes hundreds of problems feasible on a
-    CPU."""
+def _run_rsa(backend, problems, records, cfg, suffix, seed, progress, max_batch: int = MAX_BATCH) -> dict:
+    """Markovian RSA on every problem; as many problems as fill ``max_batch`` sequences (the
+    independent samples' batch) run in lockstep so that their rounds decode as one batch
+    (``run_batched``), which is what makes hundreds of problems feasible on a CPU."""
+    group = max(1, max_batch // cfg.n)
     rounds = [Counter() for _ in range(cfg.rounds + 1)]
     final_correct, tokens, started = 0, 0, time.perf_counter()
     bar = progress_bar(len(problems), "rsa", progress)

@@ -10,11 +10,14 @@ where the eager path rounds it, so results differ from eager only by the summati
 norms, the conv's grouped contraction and attention.
 
 ``install(model)`` (the checkpoint loader calls it) gives every decoder layer whose weights are all
-on zaya's kernels (bf16 packed, zaya int8 / int4) a ``FusedLayer`` in ``ZayaDecoderLayer.fused``;
+on zaya's kernels (bf16 packed, zaya int8 / int4, GGUF and compressed-tensors) or all dense
+float32 (a float32 model, such as the built-in one: ATen's matmul inside the operators) a
+``FusedLayer`` in ``ZayaDecoderLayer.fused``;
 the layer hands a call to it and runs eager when it declines: no kernels, gradients, a fresh
-prompt, more rows (sequences x new tokens) than ``ZAYA_FUSED_MAX_BATCH`` (default 32, read at
-install), a cache other than the engine's paged ``ForwardBatch``, or a module the fused path does
-not know (a LoRA adapter, a float32 or oneDNN-packed linear). So decode steps, speculative verify
+prompt, more rows (sequences x new tokens) than `max_batch` allows (32; 256 decode rows of a
+float32 layer; ``ZAYA_FUSED_MAX_BATCH`` read at install), a cache other than
+the engine's paged ``ForwardBatch``, or a module the fused path does not know (a LoRA adapter, a
+oneDNN-packed linear). So decode steps, speculative verify
 forwards (S = draft + 1, keeping every position's CCA state for the rollback) and short chunks of
 a continued sequence run fused; a sequence's positions pass the conv and the delayed value one by
 one, as decode steps would, so verifying a draft computes what decoding it would.
@@ -25,16 +28,19 @@ from __future__ import annotations
 
 import os
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from zaya import kernels
 from zaya.cpu_attention import CPUDecodeAttention
 from zaya.formats.modules import KernelExperts, KernelLinear
-from zaya.model import ScaledDotProductAttention, ZayaCCAProjection, ZayaRMSNorm
+from zaya.model import ScaledDotProductAttention, ZayaCCAProjection, ZayaExperts, ZayaRMSNorm
 from zaya.packed import PackedCCAProjection, PackedExperts, PackedLinear
 from zaya.quant import QuantExperts, QuantLinear
 
-FORMATS = {"bf16": 0, "int8": 1, "4bit": 2, "fp8": 3}
+FORMATS = {"bf16": 0, "int8": 1, "4bit": 2, "fp8": 3, "dense": -1}
 QKV_NAMES = ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed")
 
 
@@ -46,8 +52,59 @@ def enabled() -> bool:
     return value not in ("0", "off")
 
 
-def max_batch() -> int:
-    return int(os.environ.get("ZAYA_FUSED_MAX_BATCH", "32") or 32)
+MAX_ROWS = 32          # rows (sequences x new tokens) of a fused call; past them eager's GEMMs win
+MAX_DENSE_DECODE = 256  # decode rows of a float32 layer: ATen's matmuls, and no gathered keys
+
+
+def max_batch(dense: bool = False) -> tuple[int, int]:
+    """Most rows a fused call takes, (decode steps, calls of several positions per sequence):
+    ``ZAYA_FUSED_MAX_BATCH`` for both when set, else 32 (measured: a verify forward of 8 x 9
+    rows on the mini shape runs 1.0-1.3x slower fused than eager, 2 x 16 1.1x), and for a float32
+    layer 256 decode rows (the per-row work that makes long calls slower stays small at one
+    position per row)."""
+    env = os.environ.get("ZAYA_FUSED_MAX_BATCH", "")
+    if env:
+        return int(env), int(env)
+    return (MAX_DENSE_DECODE if dense else MAX_ROWS), MAX_ROWS
+
+
+def verify_rows(model) -> int | None:
+    """The most rows a speculative verify forward should have for ``model``: set where its decode
+    steps are fused at more rows than its verify forwards (float32 layers), so a verify forward
+    that would leave the fused path, costing more per token than the fused steps it replaces,
+    is cut to fit (`zaya.engine.speculative.fit`); None where no such limit applies."""
+    layers = getattr(getattr(model, "model", None), "layers", [])
+    fused = getattr(layers[0], "fused", None) if len(layers) else None
+    if fused is None:
+        return None
+    decode, multi = fused.max_rows
+    return multi if decode > multi else None
+
+
+@dataclass
+class _DenseWeight:
+    data: torch.Tensor          # (n, K) or (experts, n, K), float32
+    scales = mins = lut = None
+    fmt = "dense"
+    group = 0
+
+    @property
+    def n(self) -> int:
+        return self.data.shape[-2]
+
+
+@dataclass
+class _Dense:
+    """A float32 weight as the operators take it (the fields of a kernels.Matmul they read)."""
+    w: _DenseWeight
+    bias: torch.Tensor | None = None
+    act_int8 = False
+
+
+def _dense(weight: torch.Tensor, bias: torch.Tensor | None = None) -> _Dense | None:
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None
+    return _Dense(_DenseWeight(weight.detach().contiguous()), None if bias is None else bias.detach().float())
 
 
 # ------------------------------------------------------------------------- the layer's weights
@@ -70,6 +127,8 @@ def _linear(module) -> kernels.Matmul | None:
         return module.w.kernel
     if type(module) is KernelLinear and len(module.kernels) == 1:
         return kernels.Matmul(module.kernels[0], module.bias)
+    if type(module) is nn.Linear:
+        return _dense(module.weight, module.bias)
     return None
 
 
@@ -90,6 +149,9 @@ def _experts(experts) -> list[kernels.Matmul] | None:
     if type(experts) is KernelExperts and experts.gate_up_proj.stack is not None \
             and experts.down_proj.stack is not None:
         return [kernels.Matmul(experts.gate_up_proj.stack), kernels.Matmul(experts.down_proj.stack)]
+    if type(experts) is ZayaExperts:
+        mats = [_dense(experts.gate_up_proj), _dense(experts.down_proj)]
+        return None if None in mats else mats
     return None
 
 
@@ -122,7 +184,7 @@ class FusedLayer:
                      pm.hidden_states_bias, pm.hidden_states_scale, pm.residual_bias, pm.residual_scale]
         self.eps = (layer.post_attention_layernorm.variance_epsilon, gate.router_mlp.norm.variance_epsilon)
         self.gate, self.num_experts = gate, gate.num_experts
-        self.max_batch = max_batch()
+        self.max_rows = max_batch(dense=all(isinstance(m, _Dense) for m in qkv + moe))
 
     def current(self, layer) -> bool:
         """Whether the layer still has the modules this was built from (a swap makes it stale)."""
@@ -134,7 +196,7 @@ class FusedLayer:
     def __call__(self, layer, h: torch.Tensor, router_state, ctx):
         B, S, H = h.shape
         batch = ctx.cache
-        if B * S > self.max_batch or ctx.conv_mask is not None or torch.is_grad_enabled() \
+        if B * S > self.max_rows[S > 1] or ctx.conv_mask is not None or torch.is_grad_enabled() \
                 or getattr(batch, "fresh", True) or not hasattr(batch, "layer_plans") or not self.current(layer):
             return None
         i, cache = self.layer_idx, batch.cache

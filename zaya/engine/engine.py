@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from zaya import fused
 from zaya.engine import compiled
 from zaya.engine import speculative as spec
 from zaya.engine.cache import CACHE_FLAGS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_SEQS, CacheFullError, PagedCache
@@ -119,6 +120,7 @@ class Engine:
         self.preemptions = 0                 # rows that gave their blocks back to be recomputed
         self.prefill_forwards = 0            # forwards that ran prefill chunks (of one or more sequences)
         self.speculative = self._draft_limit(speculative)
+        self.verify_rows = fused.verify_rows(model)
         self.verify: spec.Verify | None = None   # a verify forward's rows, until sampled
         self.spec_stats = stats if stats is not None else spec.SpecStats()  # shared when given
 
@@ -216,7 +218,7 @@ class Engine:
 
     def _decode(self) -> None:
         """One forward for every row's last sampled token, and its draft when a row has one."""
-        drafts = spec.fit(spec.propose(self.rows, self.context_limit))
+        drafts = spec.fit(spec.propose(self.rows, self.context_limit), self.verify_rows)
         S = 1 + max(map(len, drafts), default=0)
         i = 0
         while i < len(self.rows):  # blocks for each row's new positions, newest rows yielding theirs

@@ -29,6 +29,9 @@
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/gelu.h>
 #include <ATen/ops/silu.h>
 #include <ATen/ops/softmax.h>
@@ -52,9 +55,12 @@ at::Tensor fused_matvec(Fmt fmt, const at::Tensor& x, const at::Tensor& w, const
 namespace {
 
 // One weight in the kernels' layout: five list entries (data, scales, mins, lut, fp32 bias) and
-// four integers (format, n, group, act_int8), as zaya.fused flattens a kernels.Matmul.
+// four integers (format, n, group, act_int8), as zaya.fused flattens a kernels.Matmul. Format -1 is
+// a dense float32 matrix (n, K) or stack of them (experts, n, K), multiplied by ATen's matmul: a
+// float32 model's weights, as its eager linears hold them.
 struct Mat {
   Fmt fmt;
+  bool dense;
   at::Tensor data;
   std::optional<at::Tensor> scales, mins, lut, bias;
   int64_t n, group;
@@ -77,7 +83,10 @@ std::vector<Mat> unpack_mats(const c10::List<std::optional<at::Tensor>>& t, at::
     m.mins = t.get(a + 2);
     m.lut = t.get(a + 3);
     m.bias = t.get(a + 4);
-    m.fmt = static_cast<Fmt>(meta[b]);
+    m.dense = meta[b] < 0;
+    m.fmt = m.dense ? Fmt::BF16 : static_cast<Fmt>(meta[b]);
+    TORCH_CHECK(!m.dense || (m.data.scalar_type() == at::kFloat && m.data.is_contiguous()),
+                "zaya fused: a dense matrix must be contiguous float32");
     m.n = meta[b + 1];
     m.group = meta[b + 2];
     m.act_int8 = meta[b + 3] != 0;
@@ -86,12 +95,34 @@ std::vector<Mat> unpack_mats(const c10::List<std::optional<at::Tensor>>& t, at::
   return out;
 }
 
+// x (rows, K) times a dense float32 matrix, or each row times its expert's (a negative expert:
+// zeros), rows of one expert in one matmul as the eager experts run them.
+at::Tensor dense_matmul(const Mat& m, const at::Tensor& x, const std::optional<at::Tensor>& expert) {
+  const at::Tensor xf = x.to(at::kFloat);
+  if (!expert) return at::mm(xf, m.data.t());
+  const at::Tensor ex = expert->to(at::kLong).contiguous();
+  const int64_t* ep = ex.data_ptr<int64_t>();
+  at::Tensor y = at::zeros({x.size(0), m.n}, xf.options());
+  std::vector<std::vector<int64_t>> rows(m.data.size(0));
+  for (int64_t r = 0; r < x.size(0); ++r) {
+    TORCH_CHECK(ep[r] < m.data.size(0), "zaya fused: expert ", ep[r], " out of range");
+    if (ep[r] >= 0) rows[ep[r]].push_back(r);
+  }
+  for (size_t e = 0; e < rows.size(); ++e) {
+    if (rows[e].empty()) continue;
+    const at::Tensor idx = at::tensor(rows[e], ex.options());
+    y.index_copy_(0, idx, at::mm(xf.index_select(0, idx), m.data[static_cast<int64_t>(e)].t()));
+  }
+  return y;
+}
+
 // kernels.Matmul(x, expert): the kernel's fp32 sums, plus the fp32 bias; float32 [rows, n].
 at::Tensor apply(const Mat& m, const at::Tensor& x, const std::optional<at::Tensor>& expert = std::nullopt) {
   const at::Tensor* s = m.scales ? &*m.scales : nullptr;
   const at::Tensor* mn = m.mins ? &*m.mins : nullptr;
   const at::Tensor* l = m.lut ? &*m.lut : nullptr;
-  at::Tensor y = fused_matvec(m.fmt, x, m.data, s, mn, l, m.n, m.group, m.act_int8, expert, at::kFloat);
+  at::Tensor y = m.dense ? dense_matmul(m, x, expert)
+                         : fused_matvec(m.fmt, x, m.data, s, mn, l, m.n, m.group, m.act_int8, expert, at::kFloat);
   if (m.bias) {
     const at::Tensor b = m.bias->contiguous();
     TORCH_CHECK(b.scalar_type() == at::kFloat && b.numel() == m.n, "zaya fused: a bias must be float32 of n values");
@@ -604,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe_t(const DT& dt,
   const at::Tensor g1 = gelu(apply(m[2], rn));
   const at::Tensor g2 = gelu(apply(m[3], g1));
   const at::Tensor probs = at::softmax(rounded(apply(m[4], g2)), -1);
-  at::Tensor biased = probs.to(at::kFloat);
+  at::Tensor biased = probs.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);  // never probs itself
   {
     float* bp = biased.data_ptr<float>();
     const float* bb = vecs[7].data_ptr<float>();

@@ -388,3 +388,18 @@ def test_prompts_continuing_cached_prefixes_prefill_together(llm):
     for _ in engine.run(reqs):
         pass
     assert engine.prefill_forwards == 2 and reqs[1].cached_tokens == 32
+
+
+def test_draw_follows_the_weights_and_skips_zero_ones():
+    from zaya.sampling import draw
+    weights = torch.tensor([0.0, 0.1, 0.0, 0.6, 0.3, 0.0])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.bincount(torch.tensor([draw(weights, g) for _ in range(n)]), minlength=6).float()
+    assert counts[[0, 2, 5]].sum() == 0
+    expected = weights * n
+    chi2 = float(((counts[[1, 3, 4]] - expected[[1, 3, 4]]) ** 2 / expected[[1, 3, 4]]).sum())
+    assert chi2 < 13.8  # 2 degrees of freedom, p = 0.001
+    # the same generator state gives the same index; unnormalised weights give the same draw
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert [draw(weights, a) for _ in range(50)] == [draw(weights * 7, b) for _ in range(50)]

@@ -179,7 +179,21 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     if p.greedy:
         return int(torch.argmax(logits))
     probs = filter_logits(logits, p).softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw(probs, generator)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One index drawn with probability proportional to ``weights`` (V,), non-negative, by the
+    inverse of their cumulative sum at one uniform number: the first index whose running total
+    exceeds u x total. ``torch.multinomial`` gives the same distribution but draws one random
+    number per entry: 5.4 ms a token for ZAYA1's 262,272-entry vocabulary on one core, against
+    0.26 ms here (0.67 against 0.04 ms at 32,768 entries)."""
+    cdf = weights.cumsum(-1)
+    u = torch.rand((), generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u, right=True))
+    if i >= weights.shape[-1]:  # u rounded up to the total: the last entry with any weight
+        i = int(torch.nonzero(weights).max())
+    return i
 
 
 def verify_draft(logits: torch.Tensor, draft: int, p: SamplingParams, generator: torch.Generator | None) -> int:
@@ -197,7 +211,7 @@ def verify_draft(logits: torch.Tensor, draft: int, p: SamplingParams, generator:
         return draft
     residual = probs.clone()
     residual[draft] = 0
-    return int(torch.multinomial(residual, 1, generator=generator))
+    return draw(residual, generator)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, dict[int, float] | None]:

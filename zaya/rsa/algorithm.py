@@ -367,11 +367,12 @@ class RSARun:
         return messages, {"prompt_tokens_counted": tokens, "prompt_bound": bound}
 
     def _overhead(self, k: int) -> int:
-        """Template tokens beyond the question for k tails, plus one per tail for the token that
-        may merge across each tail's boundary with the template text around it."""
+        """Template tokens beyond the question for k tails, plus two per tail: a tail tokenized
+        inside the template can take one token more than alone at each of its two boundaries,
+        where its first and last characters merge differently with the text around them."""
         if k not in self._overheads:
             empty = self.backend.count_tokens(self.template(self.question, [""] * k))
-            self._overheads[k] = empty - self.backend.count_tokens(self.question) + k
+            self._overheads[k] = empty - self.backend.count_tokens(self.question) + 2 * k
         return self._overheads[k]
 
     def _final_aggregation(self, population: list[Member], k: int):

@@ -126,6 +126,9 @@ class TokenTools:
         return len(self._encode(text)) if text else 0
 
     def tail(self, text: str, tau: int) -> str:
+        """The last ``tau`` tokens' text, without the broken characters a cut leaves at its ends
+        (a generation stopped inside a multi-byte character, a tail starting inside one)."""
+        text = text.rstrip("\ufffd")
         ids = self._encode(text)
         if len(ids) <= tau:
             return text

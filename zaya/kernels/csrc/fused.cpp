@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -197,6 +198,48 @@ ZAYA_CLONES void values_bf16(float* acc, const float* p, const uint16_t* values,
 ZAYA_CLONES void values_f32(float* acc, const float* p, const float* values, const int64_t* slots, int64_t start,
                             int64_t L, int64_t D) {
   values_impl(acc, p, values, slots, start, L, D);
+}
+
+// e^x for x <= 0 in fp32, branch-free so a loop of it vectorizes (std::exp does not): x = n ln2 + r
+// with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^7 (relative error below 2^-23 on that
+// range), 2^n put into the exponent bits; x below -87.3 (past the smallest normal float, and the
+// -inf of a masked key) gives exactly 0.
+inline float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.3f);
+  const float t = xc * 1.44269504f + 12582912.0f;  // 1.5 * 2^23: rounds x / ln2 to an integer
+  const float n = t - 12582912.0f;
+  const float r = (xc - n * 0.693145752f) - n * 1.42860677e-06f;  // ln 2 in two parts (Cody-Waite)
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x < -87.3f ? 0.0f : p * scale;
+}
+
+// Softmax over one query's L scores in place, each scaled first; masked keys (mk[l] false) get 0.
+ZAYA_CLONES void softmax_scaled(float* s, int64_t L, const bool* mk, float scale) {
+  const float neg = -std::numeric_limits<float>::infinity();
+  float mx = neg;
+  for (int64_t l = 0; l < L; ++l) {
+    s[l] = mk && !mk[l] ? neg : s[l] * scale;
+    mx = std::max(mx, s[l]);
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t l = 0; l < L; ++l) {
+    s[l] = exp_nonpositive(s[l] - mx);
+    sum += s[l];
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t l = 0; l < L; ++l) s[l] *= inv;
 }
 
 // The grouped conv for the newest column of R rows: x[r][g][o] = sum over k of dw[r][g][k] *
@@ -530,18 +573,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_t(const DT& dt, c
       }
       for (int64_t j = 0; j < grp; ++j) {
         float* s = &sc[j * L];
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int64_t l = 0; l < L; ++l) {
-          s[l] = mk && !mk[row * L + l] ? -std::numeric_limits<float>::infinity() : s[l] * attn_scale;
-          mx = std::max(mx, s[l]);
-        }
-        float sum = 0.0f;
-        for (int64_t l = 0; l < L; ++l) {
-          s[l] = std::exp(s[l] - mx);
-          sum += s[l];
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t l = 0; l < L; ++l) s[l] *= inv;
+        softmax_scaled(s, L, mk ? mk + row * L : nullptr, attn_scale);
         std::fill(acc.begin(), acc.end(), 0.0f);
         if constexpr (DT::bf) {
           values_bf16(acc.data(), s, reinterpret_cast<const uint16_t*>(vbase) + g * N * D, slots, start, L, D);

@@ -403,3 +403,17 @@ def test_draw_follows_the_weights_and_skips_zero_ones():
     # the same generator state gives the same index; unnormalised weights give the same draw
     a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert [draw(weights, a) for _ in range(50)] == [draw(weights * 7, b) for _ in range(50)]
+
+
+def test_a_seed_per_prompt(tmp_path):
+    """``seed`` as a list gives each prompt of a call its own stream (one int gives every prompt
+    the same, as alone); a list of the wrong length is refused."""
+    llm = zaya.load(make_tiny_model_dir(tmp_path))
+    kw = dict(max_new_tokens=12, temperature=1.0, ignore_eos=True)
+    same = [o.token_ids for o in llm.generate([[2, 5, 6]] * 3, seed=7, **kw)]
+    assert len({tuple(t) for t in same}) == 1
+    own = [o.token_ids for o in llm.generate([[2, 5, 6]] * 3, seed=[7, 8, 9], **kw)]
+    assert own[0] == same[0] and len({tuple(t) for t in own}) == 3
+    assert own == [o.token_ids for o in llm.generate([[2, 5, 6]] * 3, seed=[7, 8, 9], **kw)]
+    with pytest.raises(ZayaError, match="seed"):
+        llm.generate([[2, 5, 6]] * 3, seed=[7, 8], **kw)

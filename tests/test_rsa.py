@@ -509,7 +509,7 @@ def test_local_backend_chunks_and_stream_path():
                            temperature=1.0, top_p=1.0, top_k=0, seed=7,
                            progress=lambda tok, done: ticks.append((tok, done)))
     assert [c[:3] for c in llm.calls] == [("stream", 1, 3), ("stream", 1, 3), ("stream", 1, 2)]
-    assert len({c[3] for c in llm.calls}) == 3  # a distinct derived seed per chunk
+    assert len({tuple(c[3]) for c in llm.calls}) == 3  # distinct derived seeds per chunk (one per prompt)
     assert len(out[0]) == 8 and all(c.finish_reason == "length" for c in out[0])
     assert all(c.completion_tokens == 5 and c.content == "" for c in out[0])
     assert sum(t for t, _ in ticks) == 40 and sum(d for _, d in ticks) == 8

@@ -118,12 +118,15 @@ class LLM:
         ``DEFAULT_MAX_NEW_TOKENS`` (``fit_max_new_tokens``), so it can differ between prompts."""
         kwargs = dict(kwargs)
         constraint = {k: kwargs.pop(k) for k in _CONSTRAINT_ARGS if k in kwargs}
+        seeds = kwargs.pop("seed") if isinstance(kwargs.get("seed"), (list, tuple)) else None
         params = SamplingParams.from_kwargs(**kwargs)
         requested = kwargs.get("max_new_tokens")
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
             raise ZayaError("no prompts given")
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ZayaError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt or one int")
         out = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
@@ -134,7 +137,8 @@ class LLM:
                 ids = [int(t) for t in prompt]
             budget = self._fit(len(ids), requested)
             guide = self.guide(ids, max_new_tokens=budget, **constraint) if constraint else None
-            out.append(Request(ids, dataclasses.replace(params, max_new_tokens=budget, constraint=guide), i))
+            seeded = params if seeds is None else SamplingParams.from_kwargs(**{**kwargs, "seed": seeds[i]})
+            out.append(Request(ids, dataclasses.replace(seeded, max_new_tokens=budget, constraint=guide), i))
         return out
 
     def _fit(self, prompt_len: int, requested: int | None) -> int:

@@ -168,7 +168,9 @@ class LocalBackend(TokenTools):
         decode = self._stream if progress else self._generate
         for j, (rows, n_each) in enumerate(_chunks(len(prompts), n, batch_size or self.batch_size)):
             chunk = [prompts[p] for p in rows]
-            sampling.update(n=n_each, seed=derive_seed(seed, j))
+            # a seed per prompt: one for the whole call would make its prompts draw the same
+            # uniforms, and a round's prompts would sample in lockstep
+            sampling.update(n=n_each, seed=None if seed is None else [derive_seed(seed, j, p) for p in rows])
             for i, cand in decode(chunk, [thinking[p] for p in rows], sampling, progress, start):
                 out[rows[i]].append(cand)
         return out

@@ -178,89 +178,172 @@ inline void store(const Problem& p, int64_t nb, int64_t row0, const __m512* acc)
   store_tile(p, nb, row0, MC, out);
 }
 
+// Where a tile's NT n-blocks start: the first at w / sc / mn, the next nb_bytes / s_bytes on.
+struct Blocks {
+  const uint8_t* w;
+  const uint8_t* sc;
+  const uint8_t* mn;
+  int64_t nb;        // index of the first n-block
+  int64_t nb_bytes;  // weight bytes per n-block
+  int64_t s_bytes;   // scale (and min) bytes per n-block
+  const uint8_t* scales(int i) const { return sc ? sc + i * s_bytes : nullptr; }
+  const uint8_t* mins(int i) const { return mn ? mn + i * s_bytes : nullptr; }
+};
+
 // Paths A and B: exact products, fp32 sums per group, then scale (and min).
-template <class D, bool kB, int MC>
-void tile_float(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn,
-                int64_t nb, int64_t row0) {
+//
+// A tile computes MC rows against NT n-blocks side by side. Each (n-block, row) pair has its own
+// accumulator, summed in the same order whatever NT and MC are (units in k order, then the unit's
+// vectors), so a row's result does not depend on how many rows or n-blocks share its tile. NT > 1
+// is for few rows: one row's sums over one n-block form a single chain of dependent
+// vdpbf16ps / FMAs (4 to 8 per unit), bound by their latency; NT independent chains keep the
+// vector units busy and the loads of NT weight streams in flight.
+template <class D, bool kB, int MC, int NT>
+void tile_float(const Problem& p, const Tables& t, const Blocks& bl, int64_t row0) {
   constexpr int V = kB ? D::nB : D::nA;  // activation words (and weight vectors) per unit
-  const int64_t units = p.group / D::kpu, xstep = p.rows * V;
+  const int64_t units = p.group / D::kpu, xstep = p.rows * V, stride = bl.nb_bytes;
   const uint32_t* x = static_cast<const uint32_t*>(p.x) + row0 * V;
-  __m512 acc[MC], part[MC];
-  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  const uint8_t* w = bl.w;
+  __m512 acc[NT][MC], part[NT][MC];
+  for (int i = 0; i < NT; ++i)
+    for (int m = 0; m < MC; ++m) acc[i][m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < p.ngroups; ++g) {
-    for (int m = 0; m < MC; ++m) part[m] = _mm512_setzero_ps();
+    for (int i = 0; i < NT; ++i)
+      for (int m = 0; m < MC; ++m) part[i][m] = _mm512_setzero_ps();
     for (int64_t u = 0; u < units; ++u, w += kUnitBytes, x += xstep) {
-      if constexpr (kB) {
-        __m512i v[V];
-        D::b(w, t, v);
-        for (int j = 0; j < V; ++j)
-          for (int m = 0; m < MC; ++m)
-            part[m] = _mm512_dpbf16_ps(part[m], as_bh(v[j]), as_bh(bcast_u32(x + m * V + j)));
-      } else {
-        __m512 f[V];
-        D::a(w, t, f);
-        for (int j = 0; j < V; ++j)
-          for (int m = 0; m < MC; ++m) part[m] = _mm512_fmadd_ps(f[j], bcast_f32(x + m * V + j), part[m]);
+      for (int i = 0; i < NT; ++i) {
+        if constexpr (kB) {
+          __m512i v[V];
+          D::b(w + i * stride, t, v);
+          for (int j = 0; j < V; ++j)
+            for (int m = 0; m < MC; ++m)
+              part[i][m] = _mm512_dpbf16_ps(part[i][m], as_bh(v[j]), as_bh(bcast_u32(x + m * V + j)));
+        } else {
+          __m512 f[V];
+          D::a(w + i * stride, t, f);
+          for (int j = 0; j < V; ++j)
+            for (int m = 0; m < MC; ++m) part[i][m] = _mm512_fmadd_ps(f[j], bcast_f32(x + m * V + j), part[i][m]);
+        }
       }
     }
-    finish_group<MC>(p, sc, mn, g, row0, part, acc);
+    for (int i = 0; i < NT; ++i) finish_group<MC>(p, bl.scales(i), bl.mins(i), g, row0, part[i], acc[i]);
   }
-  store<MC>(p, nb, row0, acc);
+  for (int i = 0; i < NT; ++i) store<MC>(p, bl.nb + i, row0, acc[i]);
 }
 
 // Path C: u8 weights x s8 activations summed in int32 over a flush block of kFlush k, converted
-// with the block's activation scale, summed per group, then the weight scale (and min).
-template <class D, int MC, int kFlush>
-void tile_int(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn,
-              int64_t nb, int64_t row0) {
+// with the block's activation scale, summed per group, then the weight scale (and min); NT
+// n-blocks side by side as in tile_float.
+template <class D, int MC, int kFlush, int NT>
+void tile_int(const Problem& p, const Tables& t, const Blocks& bl, int64_t row0) {
   constexpr int Q = D::nC, kUnits = kFlush / D::kpu;
-  const int64_t blocks = p.group / kFlush, xstep = p.rows * Q, R = p.rows;
+  const int64_t blocks = p.group / kFlush, xstep = p.rows * Q, R = p.rows, stride = bl.nb_bytes;
   const uint32_t* x = static_cast<const uint32_t*>(p.x) + row0 * Q;
   const int32_t* corr = p.xcorr + row0;
   const float* xd = p.xd + row0;
-  __m512 acc[MC], part[MC];
-  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  const uint8_t* w = bl.w;
+  __m512 acc[NT][MC], part[NT][MC];
+  for (int i = 0; i < NT; ++i)
+    for (int m = 0; m < MC; ++m) acc[i][m] = _mm512_setzero_ps();
   for (int64_t g = 0, fb = 0; g < p.ngroups; ++g) {
-    for (int m = 0; m < MC; ++m) part[m] = _mm512_setzero_ps();
+    for (int i = 0; i < NT; ++i)
+      for (int m = 0; m < MC; ++m) part[i][m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b, ++fb) {
-      __m512i iacc[MC];
-      for (int m = 0; m < MC; ++m) iacc[m] = _mm512_set1_epi32(corr[fb * R + m]);
+      __m512i iacc[NT][MC];
+      for (int i = 0; i < NT; ++i)
+        for (int m = 0; m < MC; ++m) iacc[i][m] = _mm512_set1_epi32(corr[fb * R + m]);
       for (int u = 0; u < kUnits; ++u, w += kUnitBytes, x += xstep) {
-        __m512i q[Q];
-        D::c(w, t, q);
-        for (int j = 0; j < Q; ++j)
-          for (int m = 0; m < MC; ++m) iacc[m] = _mm512_dpbusd_epi32(iacc[m], q[j], bcast_u32(x + m * Q + j));
+        for (int i = 0; i < NT; ++i) {
+          __m512i q[Q];
+          D::c(w + i * stride, t, q);
+          for (int j = 0; j < Q; ++j)
+            for (int m = 0; m < MC; ++m)
+              iacc[i][m] = _mm512_dpbusd_epi32(iacc[i][m], q[j], bcast_u32(x + m * Q + j));
+        }
       }
       const float* d = xd + (fb * kFlush / kActBlock) * R;
-      for (int m = 0; m < MC; ++m) part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), bcast_f32(d + m), part[m]);
+      for (int i = 0; i < NT; ++i)
+        for (int m = 0; m < MC; ++m)
+          part[i][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][m]), bcast_f32(d + m), part[i][m]);
     }
-    finish_group<MC>(p, sc, mn, g, row0, part, acc);
+    for (int i = 0; i < NT; ++i) finish_group<MC>(p, bl.scales(i), bl.mins(i), g, row0, part[i], acc[i]);
   }
-  store<MC>(p, nb, row0, acc);
+  for (int i = 0; i < NT; ++i) store<MC>(p, bl.nb + i, row0, acc[i]);
 }
 
-template <class D, Path P, int MC>
-void tile(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn, int64_t nb,
-          int64_t row0) {
+template <class D, Path P, int MC, int NT>
+void tile(const Problem& p, const Tables& t, const Blocks& bl, int64_t row0) {
   if constexpr (P == Path::C) {
     if (p.flush == 16) {
-      tile_int<D, MC, 16>(p, t, w, sc, mn, nb, row0);
+      tile_int<D, MC, 16, NT>(p, t, bl, row0);
     } else {
-      tile_int<D, MC, 32>(p, t, w, sc, mn, nb, row0);
+      tile_int<D, MC, 32, NT>(p, t, bl, row0);
     }
   } else {
-    tile_float<D, P == Path::B, MC>(p, t, w, sc, mn, nb, row0);
+    tile_float<D, P == Path::B, MC, NT>(p, t, bl, row0);
   }
 }
 
+// n-blocks a tile of MC rows takes side by side (kMaxNT at most): enough independent
+// accumulator chains (NT * MC) to cover the latency of the multiply-adds.
+constexpr int kMaxNT = 4;
+constexpr int tile_blocks(int mc) { return mc == 1 ? 4 : mc <= 4 ? 2 : 1; }
+
+// Runs `cnt` (<= kMaxNT) consecutive n-blocks for MC rows: tiles of tile_blocks(MC) n-blocks,
+// the remainder one at a time (the same sums either way).
+template <class D, Path P, int MC>
+void tiles(const Problem& p, const Tables& t, Blocks bl, int64_t row0, int cnt) {
+  constexpr int NT = tile_blocks(MC);
+  int i = 0;
+  for (; i + NT <= cnt; i += NT) {
+    tile<D, P, MC, NT>(p, t, bl, row0);
+    bl.w += NT * bl.nb_bytes;
+    if (bl.sc) bl.sc += NT * bl.s_bytes;
+    if (bl.mn) bl.mn += NT * bl.s_bytes;
+    bl.nb += NT;
+  }
+  for (; i < cnt; ++i) {
+    tile<D, P, MC, 1>(p, t, bl, row0);
+    bl.w += bl.nb_bytes;
+    if (bl.sc) bl.sc += bl.s_bytes;
+    if (bl.mn) bl.mn += bl.s_bytes;
+    bl.nb += 1;
+  }
+}
+
+// drive() (kernels.h) with kMaxNT n-blocks per step instead of one: n-blocks split across
+// threads; inside a thread's range, kMaxNT n-blocks at a time, each expert's rows in chunks of
+// at most 8, so the n-blocks are streamed once per expert and reused from cache by later chunks.
 template <class D, Path P>
 void run(const Problem& p, const Tables& t) {
-  drive(p, [&](const uint8_t* w, const uint8_t* sc, const uint8_t* mn, int64_t nb, int64_t row0, int mc) {
-    switch (mc) {
-      case 8: tile<D, P, 8>(p, t, w, sc, mn, nb, row0); break;
-      case 4: tile<D, P, 4>(p, t, w, sc, mn, nb, row0); break;
-      case 2: tile<D, P, 2>(p, t, w, sc, mn, nb, row0); break;
-      default: tile<D, P, 1>(p, t, w, sc, mn, nb, row0); break;
+  const int64_t nb_bytes = p.kp / D::kpu * kUnitBytes;
+  const int64_t s_size = p.scale_type == ScaleType::F32 ? 4 : 2, s_bytes = p.ngroups * kLanes * s_size;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / nb_bytes);
+  at::parallel_for(0, p.nb, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; nb += kMaxNT) {
+      const int cnt = static_cast<int>(std::min<int64_t>(kMaxNT, end - nb));
+      for (int s = 0; s < p.nseg; ++s) {
+        const int64_t e = p.seg_expert[s];
+        Blocks bl;
+        bl.w = p.w + e * p.w_expert_stride + nb * nb_bytes;
+        const int64_t soff = e * p.s_expert_stride * s_size + nb * s_bytes;
+        bl.sc = p.scales ? static_cast<const uint8_t*>(p.scales) + soff : nullptr;
+        bl.mn = p.mins ? static_cast<const uint8_t*>(p.mins) + soff : nullptr;
+        bl.nb = nb;
+        bl.nb_bytes = nb_bytes;
+        bl.s_bytes = s_bytes;
+        for (int64_t r = p.seg_begin[s]; r < p.seg_begin[s + 1];) {
+          const int64_t left = p.seg_begin[s + 1] - r;
+          const int mc = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+          switch (mc) {
+            case 8: tiles<D, P, 8>(p, t, bl, r, cnt); break;
+            case 4: tiles<D, P, 4>(p, t, bl, r, cnt); break;
+            case 2: tiles<D, P, 2>(p, t, bl, r, cnt); break;
+            default: tiles<D, P, 1>(p, t, bl, r, cnt); break;
+          }
+          r += mc;
+        }
+      }
     }
   });
 }

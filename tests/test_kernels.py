@@ -169,6 +169,20 @@ def test_experts_over_many_n_blocks(case, isa):
             assert torch.equal(y[m], one[0])
 
 
+@pytest.mark.parametrize("case", CASES[2:6], ids=IDS[2:6])
+def test_int8_loops_for_small_and_huge_activations_agree_bit_for_bit(case, isa):
+    """int8 weights, exact loop: activations below 2^64 take the byte-shuffle widening (sums 2^24
+    times larger), larger ones the shifts; scaling x by 2^70 switches loops and scales y exactly."""
+    kw, w = make(case[0], 16 * 11 + 5, *case[2:])
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, case[2]).to(dtype)
+            small = zk.matmul(x, kw, out_dtype=torch.float32)
+            huge = zk.matmul(x * 2.0**70, kw, out_dtype=torch.float32)
+            assert torch.equal(huge * 2.0**-70, small), (dtype, rows)
+            assert (small - x.float() @ w.T).abs().le(bound(x, w)).all()
+
+
 def test_bf16_output_is_the_rounded_fp32_output(kernels):
     kw, _ = make("4bit", 35, 192, 64, True, torch.bfloat16, zk.ZAYA_INT4)
     x = torch.randn(4, 192).bfloat16()

@@ -55,6 +55,7 @@ struct Tables {
   __m512i lut_u8;                // 4-bit values + offset as bytes, in every 128-bit lane (vpshufb)
   __m512i fp8_hi0, fp8_hi1;      // e4m3 magnitude (7 bits) -> high byte of its bf16
   __m512i fp8_lo0, fp8_lo1;      // ... and low byte
+  __m512i int8_top[4];           // vpshufb controls: byte j of each 32-bit lane to its top byte, zeros below
 };
 
 typedef int32_t aliased_i32 __attribute__((may_alias));
@@ -92,6 +93,31 @@ struct DecInt8 {
     q[0] = _mm512_xor_si512(_mm512_loadu_si512(u), _mm512_set1_epi8(static_cast<char>(0x80)));
   }
 };
+
+// int8 weights for path A when the activations are small (Problem::x_small): byte j moved to the top
+// of its 32-bit lane (one vpshufb, zeros below) converts to q * 2^24 exactly, in place of two
+// shifts; every product and partial sum is then 2^24 times the plain loop's, rounded alike (fp32
+// rounding commutes with powers of two away from overflow and subnormals), and each group's sum is
+// multiplied by 2^-24 before its scale.
+struct DecInt8Top {
+  static constexpr int kpu = 4, nA = 4, nB = 0, nC = 0;
+  static constexpr float kPartScale = 0x1p-24f;
+  static void a(const uint8_t* u, const Tables& t, __m512* f) {
+    const __m512i v = _mm512_loadu_si512(u);
+    for (int j = 0; j < 4; ++j) f[j] = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, t.int8_top[j]));
+  }
+  static void b(const uint8_t*, const Tables&, __m512i*) {}
+  static void c(const uint8_t*, const Tables&, __m512i*) {}
+};
+
+template <class D>
+constexpr float part_scale() {
+  if constexpr (requires { D::kPartScale; }) {
+    return D::kPartScale;
+  } else {
+    return 1.0f;
+  }
+}
 
 template <bool kShuffle>
 struct DecU4 {
@@ -225,6 +251,10 @@ void tile_float(const Problem& p, const Tables& t, const Blocks& bl, int64_t row
             for (int m = 0; m < MC; ++m) part[i][m] = _mm512_fmadd_ps(f[j], bcast_f32(x + m * V + j), part[i][m]);
         }
       }
+    }
+    if constexpr (part_scale<D>() != 1.0f) {
+      for (int i = 0; i < NT; ++i)
+        for (int m = 0; m < MC; ++m) part[i][m] = _mm512_mul_ps(part[i][m], _mm512_set1_ps(part_scale<D>()));
     }
     for (int i = 0; i < NT; ++i) finish_group<MC>(p, bl.scales(i), bl.mins(i), g, row0, part[i], acc[i]);
   }
@@ -368,6 +398,11 @@ Tables make_tables(const Problem& p) {
   t.fp8_hi1 = _mm512_loadu_si512(hi + 64);
   t.fp8_lo0 = _mm512_loadu_si512(lo);
   t.fp8_lo1 = _mm512_loadu_si512(lo + 64);
+  for (int j = 0; j < 4; ++j) {
+    alignas(64) uint8_t c[64];
+    for (int b = 0; b < 64; ++b) c[b] = (b & 3) == 3 ? static_cast<uint8_t>((b & ~3 & 15) + j) : 0x80;
+    t.int8_top[j] = _mm512_load_si512(c);
+  }
   t.lut_f32 = p.lut_f32 ? _mm512_loadu_ps(p.lut_f32) : _mm512_setzero_ps();
   t.lut_bf16 = p.lut_bf16 ? _mm512_loadu_si512(p.lut_bf16) : _mm512_setzero_si512();
   t.lut_u8 = p.lut_u8 ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lut_u8)))
@@ -400,7 +435,8 @@ void run_avx512(const Problem& p) {
     case Fmt::BF16:
       return p.path == Path::B ? run<DecBF16, Path::B>(p, t) : run<DecBF16, Path::A>(p, t);
     case Fmt::INT8:
-      return p.path == Path::C ? run<DecInt8, Path::C>(p, t) : run<DecInt8, Path::A>(p, t);
+      if (p.path == Path::C) return run<DecInt8, Path::C>(p, t);
+      return p.x_small ? run<DecInt8Top, Path::A>(p, t) : run<DecInt8, Path::A>(p, t);
     case Fmt::FP8:
       return p.path == Path::B ? run<DecFP8, Path::B>(p, t) : run<DecFP8, Path::A>(p, t);
     case Fmt::U4:

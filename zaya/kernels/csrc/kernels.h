@@ -73,6 +73,9 @@ struct Problem {
   void* out;                // [M][ldo], fp32 or bf16
   bool out_bf16;
   int64_t ldo;
+  // path A, int8 weights: every |x| < 2^64, so the AVX-512 loop may widen a weight q to q * 2^24
+  // (a byte shuffle, no shifts) and take the 2^-24 back out of each group's sum, exactly
+  bool x_small = false;
 };
 
 inline uint16_t f32_to_bf16(float f) {

@@ -261,6 +261,40 @@ void tile_float(const Problem& p, const Tables& t, const Blocks& bl, int64_t row
   for (int i = 0; i < NT; ++i) store<MC>(p, bl.nb + i, row0, acc[i]);
 }
 
+// One n-block (NT = 1, the many-row tiles): the same loop written for a single accumulator set,
+// which GCC keeps in registers across groups (the general form above spilled the row totals).
+template <class D, bool kB, int MC>
+void tile_float_one(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn,
+                    int64_t nb, int64_t row0) {
+  constexpr int V = kB ? D::nB : D::nA;
+  const int64_t units = p.group / D::kpu, xstep = p.rows * V;
+  const uint32_t* x = static_cast<const uint32_t*>(p.x) + row0 * V;
+  __m512 acc[MC], part[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.ngroups; ++g) {
+    for (int m = 0; m < MC; ++m) part[m] = _mm512_setzero_ps();
+    for (int64_t u = 0; u < units; ++u, w += kUnitBytes, x += xstep) {
+      if constexpr (kB) {
+        __m512i v[V];
+        D::b(w, t, v);
+        for (int j = 0; j < V; ++j)
+          for (int m = 0; m < MC; ++m)
+            part[m] = _mm512_dpbf16_ps(part[m], as_bh(v[j]), as_bh(bcast_u32(x + m * V + j)));
+      } else {
+        __m512 f[V];
+        D::a(w, t, f);
+        for (int j = 0; j < V; ++j)
+          for (int m = 0; m < MC; ++m) part[m] = _mm512_fmadd_ps(f[j], bcast_f32(x + m * V + j), part[m]);
+      }
+    }
+    if constexpr (part_scale<D>() != 1.0f) {
+      for (int m = 0; m < MC; ++m) part[m] = _mm512_mul_ps(part[m], _mm512_set1_ps(part_scale<D>()));
+    }
+    finish_group<MC>(p, sc, mn, g, row0, part, acc);
+  }
+  store<MC>(p, nb, row0, acc);
+}
+
 // Path C: u8 weights x s8 activations summed in int32 over a flush block of kFlush k, converted
 // with the block's activation scale, summed per group, then the weight scale (and min); NT
 // n-blocks side by side as in tile_float.
@@ -310,7 +344,11 @@ void tile(const Problem& p, const Tables& t, const Blocks& bl, int64_t row0) {
       tile_int<D, MC, 32, NT>(p, t, bl, row0);
     }
   } else {
-    tile_float<D, P == Path::B, MC, NT>(p, t, bl, row0);
+    if constexpr (NT == 1) {
+      tile_float_one<D, P == Path::B, MC>(p, t, bl.w, bl.sc, bl.mn, bl.nb, row0);
+    } else {
+      tile_float<D, P == Path::B, MC, NT>(p, t, bl, row0);
+    }
   }
 }
 

@@ -133,6 +133,56 @@ def test_experts_pick_rows_and_skip(case, isa):
             assert (y[m] - w[e] @ x[m].float()).abs().le(bound(x[m], w[e])).all()
 
 
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_many_n_blocks_and_rows_sum_as_one_row_alone(case, isa):
+    """Tiles of several n-blocks side by side (few rows) and their remainders: every row matches the
+    reference and is bit-identical to the same row multiplied alone, whatever batch it is in."""
+    fmt, _, k, *rest = case
+    kw, w = make(fmt, 16 * 11 + 5, k, *rest)  # 12 n-blocks, the last one ragged
+    xs = torch.randn(11, k)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = xs.to(dtype)
+        modes = [False, True] if kw.supports_act_int8 and dtype == torch.bfloat16 else [False]
+        for act_int8 in modes:
+            alone = torch.cat([zk.matmul(x[m:m + 1], kw, act_int8=act_int8, out_dtype=torch.float32)
+                               for m in range(len(x))])
+            if not act_int8:
+                assert (alone - x.float() @ w.T).abs().le(bound(x, w)).all(), dtype
+            for rows in (2, 3, 4, 5, 8, 11):
+                y = zk.matmul(x[:rows], kw, act_int8=act_int8, out_dtype=torch.float32)
+                assert torch.equal(y, alone[:rows]), (dtype, act_int8, rows)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[7]], ids=[IDS[1], IDS[3], IDS[7]])
+def test_experts_over_many_n_blocks(case, isa):
+    fmt, _, k, *rest = case
+    kw, w = make(fmt, 16 * 9 + 3, k, *rest, experts=3)
+    x = torch.randn(6, k).bfloat16()
+    expert = torch.tensor([1, -1, 1, 0, 2, 1])
+    y = zk.matmul(x, kw, expert=expert, out_dtype=torch.float32)
+    for m, e in enumerate(expert.tolist()):
+        if e < 0:
+            assert torch.equal(y[m], torch.zeros(kw.n))
+        else:
+            assert (y[m] - w[e] @ x[m].float()).abs().le(bound(x[m], w[e])).all()
+            one = zk.matmul(x[m:m + 1], kw, expert=expert[m:m + 1], out_dtype=torch.float32)
+            assert torch.equal(y[m], one[0])
+
+
+@pytest.mark.parametrize("case", CASES[2:6], ids=IDS[2:6])
+def test_int8_loops_for_small_and_huge_activations_agree_bit_for_bit(case, isa):
+    """int8 weights, exact loop: activations below 2^64 take the byte-shuffle widening (sums 2^24
+    times larger), larger ones the shifts; scaling x by 2^70 switches loops and scales y exactly."""
+    kw, w = make(case[0], 16 * 11 + 5, *case[2:])
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, case[2]).to(dtype)
+            small = zk.matmul(x, kw, out_dtype=torch.float32)
+            huge = zk.matmul(x * 2.0**70, kw, out_dtype=torch.float32)
+            assert torch.equal(huge * 2.0**-70, small), (dtype, rows)
+            assert (small - x.float() @ w.T).abs().le(bound(x, w)).all()
+
+
 def test_bf16_output_is_the_rounded_fp32_output(kernels):
     kw, _ = make("4bit", 35, 192, 64, True, torch.bfloat16, zk.ZAYA_INT4)
     x = torch.randn(4, 192).bfloat16()

@@ -55,6 +55,7 @@ struct Tables {
   __m512i lut_u8;                // 4-bit values + offset as bytes, in every 128-bit lane (vpshufb)
   __m512i fp8_hi0, fp8_hi1;      // e4m3 magnitude (7 bits) -> high byte of its bf16
   __m512i fp8_lo0, fp8_lo1;      // ... and low byte
+  __m512i int8_top[4];           // vpshufb controls: byte j of each 32-bit lane to its top byte, zeros below
 };
 
 typedef int32_t aliased_i32 __attribute__((may_alias));
@@ -92,6 +93,31 @@ struct DecInt8 {
     q[0] = _mm512_xor_si512(_mm512_loadu_si512(u), _mm512_set1_epi8(static_cast<char>(0x80)));
   }
 };
+
+// int8 weights for path A when the activations are small (Problem::x_small): byte j moved to the top
+// of its 32-bit lane (one vpshufb, zeros below) converts to q * 2^24 exactly, in place of two
+// shifts; every product and partial sum is then 2^24 times the plain loop's, rounded alike (fp32
+// rounding commutes with powers of two away from overflow and subnormals), and each group's sum is
+// multiplied by 2^-24 before its scale.
+struct DecInt8Top {
+  static constexpr int kpu = 4, nA = 4, nB = 0, nC = 0;
+  static constexpr float kPartScale = 0x1p-24f;
+  static void a(const uint8_t* u, const Tables& t, __m512* f) {
+    const __m512i v = _mm512_loadu_si512(u);
+    for (int j = 0; j < 4; ++j) f[j] = _mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, t.int8_top[j]));
+  }
+  static void b(const uint8_t*, const Tables&, __m512i*) {}
+  static void c(const uint8_t*, const Tables&, __m512i*) {}
+};
+
+template <class D>
+constexpr float part_scale() {
+  if constexpr (requires { D::kPartScale; }) {
+    return D::kPartScale;
+  } else {
+    return 1.0f;
+  }
+}
 
 template <bool kShuffle>
 struct DecU4 {
@@ -178,11 +204,69 @@ inline void store(const Problem& p, int64_t nb, int64_t row0, const __m512* acc)
   store_tile(p, nb, row0, MC, out);
 }
 
+// Where a tile's NT n-blocks start: the first at w / sc / mn, the next nb_bytes / s_bytes on.
+struct Blocks {
+  const uint8_t* w;
+  const uint8_t* sc;
+  const uint8_t* mn;
+  int64_t nb;        // index of the first n-block
+  int64_t nb_bytes;  // weight bytes per n-block
+  int64_t s_bytes;   // scale (and min) bytes per n-block
+  const uint8_t* scales(int i) const { return sc ? sc + i * s_bytes : nullptr; }
+  const uint8_t* mins(int i) const { return mn ? mn + i * s_bytes : nullptr; }
+};
+
 // Paths A and B: exact products, fp32 sums per group, then scale (and min).
-template <class D, bool kB, int MC>
-void tile_float(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn,
-                int64_t nb, int64_t row0) {
+//
+// A tile computes MC rows against NT n-blocks side by side. Each (n-block, row) pair has its own
+// accumulator, summed in the same order whatever NT and MC are (units in k order, then the unit's
+// vectors), so a row's result does not depend on how many rows or n-blocks share its tile. NT > 1
+// is for few rows: one row's sums over one n-block form a single chain of dependent
+// vdpbf16ps / FMAs (4 to 8 per unit), bound by their latency; NT independent chains keep the
+// vector units busy and the loads of NT weight streams in flight.
+template <class D, bool kB, int MC, int NT>
+void tile_float(const Problem& p, const Tables& t, const Blocks& bl, int64_t row0) {
   constexpr int V = kB ? D::nB : D::nA;  // activation words (and weight vectors) per unit
+  const int64_t units = p.group / D::kpu, xstep = p.rows * V, stride = bl.nb_bytes;
+  const uint32_t* x = static_cast<const uint32_t*>(p.x) + row0 * V;
+  const uint8_t* w = bl.w;
+  __m512 acc[NT][MC], part[NT][MC];
+  for (int i = 0; i < NT; ++i)
+    for (int m = 0; m < MC; ++m) acc[i][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < p.ngroups; ++g) {
+    for (int i = 0; i < NT; ++i)
+      for (int m = 0; m < MC; ++m) part[i][m] = _mm512_setzero_ps();
+    for (int64_t u = 0; u < units; ++u, w += kUnitBytes, x += xstep) {
+      for (int i = 0; i < NT; ++i) {
+        if constexpr (kB) {
+          __m512i v[V];
+          D::b(w + i * stride, t, v);
+          for (int j = 0; j < V; ++j)
+            for (int m = 0; m < MC; ++m)
+              part[i][m] = _mm512_dpbf16_ps(part[i][m], as_bh(v[j]), as_bh(bcast_u32(x + m * V + j)));
+        } else {
+          __m512 f[V];
+          D::a(w + i * stride, t, f);
+          for (int j = 0; j < V; ++j)
+            for (int m = 0; m < MC; ++m) part[i][m] = _mm512_fmadd_ps(f[j], bcast_f32(x + m * V + j), part[i][m]);
+        }
+      }
+    }
+    if constexpr (part_scale<D>() != 1.0f) {
+      for (int i = 0; i < NT; ++i)
+        for (int m = 0; m < MC; ++m) part[i][m] = _mm512_mul_ps(part[i][m], _mm512_set1_ps(part_scale<D>()));
+    }
+    for (int i = 0; i < NT; ++i) finish_group<MC>(p, bl.scales(i), bl.mins(i), g, row0, part[i], acc[i]);
+  }
+  for (int i = 0; i < NT; ++i) store<MC>(p, bl.nb + i, row0, acc[i]);
+}
+
+// One n-block (NT = 1, the many-row tiles): the same loop written for a single accumulator set,
+// which GCC keeps in registers across groups (the general form above spilled the row totals).
+template <class D, bool kB, int MC>
+void tile_float_one(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn,
+                    int64_t nb, int64_t row0) {
+  constexpr int V = kB ? D::nB : D::nA;
   const int64_t units = p.group / D::kpu, xstep = p.rows * V;
   const uint32_t* x = static_cast<const uint32_t*>(p.x) + row0 * V;
   __m512 acc[MC], part[MC];
@@ -203,64 +287,131 @@ void tile_float(const Problem& p, const Tables& t, const uint8_t* w, const uint8
           for (int m = 0; m < MC; ++m) part[m] = _mm512_fmadd_ps(f[j], bcast_f32(x + m * V + j), part[m]);
       }
     }
+    if constexpr (part_scale<D>() != 1.0f) {
+      for (int m = 0; m < MC; ++m) part[m] = _mm512_mul_ps(part[m], _mm512_set1_ps(part_scale<D>()));
+    }
     finish_group<MC>(p, sc, mn, g, row0, part, acc);
   }
   store<MC>(p, nb, row0, acc);
 }
 
 // Path C: u8 weights x s8 activations summed in int32 over a flush block of kFlush k, converted
-// with the block's activation scale, summed per group, then the weight scale (and min).
-template <class D, int MC, int kFlush>
-void tile_int(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn,
-              int64_t nb, int64_t row0) {
+// with the block's activation scale, summed per group, then the weight scale (and min); NT
+// n-blocks side by side as in tile_float.
+template <class D, int MC, int kFlush, int NT>
+void tile_int(const Problem& p, const Tables& t, const Blocks& bl, int64_t row0) {
   constexpr int Q = D::nC, kUnits = kFlush / D::kpu;
-  const int64_t blocks = p.group / kFlush, xstep = p.rows * Q, R = p.rows;
+  const int64_t blocks = p.group / kFlush, xstep = p.rows * Q, R = p.rows, stride = bl.nb_bytes;
   const uint32_t* x = static_cast<const uint32_t*>(p.x) + row0 * Q;
   const int32_t* corr = p.xcorr + row0;
   const float* xd = p.xd + row0;
-  __m512 acc[MC], part[MC];
-  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  const uint8_t* w = bl.w;
+  __m512 acc[NT][MC], part[NT][MC];
+  for (int i = 0; i < NT; ++i)
+    for (int m = 0; m < MC; ++m) acc[i][m] = _mm512_setzero_ps();
   for (int64_t g = 0, fb = 0; g < p.ngroups; ++g) {
-    for (int m = 0; m < MC; ++m) part[m] = _mm512_setzero_ps();
+    for (int i = 0; i < NT; ++i)
+      for (int m = 0; m < MC; ++m) part[i][m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b, ++fb) {
-      __m512i iacc[MC];
-      for (int m = 0; m < MC; ++m) iacc[m] = _mm512_set1_epi32(corr[fb * R + m]);
+      __m512i iacc[NT][MC];
+      for (int i = 0; i < NT; ++i)
+        for (int m = 0; m < MC; ++m) iacc[i][m] = _mm512_set1_epi32(corr[fb * R + m]);
       for (int u = 0; u < kUnits; ++u, w += kUnitBytes, x += xstep) {
-        __m512i q[Q];
-        D::c(w, t, q);
-        for (int j = 0; j < Q; ++j)
-          for (int m = 0; m < MC; ++m) iacc[m] = _mm512_dpbusd_epi32(iacc[m], q[j], bcast_u32(x + m * Q + j));
+        for (int i = 0; i < NT; ++i) {
+          __m512i q[Q];
+          D::c(w + i * stride, t, q);
+          for (int j = 0; j < Q; ++j)
+            for (int m = 0; m < MC; ++m)
+              iacc[i][m] = _mm512_dpbusd_epi32(iacc[i][m], q[j], bcast_u32(x + m * Q + j));
+        }
       }
       const float* d = xd + (fb * kFlush / kActBlock) * R;
-      for (int m = 0; m < MC; ++m) part[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), bcast_f32(d + m), part[m]);
+      for (int i = 0; i < NT; ++i)
+        for (int m = 0; m < MC; ++m)
+          part[i][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i][m]), bcast_f32(d + m), part[i][m]);
     }
-    finish_group<MC>(p, sc, mn, g, row0, part, acc);
+    for (int i = 0; i < NT; ++i) finish_group<MC>(p, bl.scales(i), bl.mins(i), g, row0, part[i], acc[i]);
   }
-  store<MC>(p, nb, row0, acc);
+  for (int i = 0; i < NT; ++i) store<MC>(p, bl.nb + i, row0, acc[i]);
 }
 
-template <class D, Path P, int MC>
-void tile(const Problem& p, const Tables& t, const uint8_t* w, const uint8_t* sc, const uint8_t* mn, int64_t nb,
-          int64_t row0) {
+template <class D, Path P, int MC, int NT>
+void tile(const Problem& p, const Tables& t, const Blocks& bl, int64_t row0) {
   if constexpr (P == Path::C) {
     if (p.flush == 16) {
-      tile_int<D, MC, 16>(p, t, w, sc, mn, nb, row0);
+      tile_int<D, MC, 16, NT>(p, t, bl, row0);
     } else {
-      tile_int<D, MC, 32>(p, t, w, sc, mn, nb, row0);
+      tile_int<D, MC, 32, NT>(p, t, bl, row0);
     }
   } else {
-    tile_float<D, P == Path::B, MC>(p, t, w, sc, mn, nb, row0);
+    if constexpr (NT == 1) {
+      tile_float_one<D, P == Path::B, MC>(p, t, bl.w, bl.sc, bl.mn, bl.nb, row0);
+    } else {
+      tile_float<D, P == Path::B, MC, NT>(p, t, bl, row0);
+    }
   }
 }
 
+// n-blocks a tile of MC rows takes side by side (kMaxNT at most): enough independent
+// accumulator chains (NT * MC) to cover the latency of the multiply-adds.
+constexpr int kMaxNT = 4;
+constexpr int tile_blocks(int mc) { return mc == 1 ? 4 : mc <= 4 ? 2 : 1; }
+
+// Runs `cnt` (<= kMaxNT) consecutive n-blocks for MC rows: tiles of tile_blocks(MC) n-blocks,
+// the remainder one at a time (the same sums either way).
+template <class D, Path P, int MC>
+void tiles(const Problem& p, const Tables& t, Blocks bl, int64_t row0, int cnt) {
+  constexpr int NT = tile_blocks(MC);
+  int i = 0;
+  for (; i + NT <= cnt; i += NT) {
+    tile<D, P, MC, NT>(p, t, bl, row0);
+    bl.w += NT * bl.nb_bytes;
+    if (bl.sc) bl.sc += NT * bl.s_bytes;
+    if (bl.mn) bl.mn += NT * bl.s_bytes;
+    bl.nb += NT;
+  }
+  for (; i < cnt; ++i) {
+    tile<D, P, MC, 1>(p, t, bl, row0);
+    bl.w += bl.nb_bytes;
+    if (bl.sc) bl.sc += bl.s_bytes;
+    if (bl.mn) bl.mn += bl.s_bytes;
+    bl.nb += 1;
+  }
+}
+
+// drive() (kernels.h) with kMaxNT n-blocks per step instead of one: n-blocks split across
+// threads; inside a thread's range, kMaxNT n-blocks at a time, each expert's rows in chunks of
+// at most 8, so the n-blocks are streamed once per expert and reused from cache by later chunks.
 template <class D, Path P>
 void run(const Problem& p, const Tables& t) {
-  drive(p, [&](const uint8_t* w, const uint8_t* sc, const uint8_t* mn, int64_t nb, int64_t row0, int mc) {
-    switch (mc) {
-      case 8: tile<D, P, 8>(p, t, w, sc, mn, nb, row0); break;
-      case 4: tile<D, P, 4>(p, t, w, sc, mn, nb, row0); break;
-      case 2: tile<D, P, 2>(p, t, w, sc, mn, nb, row0); break;
-      default: tile<D, P, 1>(p, t, w, sc, mn, nb, row0); break;
+  const int64_t nb_bytes = p.kp / D::kpu * kUnitBytes;
+  const int64_t s_size = p.scale_type == ScaleType::F32 ? 4 : 2, s_bytes = p.ngroups * kLanes * s_size;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / nb_bytes);
+  at::parallel_for(0, p.nb, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t nb = begin; nb < end; nb += kMaxNT) {
+      const int cnt = static_cast<int>(std::min<int64_t>(kMaxNT, end - nb));
+      for (int s = 0; s < p.nseg; ++s) {
+        const int64_t e = p.seg_expert[s];
+        Blocks bl;
+        bl.w = p.w + e * p.w_expert_stride + nb * nb_bytes;
+        const int64_t soff = e * p.s_expert_stride * s_size + nb * s_bytes;
+        bl.sc = p.scales ? static_cast<const uint8_t*>(p.scales) + soff : nullptr;
+        bl.mn = p.mins ? static_cast<const uint8_t*>(p.mins) + soff : nullptr;
+        bl.nb = nb;
+        bl.nb_bytes = nb_bytes;
+        bl.s_bytes = s_bytes;
+        for (int64_t r = p.seg_begin[s]; r < p.seg_begin[s + 1];) {
+          const int64_t left = p.seg_begin[s + 1] - r;
+          const int mc = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+          switch (mc) {
+            case 8: tiles<D, P, 8>(p, t, bl, r, cnt); break;
+            case 4: tiles<D, P, 4>(p, t, bl, r, cnt); break;
+            case 2: tiles<D, P, 2>(p, t, bl, r, cnt); break;
+            default: tiles<D, P, 1>(p, t, bl, r, cnt); break;
+          }
+          r += mc;
+        }
+      }
     }
   });
 }
@@ -285,6 +436,11 @@ Tables make_tables(const Problem& p) {
   t.fp8_hi1 = _mm512_loadu_si512(hi + 64);
   t.fp8_lo0 = _mm512_loadu_si512(lo);
   t.fp8_lo1 = _mm512_loadu_si512(lo + 64);
+  for (int j = 0; j < 4; ++j) {
+    alignas(64) uint8_t c[64];
+    for (int b = 0; b < 64; ++b) c[b] = (b & 3) == 3 ? static_cast<uint8_t>((b & ~3 & 15) + j) : 0x80;
+    t.int8_top[j] = _mm512_load_si512(c);
+  }
   t.lut_f32 = p.lut_f32 ? _mm512_loadu_ps(p.lut_f32) : _mm512_setzero_ps();
   t.lut_bf16 = p.lut_bf16 ? _mm512_loadu_si512(p.lut_bf16) : _mm512_setzero_si512();
   t.lut_u8 = p.lut_u8 ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lut_u8)))
@@ -317,7 +473,8 @@ void run_avx512(const Problem& p) {
     case Fmt::BF16:
       return p.path == Path::B ? run<DecBF16, Path::B>(p, t) : run<DecBF16, Path::A>(p, t);
     case Fmt::INT8:
-      return p.path == Path::C ? run<DecInt8, Path::C>(p, t) : run<DecInt8, Path::A>(p, t);
+      if (p.path == Path::C) return run<DecInt8, Path::C>(p, t);
+      return p.x_small ? run<DecInt8Top, Path::A>(p, t) : run<DecInt8, Path::A>(p, t);
     case Fmt::FP8:
       return p.path == Path::B ? run<DecFP8, Path::B>(p, t) : run<DecFP8, Path::A>(p, t);
     case Fmt::U4:

@@ -73,6 +73,9 @@ struct Problem {
   void* out;                // [M][ldo], fp32 or bf16
   bool out_bf16;
   int64_t ldo;
+  // path A, int8 weights: every |x| < 2^64, so the AVX-512 loop may widen a weight q to q * 2^24
+  // (a byte shuffle, no shifts) and take the 2^-24 back out of each group's sum, exactly
+  bool x_small = false;
 };
 
 inline uint16_t f32_to_bf16(float f) {
@@ -121,7 +124,8 @@ inline void store_tile(const Problem& p, int64_t nb, int64_t row0, int mc, const
   }
 }
 
-// The loop every kernel shares: n-blocks split across threads; inside, each expert's rows in
+// The portable kernels' loop (the AVX-512 one, run() in gemv_avx512.cpp, takes several n-blocks
+// per step the same way): n-blocks split across threads; inside, each expert's rows in
 // chunks of at most 8 (the register budget of the inner loops), so an n-block is streamed once
 // per expert and reused from cache by the later chunks. tile(w, s, mn, nb, row0, mc) computes
 // and stores one chunk; w / s / mn point at the n-block's weights, scales and mins.

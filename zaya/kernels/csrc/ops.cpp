@@ -163,6 +163,12 @@ void prepare_x(Problem& p, Scratch& s, const at::Tensor& x, const Rows& rows, co
   } else {
     prepare_portable(a);
   }
+  if (p.path == Path::A && p.fmt == Fmt::INT8) {
+    const float* xf = static_cast<const float*>(a.x);
+    float amax = 0;
+    for (int64_t i = 0; i < R * p.kp; ++i) amax = std::max(amax, std::fabs(xf[i]));
+    p.x_small = amax < 0x1p64f;  // false for inf and NaN too
+  }
   p.rows = R;
   p.x = a.x;
   p.xd = a.xd;

@@ -160,15 +160,19 @@ class ZayaRunner:
         return batch * max(1, steps - 1) / (time.perf_counter() - start)
 
     def prefill(self, tokens: int, seed: int) -> float:
-        """Prompt tok/s of `Engine.add`, which runs the prefill (last-position logits only)."""
+        """Prompt tok/s of a prefill: one request of ``tokens`` prompt tokens and one new token,
+        stepped until done (`Engine.add` only queues; the steps prefill, in chunks of the
+        engine's step budget, and sample the one token)."""
         from zaya.engine import Request
         from zaya.sampling import SamplingParams
 
-        engine = self.llm.engine()
+        engine = self.llm.engine(step_tokens=tokens)
         params = SamplingParams.from_kwargs(max_new_tokens=1, temperature=0, ignore_eos=True)
-        ids = prompts(1, tokens, self.vocab, seed)[0].tolist()
+        ids = prompts(1, tokens, self.vocab, seed + 7919)[0].tolist()  # shares no block with decode's prompts
         start = time.perf_counter()
         engine.add(Request(ids, params))
+        while engine.active:
+            engine.step()
         return tokens / (time.perf_counter() - start)
 
     def logits(self, tokens: int, seed: int) -> float:

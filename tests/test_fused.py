@@ -33,10 +33,13 @@ def _prompts(lengths, seed=0):
 
 class _Checked:
     """Runs every fused layer call, then the eager layer on the same inputs and cache state, and
-    records how far apart they are (the fused results go on)."""
+    records how far apart they are (the fused results go on). ``compare(after, live, out, ref,
+    ctx, i)`` makes a record from the fused call's cache state and outputs (``after``, ``out``)
+    and the eager layer's (``live``, ``ref``); the default one is for bf16."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, compare=None):
         self.records = []
+        compare = compare or self.bf16_record
         original = FusedLayer.__call__
 
         def call(layer_fused, layer, h, router_state, ctx):
@@ -54,22 +57,25 @@ class _Checked:
                 ref = layer(h, router_state, ctx)
             finally:
                 layer.fused = layer_fused
-            # the conv window and delayed value are copies: the same bits; keys went through an L2
-            # norm, whose sum may round the other way (then one bf16 step apart)
-            states_equal = all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(after[:2], live))
-            differ = after[2].view(torch.int16) != live[2].view(torch.int16)
-            a, b = after[2][differ].float(), live[2][differ].float()
-            kv_error = float(((a - b).abs() / b.abs().clamp_min(1e-3)).max()) if differ.any() else 0.0
-            keys = ctx.kv_len - ctx.cache.layer_plans[i].offset
-            state_index = isinstance(ctx.cache.slots, torch.Tensor)
-            self.records.append(dict(states_equal=states_equal, kv_error=kv_error, keys=keys, state_index=state_index,
-                                     h=float((out[0] - ref[0]).abs().max() / ref[0].abs().max()),
-                                     r=float((out[1].float() - ref[1].float()).abs().max()
-                                             / ref[1].float().abs().max()),
-                                     index=torch.equal(out[2], ref[2])))
+            self.records.append(compare(after, live, out, ref, ctx, i))
             return out
 
         monkeypatch.setattr(FusedLayer, "__call__", call)
+
+    @staticmethod
+    def bf16_record(after, live, out, ref, ctx, i) -> dict:
+        # the conv window and delayed value are copies: the same bits; keys went through an L2
+        # norm, whose sum may round the other way (then one bf16 step apart)
+        states_equal = all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(after[:2], live))
+        differ = after[2].view(torch.int16) != live[2].view(torch.int16)
+        a, b = after[2][differ].float(), live[2][differ].float()
+        kv_error = float(((a - b).abs() / b.abs().clamp_min(1e-3)).max()) if differ.any() else 0.0
+        keys = ctx.kv_len - ctx.cache.layer_plans[i].offset
+        state_index = isinstance(ctx.cache.slots, torch.Tensor)
+        return dict(states_equal=states_equal, kv_error=kv_error, keys=keys, state_index=state_index,
+                    h=float((out[0] - ref[0]).abs().max() / ref[0].abs().max()),
+                    r=float((out[1].float() - ref[1].float()).abs().max() / ref[1].float().abs().max()),
+                    index=torch.equal(out[2], ref[2]))
 
 
 @pytest.fixture(scope="module")
@@ -152,29 +158,12 @@ def test_float32_model_is_fused_and_matches_eager(model_dirs, monkeypatch):
     llm = zaya.load(model_dirs["sliding"], dtype="fp32")
     assert all(layer.fused is not None and layer.fused.max_rows == (256, 32) for layer in llm.model.model.layers)
     assert fused.verify_rows(llm.model) == 32
-    records = []
-    original = FusedLayer.__call__
 
-    def call(layer_fused, layer, h, router_state, ctx):
-        c, i = ctx.cache.cache, layer_fused.layer_idx
-        live = (c.layer_conv[i], c.layer_vdelay[i], c.layer_kv[i])
-        before = [t.clone() for t in live]
-        out = original(layer_fused, layer, h, router_state, ctx)
-        if out is not None:
-            after = [t.clone() for t in live]
-            for t, b in zip(live, before):
-                t.copy_(b)
-            layer.fused = None
-            try:
-                ref = layer(h, router_state, ctx)  # the eager layer from the same state
-            finally:
-                layer.fused = layer_fused
-            same_state = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(after, live))
-            records.append((same_state, float((out[0] - ref[0]).abs().max() / ref[0].abs().max()),
-                            torch.equal(out[2], ref[2])))
-        return out
+    def compare(after, live, out, ref, ctx, i):
+        same_state = all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(after, live))
+        return same_state, float((out[0] - ref[0]).abs().max() / ref[0].abs().max()), torch.equal(out[2], ref[2])
 
-    monkeypatch.setattr(FusedLayer, "__call__", call)
+    records = _Checked(monkeypatch, compare).records
     prompts = _prompts([9, 70, 150], seed=5)
     fused_out = [o.token_ids for o in llm.generate(prompts, max_new_tokens=24, temperature=0, ignore_eos=True)]
     assert len(records) >= 3 * 23 and all(r[0] and r[1] < 1e-5 and r[2] for r in records)

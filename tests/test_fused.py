@@ -222,3 +222,17 @@ def test_verify_forwards_run_fused_and_equal_decoding(model_dirs, monkeypatch, d
     assert sum(S > 1 and ok for S, ok in calls) >= 10 * llm.config.num_hidden_layers
     stats = llm.engine().spec_stats
     assert stats.accepted > 0 and stats.accepted < stats.drafted
+
+
+def test_a_module_swapped_after_install_makes_the_step_decline(model_dirs):
+    """A LoRA-style swap of a linear inside the CCA projection (its parent unchanged) is seen: the
+    layer runs eager instead of the weights the fused step was built from."""
+    llm = zaya.load(model_dirs["plain"], dtype="fp32")
+    layer = llm.model.model.layers[1]
+    assert layer.fused.current(layer)
+    proj = layer.self_attn.qkv_proj
+    original = proj.q_proj
+    proj.q_proj = torch.nn.Linear(original.in_features, original.out_features, bias=original.bias is not None)
+    assert not layer.fused.current(layer)
+    proj.q_proj = original
+    assert layer.fused.current(layer)

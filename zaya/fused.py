@@ -155,12 +155,30 @@ def _experts(experts) -> list[kernels.Matmul] | None:
     return None
 
 
+# The submodules a FusedLayer takes weights or behaviour from: a swap of any of them (a LoRA
+# adapter applied after load, another attention module) makes it stale, and eager runs.
+MODULE_PATHS = tuple(f"self_attn.{m}" for m in ("qkv_proj", *(f"qkv_proj.{n}" for n in QKV_NAMES), "o_proj",
+                                                 "attend")) + tuple(f"mlp.{m}" for m in (
+    "gate", "gate.down_proj", "gate.router_mlp", "gate.router_mlp.fc1", "gate.router_mlp.fc2",
+    "gate.router_mlp.out_proj", "experts"))
+
+
+def _submodules(layer) -> tuple:
+    out = []
+    for path in MODULE_PATHS:
+        module = layer
+        for name in path.split("."):
+            module = getattr(module, name, None)
+        out.append(module)
+    return tuple(out)
+
+
 class FusedLayer:
     """One decoder layer's fused decode step (``__call__`` returns None where eager must run)."""
 
     def __init__(self, layer, qkv: list, moe: list):
         attn, mlp = layer.self_attn, layer.mlp
-        self.modules = (attn.qkv_proj, attn.o_proj, attn.attend, mlp.gate, mlp.experts)
+        self.modules = _submodules(layer)
         self.layer_idx, self.layer_type, self.window = attn.layer_idx, attn.layer_type, attn.sliding_window
         proj = attn.qkv_proj
         self.heads = (proj.num_heads, proj.num_kv_heads, proj.head_dim)
@@ -188,10 +206,7 @@ class FusedLayer:
 
     def current(self, layer) -> bool:
         """Whether the layer still has the modules this was built from (a swap makes it stale)."""
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv, o, attend, gate, experts = self.modules
-        return attn.qkv_proj is qkv and attn.o_proj is o and attn.attend is attend and mlp.gate is gate \
-            and mlp.experts is experts
+        return all(a is b for a, b in zip(_submodules(layer), self.modules))
 
     def __call__(self, layer, h: torch.Tensor, router_state, ctx):
         B, S, H = h.shape

@@ -43,6 +43,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -371,222 +372,6 @@ Slots slots_of(const std::optional<at::Tensor>& t, int64_t start, int64_t rows, 
   return s;
 }
 
-template <class DT>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention_t(const DT& dt, const at::Tensor& h, const at::Tensor& norm_w, double eps,
-                           const c10::List<std::optional<at::Tensor>>& qkv_t, at::IntArrayRef qkv_meta,
-                           const at::Tensor& k0, const at::Tensor& b0, const at::Tensor& k1, const at::Tensor& b1,
-                           const at::Tensor& temp, const at::Tensor& cos, const at::Tensor& sin,
-                           const at::Tensor& conv, const at::Tensor& vdelay, const std::optional<at::Tensor>& state,
-                           int64_t state0, const at::Tensor& kv, const std::optional<at::Tensor>& write,
-                           int64_t write0, const std::optional<at::Tensor>& read, int64_t read0, int64_t L,
-                           const std::optional<at::Tensor>& mask, int64_t Hq, int64_t Hkv, int64_t D, int64_t S,
-                           bool keep) {
-  const at::ScalarType wst = norm_w.scalar_type();
-  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
-              "zaya fused: h must be (B*S, H) float32");
-  const int64_t R = h.size(0), H = h.size(1);
-  TORCH_CHECK(S >= 1 && R % S == 0, "zaya fused: ", R, " rows are not whole sequences of ", S, " positions");
-  const int64_t B = R / S;
-  const int64_t Q = Hq * D, KV = Hkv * D, Hv = KV / 2, C = Q + KV, G = Hq + Hkv, grp = Hq / Hkv;
-  const int64_t t0 = k0.size(1), t1 = k1.size(1) / D, W = conv.size(2), rot = cos.size(1);
-  TORCH_CHECK(W == t0 + t1 - 2, "zaya fused: a conv state of ", W, " columns does not fit taps ", t0, " and ", t1);
-  check(norm_w, wst, {H}, "norm weight");
-  check(k0, at::kFloat, {C, t0}, "conv_k0");
-  check(b0, at::kFloat, {C}, "conv_b0");
-  check(k1, wst, {G, D * t1, D}, "conv_k1 (groups, inputs x taps, outputs)");
-  check(b1, at::kFloat, {C}, "conv_b1");
-  check(temp, wst, {Hkv}, "temp");
-  check(cos, wst, {R, rot}, "cos");
-  check(sin, wst, {R, rot}, "sin");
-  TORCH_CHECK(conv.scalar_type() == wst && conv.is_contiguous() && conv.dim() == 3 && conv.size(1) == C,
-              "zaya fused: conv state must be contiguous (slots, ", C, ", W) in the weight dtype");
-  TORCH_CHECK(vdelay.scalar_type() == wst && vdelay.is_contiguous() && vdelay.dim() == 2 && vdelay.size(1) == Hv,
-              "zaya fused: delayed values must be contiguous (slots, ", Hv, ") in the weight dtype");
-  TORCH_CHECK(kv.scalar_type() == wst && kv.is_contiguous() && kv.dim() == 4 && kv.size(0) == 2 && kv.size(1) == Hkv &&
-                  kv.size(3) == D,
-              "zaya fused: kv must be a contiguous (2, ", Hkv, ", slots, ", D, ") pool in the weight dtype");
-  TORCH_CHECK(rot % 2 == 0 && rot <= D && Hq % Hkv == 0 && L >= 1, "zaya fused: bad head or rope shape");
-  at::Tensor keep_s, keep_w, keep_r, keep_m;
-  const Slots ss = slots_of(state, state0, B, 1, "state slots", keep_s);
-  const Slots ws = slots_of(write, write0, B, S, "write slots", keep_w);
-  const Slots rs = slots_of(read, read0, B, L, "read slots", keep_r);
-  const bool* mk = nullptr;
-  if (mask) {
-    keep_m = mask->to(at::kBool).contiguous();
-    TORCH_CHECK(keep_m.numel() == R * L, "zaya fused: mask must have B * S * L entries");
-    mk = keep_m.data_ptr<bool>();
-  }
-  const int64_t N = kv.size(2);
-
-  // input norm, then the projections in order ([q | k | v current | v delayed])
-  std::vector<float> hrow(H);
-  at::Tensor a = at::empty({R, H}, h.options().dtype(wst));
-  for (int64_t b = 0; b < R; ++b) {
-    for (int64_t i = 0; i < H; ++i) hrow[i] = dt.rd(h.data_ptr<float>()[b * H + i]);
-    rms_norm_row(dt, hrow.data(), H, norm_w.data_ptr(), static_cast<float>(eps), a.data_ptr(), b);
-  }
-  const std::vector<Mat> mats = unpack_mats(qkv_t, qkv_meta);
-  const int64_t P = C + 2 * Hv;
-  std::vector<float> qkv(R * P);
-  int64_t col = 0;
-  for (const Mat& m : mats) {
-    const at::Tensor y = apply(m, a);
-    const float* yp = y.data_ptr<float>();
-    TORCH_CHECK(col + m.n <= P, "zaya fused: the projections give more than q, k and the value halves");
-    for (int64_t b = 0; b < R; ++b)
-      for (int64_t j = 0; j < m.n; ++j) qkv[b * P + col + j] = dt.rd(yp[b * m.n + j]);
-    col += m.n;
-  }
-  TORCH_CHECK(col == P, "zaya fused: the projections give ", col, " columns, expected ", P);
-
-  const float scale_qk = std::sqrt(static_cast<float>(D)), attn_scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const float eps_qk = dt.bf ? 0.0078125f : std::numeric_limits<float>::epsilon();
-  const float* k0p = k0.data_ptr<float>();
-  const float* b0p = b0.data_ptr<float>();
-  const float* b1p = b1.data_ptr<float>();
-  // Three passes over the rows. 1: per row in order (a sequence's positions one after another),
-  // the GQA mean mix, the depthwise conv over the window [state | new column], the delayed value
-  // and the writes of the new state and value. 2: the grouped conv for all rows at once, so its
-  // weights are read once per call, not once per row. 3: per row, q and k normed and rotated, the
-  // key written.
-  std::vector<float> qrot(R * Q), res(R * (Q + KV)), dw(R * C * t1), x(R * C);
-  std::vector<float> win(C * (W + 1)), v(KV);
-  at::Tensor kept_qk = at::empty({keep ? B : 0, C, W + S}, h.options().dtype(wst));
-  at::Tensor kept_v = at::empty({keep ? B : 0, S, Hv}, h.options().dtype(wst));
-  std::vector<int64_t> wslots(R);
-  for (int64_t row = 0; row < R; ++row) {
-    const int64_t b = row / S, pos = row % S;
-    const float* r = &qkv[row * P];
-    float* qres = &res[row * (Q + KV)];
-    float* kres = qres + Q;
-    // GQA mean mix of the pre-conv values
-    for (int64_t hh = 0; hh < Hq; ++hh)
-      for (int64_t d = 0; d < D; ++d) qres[hh * D + d] = dt.rd(dt.rd(r[hh * D + d] + r[Q + (hh / grp) * D + d]) * 0.5f);
-    for (int64_t g = 0; g < Hkv; ++g)
-      for (int64_t d = 0; d < D; ++d) {
-        float s = 0.0f;
-        for (int64_t j = 0; j < grp; ++j) s += qres[(g * grp + j) * D + d];
-        kres[g * D + d] = dt.rd(dt.rd(s) / static_cast<float>(grp));
-      }
-    // the conv window: the state's W columns, then the new one; the state becomes its last W
-    const int64_t slot = ss.at(b, 0);
-    TORCH_CHECK(slot >= 0 && slot < conv.size(0), "zaya fused: state slot ", slot, " out of range");
-    void* cs = static_cast<uint8_t*>(conv.data_ptr()) + slot * C * W * conv.element_size();
-    for (int64_t c = 0; c < C; ++c) {
-      for (int64_t t = 0; t < W; ++t) win[c * (W + 1) + t] = dt.get(cs, c * W + t);
-      win[c * (W + 1) + W] = r[c];
-    }
-    if (keep) {  // the state before the sequence's first position, then each position's raw column
-      void* kq = kept_qk.data_ptr();
-      for (int64_t c = 0; c < C; ++c) {
-        if (pos == 0)
-          for (int64_t t = 0; t < W; ++t) dt.put(kq, (b * C + c) * (W + S) + t, win[c * (W + 1) + t]);
-        dt.put(kq, (b * C + c) * (W + S) + W + pos, r[c]);
-      }
-      for (int64_t i = 0; i < Hv; ++i) dt.put(kept_v.data_ptr(), (b * S + pos) * Hv + i, r[C + Hv + i]);
-    }
-    float* dwr = &dw[row * C * t1];
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t t = 0; t < t1; ++t) {
-        float s = win[c * (W + 1) + t] * k0p[c * t0];
-        for (int64_t u = 1; u < t0; ++u) s += win[c * (W + 1) + t + u] * k0p[c * t0 + u];
-        dwr[c * t1 + t] = s + b0p[c];
-      }
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t t = 0; t < W; ++t) dt.put(cs, c * W + t, win[c * (W + 1) + t + 1]);
-    // value: [current half | the previous token's delayed half]; this token's delayed half is the state
-    void* vd = static_cast<uint8_t*>(vdelay.data_ptr()) + slot * Hv * vdelay.element_size();
-    for (int64_t i = 0; i < Hv; ++i) {
-      v[i] = r[C + i];
-      v[Hv + i] = dt.get(vd, i);
-    }
-    for (int64_t i = 0; i < Hv; ++i) dt.put(vd, i, r[C + Hv + i]);
-    const int64_t wslot = ws.at(b, pos);
-    TORCH_CHECK(wslot >= 0 && wslot < N, "zaya fused: write slot ", wslot, " out of range");
-    wslots[row] = wslot;
-    for (int64_t g = 0; g < Hkv; ++g)
-      for (int64_t d = 0; d < D; ++d) dt.put(kv.data_ptr(), ((1 * Hkv + g) * N + wslot) * D + d, v[g * D + d]);
-  }
-  // k1 is [group][input k][output o] in the weight dtype
-  if constexpr (DT::bf) {
-    conv_grouped_bf16(x.data(), dw.data(), static_cast<const uint16_t*>(k1.data_ptr()), R, G, D, D * t1);
-  } else {
-    conv_grouped_f32(x.data(), dw.data(), k1.data_ptr<float>(), R, G, D, D * t1);
-  }
-  const void* cosp = cos.data_ptr();
-  const void* sinp = sin.data_ptr();
-  std::vector<float> u(D), krot(KV);
-  for (int64_t row = 0; row < R; ++row) {
-    float* xr = &x[row * C];
-    for (int64_t c = 0; c < C; ++c) xr[c] = dt.rd(xr[c] + b1p[c]);
-    // query / key = conv output + the mix, L2-normalised to sqrt(D) (keys times temp), rotated
-    auto finish = [&](int64_t n_heads, const float* mix, int64_t off, bool is_key, float* out) {
-      for (int64_t hh = 0; hh < n_heads; ++hh) {
-        for (int64_t d = 0; d < D; ++d) u[d] = dt.rd(xr[off + hh * D + d] + mix[hh * D + d]);
-        float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) s += u[d] * u[d];
-        const float nrm = std::max(dt.rd(std::sqrt(s)), eps_qk);
-        const float f = dt.rd(dt.rd(1.0f / nrm) * scale_qk);
-        for (int64_t d = 0; d < D; ++d) u[d] = dt.rd(u[d] * f);
-        if (is_key) {
-          const float tk = dt.get(temp.data_ptr(), hh);
-          for (int64_t d = 0; d < D; ++d) u[d] = dt.rd(u[d] * tk);
-        }
-        const int64_t half = rot / 2;
-        for (int64_t d = 0; d < rot; ++d) {
-          const float rotated = d < half ? -u[d + half] : u[d - half];
-          out[hh * D + d] =
-              dt.rd(dt.rd(u[d] * dt.get(cosp, row * rot + d)) + dt.rd(rotated * dt.get(sinp, row * rot + d)));
-        }
-        for (int64_t d = rot; d < D; ++d) out[hh * D + d] = u[d];
-      }
-    };
-    finish(Hq, &res[row * (Q + KV)], 0, false, &qrot[row * Q]);
-    finish(Hkv, &res[row * (Q + KV) + Q], Q, true, krot.data());
-    for (int64_t g = 0; g < Hkv; ++g)
-      for (int64_t d = 0; d < D; ++d) dt.put(kv.data_ptr(), ((0 * Hkv + g) * N + wslots[row]) * D + d, krot[g * D + d]);
-  }
-  for (int64_t i = 0; i < B * L; ++i) {
-    const int64_t sl = rs.at(i / L, i % L);
-    TORCH_CHECK(sl >= 0 && sl < N, "zaya fused: read slot ", sl, " out of range");
-  }
-
-  // attention: softmax(q k^T / sqrt(D)) v in fp32, per (row, kv head); its query heads share the keys
-  at::Tensor o = at::empty({R, Q}, h.options().dtype(wst));
-  const int64_t elem = kv.element_size();
-  const uint8_t* kbase = static_cast<const uint8_t*>(kv.data_ptr());
-  const uint8_t* vbase = kbase + Hkv * N * D * elem;
-  const int64_t work = L * D * grp;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, work));
-  at::parallel_for(0, R * Hkv, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> sc(L * grp), acc(D);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / Hkv, g = task % Hkv, b = row / S;
-      const float* q = &qrot[row * Q + g * grp * D];
-      const int64_t* slots = rs.idx ? rs.idx + b * L : nullptr;
-      const int64_t start = rs.start + b * L;
-      if constexpr (DT::bf) {
-        scores_bf16(sc.data(), q, grp, reinterpret_cast<const uint16_t*>(kbase) + g * N * D, slots, start, L, D);
-      } else {
-        scores_f32(sc.data(), q, grp, reinterpret_cast<const float*>(kbase) + g * N * D, slots, start, L, D);
-      }
-      for (int64_t j = 0; j < grp; ++j) {
-        float* s = &sc[j * L];
-        softmax_scaled(s, L, mk ? mk + row * L : nullptr, attn_scale);
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        if constexpr (DT::bf) {
-          values_bf16(acc.data(), s, reinterpret_cast<const uint16_t*>(vbase) + g * N * D, slots, start, L, D);
-        } else {
-          values_f32(acc.data(), s, reinterpret_cast<const float*>(vbase) + g * N * D, slots, start, L, D);
-        }
-        for (int64_t d = 0; d < D; ++d) dt.put(o.data_ptr(), row * Q + (g * grp + j) * D + d, acc[d]);
-      }
-    }
-  });
-  return {o, kept_qk, kept_v};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention(const at::Tensor& h, const at::Tensor& norm_w, double eps,
                            const c10::List<std::optional<at::Tensor>>& qkv_t, at::IntArrayRef qkv_meta,
                            const at::Tensor& k0, const at::Tensor& b0, const at::Tensor& k1, const at::Tensor& b1,
@@ -596,115 +381,310 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_attention(const at::Tensor&
                            int64_t write0, const std::optional<at::Tensor>& read, int64_t read0, int64_t L,
                            const std::optional<at::Tensor>& mask, int64_t Hq, int64_t Hkv, int64_t D, int64_t S,
                            bool keep) {
-  auto run = [&](auto dt) {
-    return fused_attention_t(dt, h, norm_w, eps, qkv_t, qkv_meta, k0, b0, k1, b1, temp, cos, sin, conv, vdelay,
-                             state, state0, kv, write, write0, read, read0, L, mask, Hq, Hkv, D, S, keep);
+  auto run = [&](const auto& dt) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    using DT = std::decay_t<decltype(dt)>;
+    const at::ScalarType wst = norm_w.scalar_type();
+    TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
+                "zaya fused: h must be (B*S, H) float32");
+    const int64_t R = h.size(0), H = h.size(1);
+    TORCH_CHECK(S >= 1 && R % S == 0, "zaya fused: ", R, " rows are not whole sequences of ", S, " positions");
+    const int64_t B = R / S;
+    const int64_t Q = Hq * D, KV = Hkv * D, Hv = KV / 2, C = Q + KV, G = Hq + Hkv, grp = Hq / Hkv;
+    const int64_t t0 = k0.size(1), t1 = k1.size(1) / D, W = conv.size(2), rot = cos.size(1);
+    TORCH_CHECK(W == t0 + t1 - 2, "zaya fused: a conv state of ", W, " columns does not fit taps ", t0, " and ", t1);
+    check(norm_w, wst, {H}, "norm weight");
+    check(k0, at::kFloat, {C, t0}, "conv_k0");
+    check(b0, at::kFloat, {C}, "conv_b0");
+    check(k1, wst, {G, D * t1, D}, "conv_k1 (groups, inputs x taps, outputs)");
+    check(b1, at::kFloat, {C}, "conv_b1");
+    check(temp, wst, {Hkv}, "temp");
+    check(cos, wst, {R, rot}, "cos");
+    check(sin, wst, {R, rot}, "sin");
+    TORCH_CHECK(conv.scalar_type() == wst && conv.is_contiguous() && conv.dim() == 3 && conv.size(1) == C,
+                "zaya fused: conv state must be contiguous (slots, ", C, ", W) in the weight dtype");
+    TORCH_CHECK(vdelay.scalar_type() == wst && vdelay.is_contiguous() && vdelay.dim() == 2 && vdelay.size(1) == Hv,
+                "zaya fused: delayed values must be contiguous (slots, ", Hv, ") in the weight dtype");
+    TORCH_CHECK(kv.scalar_type() == wst && kv.is_contiguous() && kv.dim() == 4 && kv.size(0) == 2 && kv.size(1) == Hkv &&
+                    kv.size(3) == D,
+                "zaya fused: kv must be a contiguous (2, ", Hkv, ", slots, ", D, ") pool in the weight dtype");
+    TORCH_CHECK(rot % 2 == 0 && rot <= D && Hq % Hkv == 0 && L >= 1, "zaya fused: bad head or rope shape");
+    at::Tensor keep_s, keep_w, keep_r, keep_m;
+    const Slots ss = slots_of(state, state0, B, 1, "state slots", keep_s);
+    const Slots ws = slots_of(write, write0, B, S, "write slots", keep_w);
+    const Slots rs = slots_of(read, read0, B, L, "read slots", keep_r);
+    const bool* mk = nullptr;
+    if (mask) {
+      keep_m = mask->to(at::kBool).contiguous();
+      TORCH_CHECK(keep_m.numel() == R * L, "zaya fused: mask must have B * S * L entries");
+      mk = keep_m.data_ptr<bool>();
+    }
+    const int64_t N = kv.size(2);
+
+    // input norm, then the projections in order ([q | k | v current | v delayed])
+    std::vector<float> hrow(H);
+    at::Tensor a = at::empty({R, H}, h.options().dtype(wst));
+    for (int64_t b = 0; b < R; ++b) {
+      for (int64_t i = 0; i < H; ++i) hrow[i] = dt.rd(h.data_ptr<float>()[b * H + i]);
+      rms_norm_row(dt, hrow.data(), H, norm_w.data_ptr(), static_cast<float>(eps), a.data_ptr(), b);
+    }
+    const std::vector<Mat> mats = unpack_mats(qkv_t, qkv_meta);
+    const int64_t P = C + 2 * Hv;
+    std::vector<float> qkv(R * P);
+    int64_t col = 0;
+    for (const Mat& m : mats) {
+      const at::Tensor y = apply(m, a);
+      const float* yp = y.data_ptr<float>();
+      TORCH_CHECK(col + m.n <= P, "zaya fused: the projections give more than q, k and the value halves");
+      for (int64_t b = 0; b < R; ++b)
+        for (int64_t j = 0; j < m.n; ++j) qkv[b * P + col + j] = dt.rd(yp[b * m.n + j]);
+      col += m.n;
+    }
+    TORCH_CHECK(col == P, "zaya fused: the projections give ", col, " columns, expected ", P);
+
+    const float scale_qk = std::sqrt(static_cast<float>(D)), attn_scale = 1.0f / std::sqrt(static_cast<float>(D));
+    const float eps_qk = dt.bf ? 0.0078125f : std::numeric_limits<float>::epsilon();
+    const float* k0p = k0.data_ptr<float>();
+    const float* b0p = b0.data_ptr<float>();
+    const float* b1p = b1.data_ptr<float>();
+    // Three passes over the rows. 1: per row in order (a sequence's positions one after another),
+    // the GQA mean mix, the depthwise conv over the window [state | new column], the delayed value
+    // and the writes of the new state and value. 2: the grouped conv for all rows at once, so its
+    // weights are read once per call, not once per row. 3: per row, q and k normed and rotated, the
+    // key written.
+    std::vector<float> qrot(R * Q), res(R * (Q + KV)), dw(R * C * t1), x(R * C);
+    std::vector<float> win(C * (W + 1)), v(KV);
+    at::Tensor kept_qk = at::empty({keep ? B : 0, C, W + S}, h.options().dtype(wst));
+    at::Tensor kept_v = at::empty({keep ? B : 0, S, Hv}, h.options().dtype(wst));
+    std::vector<int64_t> wslots(R);
+    for (int64_t row = 0; row < R; ++row) {
+      const int64_t b = row / S, pos = row % S;
+      const float* r = &qkv[row * P];
+      float* qres = &res[row * (Q + KV)];
+      float* kres = qres + Q;
+      // GQA mean mix of the pre-conv values
+      for (int64_t hh = 0; hh < Hq; ++hh)
+        for (int64_t d = 0; d < D; ++d) qres[hh * D + d] = dt.rd(dt.rd(r[hh * D + d] + r[Q + (hh / grp) * D + d]) * 0.5f);
+      for (int64_t g = 0; g < Hkv; ++g)
+        for (int64_t d = 0; d < D; ++d) {
+          float s = 0.0f;
+          for (int64_t j = 0; j < grp; ++j) s += qres[(g * grp + j) * D + d];
+          kres[g * D + d] = dt.rd(dt.rd(s) / static_cast<float>(grp));
+        }
+      // the conv window: the state's W columns, then the new one; the state becomes its last W
+      const int64_t slot = ss.at(b, 0);
+      TORCH_CHECK(slot >= 0 && slot < conv.size(0), "zaya fused: state slot ", slot, " out of range");
+      void* cs = static_cast<uint8_t*>(conv.data_ptr()) + slot * C * W * conv.element_size();
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t t = 0; t < W; ++t) win[c * (W + 1) + t] = dt.get(cs, c * W + t);
+        win[c * (W + 1) + W] = r[c];
+      }
+      if (keep) {  // the state before the sequence's first position, then each position's raw column
+        void* kq = kept_qk.data_ptr();
+        for (int64_t c = 0; c < C; ++c) {
+          if (pos == 0)
+            for (int64_t t = 0; t < W; ++t) dt.put(kq, (b * C + c) * (W + S) + t, win[c * (W + 1) + t]);
+          dt.put(kq, (b * C + c) * (W + S) + W + pos, r[c]);
+        }
+        for (int64_t i = 0; i < Hv; ++i) dt.put(kept_v.data_ptr(), (b * S + pos) * Hv + i, r[C + Hv + i]);
+      }
+      float* dwr = &dw[row * C * t1];
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t t = 0; t < t1; ++t) {
+          float s = win[c * (W + 1) + t] * k0p[c * t0];
+          for (int64_t u = 1; u < t0; ++u) s += win[c * (W + 1) + t + u] * k0p[c * t0 + u];
+          dwr[c * t1 + t] = s + b0p[c];
+        }
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t t = 0; t < W; ++t) dt.put(cs, c * W + t, win[c * (W + 1) + t + 1]);
+      // value: [current half | the previous token's delayed half]; this token's delayed half is the state
+      void* vd = static_cast<uint8_t*>(vdelay.data_ptr()) + slot * Hv * vdelay.element_size();
+      for (int64_t i = 0; i < Hv; ++i) {
+        v[i] = r[C + i];
+        v[Hv + i] = dt.get(vd, i);
+      }
+      for (int64_t i = 0; i < Hv; ++i) dt.put(vd, i, r[C + Hv + i]);
+      const int64_t wslot = ws.at(b, pos);
+      TORCH_CHECK(wslot >= 0 && wslot < N, "zaya fused: write slot ", wslot, " out of range");
+      wslots[row] = wslot;
+      for (int64_t g = 0; g < Hkv; ++g)
+        for (int64_t d = 0; d < D; ++d) dt.put(kv.data_ptr(), ((1 * Hkv + g) * N + wslot) * D + d, v[g * D + d]);
+    }
+    // k1 is [group][input k][output o] in the weight dtype
+    if constexpr (DT::bf) {
+      conv_grouped_bf16(x.data(), dw.data(), static_cast<const uint16_t*>(k1.data_ptr()), R, G, D, D * t1);
+    } else {
+      conv_grouped_f32(x.data(), dw.data(), k1.data_ptr<float>(), R, G, D, D * t1);
+    }
+    const void* cosp = cos.data_ptr();
+    const void* sinp = sin.data_ptr();
+    std::vector<float> u(D), krot(KV);
+    for (int64_t row = 0; row < R; ++row) {
+      float* xr = &x[row * C];
+      for (int64_t c = 0; c < C; ++c) xr[c] = dt.rd(xr[c] + b1p[c]);
+      // query / key = conv output + the mix, L2-normalised to sqrt(D) (keys times temp), rotated
+      auto finish = [&](int64_t n_heads, const float* mix, int64_t off, bool is_key, float* out) {
+        for (int64_t hh = 0; hh < n_heads; ++hh) {
+          for (int64_t d = 0; d < D; ++d) u[d] = dt.rd(xr[off + hh * D + d] + mix[hh * D + d]);
+          float s = 0.0f;
+  #pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += u[d] * u[d];
+          const float nrm = std::max(dt.rd(std::sqrt(s)), eps_qk);
+          const float f = dt.rd(dt.rd(1.0f / nrm) * scale_qk);
+          for (int64_t d = 0; d < D; ++d) u[d] = dt.rd(u[d] * f);
+          if (is_key) {
+            const float tk = dt.get(temp.data_ptr(), hh);
+            for (int64_t d = 0; d < D; ++d) u[d] = dt.rd(u[d] * tk);
+          }
+          const int64_t half = rot / 2;
+          for (int64_t d = 0; d < rot; ++d) {
+            const float rotated = d < half ? -u[d + half] : u[d - half];
+            out[hh * D + d] =
+                dt.rd(dt.rd(u[d] * dt.get(cosp, row * rot + d)) + dt.rd(rotated * dt.get(sinp, row * rot + d)));
+          }
+          for (int64_t d = rot; d < D; ++d) out[hh * D + d] = u[d];
+        }
+      };
+      finish(Hq, &res[row * (Q + KV)], 0, false, &qrot[row * Q]);
+      finish(Hkv, &res[row * (Q + KV) + Q], Q, true, krot.data());
+      for (int64_t g = 0; g < Hkv; ++g)
+        for (int64_t d = 0; d < D; ++d) dt.put(kv.data_ptr(), ((0 * Hkv + g) * N + wslots[row]) * D + d, krot[g * D + d]);
+    }
+    for (int64_t i = 0; i < B * L; ++i) {
+      const int64_t sl = rs.at(i / L, i % L);
+      TORCH_CHECK(sl >= 0 && sl < N, "zaya fused: read slot ", sl, " out of range");
+    }
+
+    // attention: softmax(q k^T / sqrt(D)) v in fp32, per (row, kv head); its query heads share the keys
+    at::Tensor o = at::empty({R, Q}, h.options().dtype(wst));
+    const int64_t elem = kv.element_size();
+    const uint8_t* kbase = static_cast<const uint8_t*>(kv.data_ptr());
+    const uint8_t* vbase = kbase + Hkv * N * D * elem;
+    const int64_t work = L * D * grp;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(1, work));
+    at::parallel_for(0, R * Hkv, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> sc(L * grp), acc(D);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t row = task / Hkv, g = task % Hkv, b = row / S;
+        const float* q = &qrot[row * Q + g * grp * D];
+        const int64_t* slots = rs.idx ? rs.idx + b * L : nullptr;
+        const int64_t start = rs.start + b * L;
+        if constexpr (DT::bf) {
+          scores_bf16(sc.data(), q, grp, reinterpret_cast<const uint16_t*>(kbase) + g * N * D, slots, start, L, D);
+        } else {
+          scores_f32(sc.data(), q, grp, reinterpret_cast<const float*>(kbase) + g * N * D, slots, start, L, D);
+        }
+        for (int64_t j = 0; j < grp; ++j) {
+          float* s = &sc[j * L];
+          softmax_scaled(s, L, mk ? mk + row * L : nullptr, attn_scale);
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          if constexpr (DT::bf) {
+            values_bf16(acc.data(), s, reinterpret_cast<const uint16_t*>(vbase) + g * N * D, slots, start, L, D);
+          } else {
+            values_f32(acc.data(), s, reinterpret_cast<const float*>(vbase) + g * N * D, slots, start, L, D);
+          }
+          for (int64_t d = 0; d < D; ++d) dt.put(o.data_ptr(), row * Q + (g * grp + j) * D + d, acc[d]);
+        }
+      }
+    });
+    return {o, kept_qk, kept_v};
   };
   return is_bf16(norm_w) ? run(Dt<true>{}) : run(Dt<false>{});
 }
-
-template <class DT>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe_t(const DT& dt, 
-    const at::Tensor& o, const at::Tensor& h, const std::optional<at::Tensor>& router_state,
-    const c10::List<std::optional<at::Tensor>>& mats_t, at::IntArrayRef meta, const std::vector<at::Tensor>& vecs,
-    double eps_post, double eps_router, int64_t num_experts) {
-  // mats: o_proj, down_proj, fc1, fc2, out_proj, gate_up (stacked), down (stacked)
-  // vecs: post-attention hb, hs, rb, rs; post-attention norm; router norm; router_states_scale;
-  //       balancing biases (fp32); post-MLP hb, hs, rb, rs
-  const std::vector<Mat> m = unpack_mats(mats_t, meta);
-  TORCH_CHECK(m.size() == 7 && vecs.size() == 12, "zaya fused: fused_moe takes 7 matrices and 12 vectors");
-  const at::ScalarType wst = vecs[4].scalar_type();
-  TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
-              "zaya fused: h must be (B, H) float32");
-  TORCH_CHECK(o.scalar_type() == wst && o.dim() == 2, "zaya fused: o must be (B, Hq*D) in the weight dtype");
-  const int64_t B = h.size(0), H = h.size(1), R = m[1].n;
-  for (int i : {0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11}) {
-    TORCH_CHECK(vecs[i].is_contiguous() && vecs[i].scalar_type() == wst, "zaya fused: vector ", i,
-                " must be contiguous in the weight dtype");
-  }
-  TORCH_CHECK(vecs[7].scalar_type() == at::kFloat && vecs[7].numel() == num_experts + 1,
-              "zaya fused: balancing biases must be float32, one per class");
-  const void* post_attn[4] = {vecs[0].data_ptr(), vecs[1].data_ptr(), vecs[2].data_ptr(), vecs[3].data_ptr()};
-  const void* post_mlp[4] = {vecs[8].data_ptr(), vecs[9].data_ptr(), vecs[10].data_ptr(), vecs[11].data_ptr()};
-
-  const at::Tensor y = apply(m[0], o.contiguous());
-  std::vector<float> yr(H), h1(B * H), hr(H);
-  at::Tensor x = at::empty({B, H}, h.options().dtype(wst));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t i = 0; i < H; ++i) yr[i] = dt.rd(y.data_ptr<float>()[b * H + i]);
-    residual(dt, yr.data(), h.data_ptr<float>() + b * H, post_attn, H, &h1[b * H]);
-    for (int64_t i = 0; i < H; ++i) hr[i] = dt.rd(h1[b * H + i]);
-    rms_norm_row(dt, hr.data(), H, vecs[4].data_ptr(), static_cast<float>(eps_post), x.data_ptr(), b);
-  }
-  // router
-  const at::Tensor r0 = apply(m[1], x);
-  at::Tensor r = at::empty({B, R}, h.options().dtype(wst));
-  at::Tensor rn = at::empty({B, R}, h.options().dtype(wst));
-  const bool eda = router_state.has_value() && vecs[6].numel() == R;
-  at::Tensor st;
-  if (eda) {
-    st = router_state->contiguous();
-    TORCH_CHECK(st.scalar_type() == wst && st.numel() == B * R, "zaya fused: router state must be (B, R)");
-  }
-  std::vector<float> rrow(R);
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t i = 0; i < R; ++i) {
-      float v = dt.rd(r0.data_ptr<float>()[b * R + i]);
-      if (eda) v = dt.rd(v + dt.rd(dt.get(st.data_ptr(), b * R + i) * dt.get(vecs[6].data_ptr(), i)));
-      rrow[i] = v;
-      dt.put(r.data_ptr(), b * R + i, v);
-    }
-    rms_norm_row(dt, rrow.data(), R, vecs[5].data_ptr(), static_cast<float>(eps_router), rn.data_ptr(), b);
-  }
-  auto rounded = [&](const at::Tensor& f) { return f.to(wst); };  // fp32 sums (+ bias) -> the weight dtype
-  auto gelu = [&](const at::Tensor& f) {  // fp32 sums (+ bias) -> rounded -> GELU -> rounded
-    if constexpr (!DT::bf) return at::gelu(f);
-    at::Tensor out = at::empty(f.sizes(), f.options().dtype(wst));
-    const float* src = f.data_ptr<float>();
-    for (int64_t i = 0; i < f.numel(); ++i) dt.put(out.data_ptr(), i, gelu_aten(dt.rd(src[i])));
-    return out;
-  };
-  const at::Tensor g1 = gelu(apply(m[2], rn));
-  const at::Tensor g2 = gelu(apply(m[3], g1));
-  const at::Tensor probs = at::softmax(rounded(apply(m[4], g2)), -1);
-  at::Tensor biased = probs.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);  // never probs itself
-  {
-    float* bp = biased.data_ptr<float>();
-    const float* bb = vecs[7].data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t e = 0; e <= num_experts; ++e) bp[b * (num_experts + 1) + e] += bb[e];
-  }
-  const at::Tensor index = std::get<1>(at::topk(biased, 1, -1)).reshape({B}).contiguous();
-  // the expert: silu(gate) * up, down, times the gate probability; skip rows give zeros
-  at::Tensor expert = index.clone();
-  const int64_t* ip = index.data_ptr<int64_t>();
-  int64_t* ep = expert.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) ep[b] = ip[b] < num_experts ? ip[b] : -1;
-  const at::Tensor gu = rounded(apply(m[5], x, expert));  // (B, 2I)
-  const int64_t I = gu.size(1) / 2;
-  const at::Tensor act = at::silu(gu.narrow(1, 0, I));
-  at::Tensor hidden = at::empty({B, I}, h.options().dtype(wst));
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < I; ++i)
-      dt.put(hidden.data_ptr(), b * I + i,
-             dt.get(act.data_ptr(), b * I + i) * dt.get(gu.data_ptr(), b * 2 * I + I + i));
-  const at::Tensor dn = apply(m[6], hidden, expert);  // (B, H) fp32 sums
-  at::Tensor h2 = at::empty({B, H}, h.options());
-  for (int64_t b = 0; b < B; ++b) {
-    const float gate = dt.get(probs.data_ptr(), b * (num_experts + 1) + ip[b]);
-    for (int64_t i = 0; i < H; ++i) yr[i] = dt.rd(dt.rd(dn.data_ptr<float>()[b * H + i]) * gate);
-    residual(dt, yr.data(), &h1[b * H], post_mlp, H, h2.data_ptr<float>() + b * H);
-  }
-  return {h2, r, index};
-}
-
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_moe(
     const at::Tensor& o, const at::Tensor& h, const std::optional<at::Tensor>& router_state,
     const c10::List<std::optional<at::Tensor>>& mats_t, at::IntArrayRef meta, const std::vector<at::Tensor>& vecs,
     double eps_post, double eps_router, int64_t num_experts) {
-  auto run = [&](auto dt) {
-    return fused_moe_t(dt, o, h, router_state, mats_t, meta, vecs, eps_post, eps_router, num_experts);
+  auto run = [&](const auto& dt) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    using DT = std::decay_t<decltype(dt)>;
+    // mats: o_proj, down_proj, fc1, fc2, out_proj, gate_up (stacked), down (stacked)
+    // vecs: post-attention hb, hs, rb, rs; post-attention norm; router norm; router_states_scale;
+    //       balancing biases (fp32); post-MLP hb, hs, rb, rs
+    const std::vector<Mat> m = unpack_mats(mats_t, meta);
+    TORCH_CHECK(m.size() == 7 && vecs.size() == 12, "zaya fused: fused_moe takes 7 matrices and 12 vectors");
+    const at::ScalarType wst = vecs[4].scalar_type();
+    TORCH_CHECK(h.dim() == 2 && h.scalar_type() == at::kFloat && h.is_contiguous(),
+                "zaya fused: h must be (B, H) float32");
+    TORCH_CHECK(o.scalar_type() == wst && o.dim() == 2, "zaya fused: o must be (B, Hq*D) in the weight dtype");
+    const int64_t B = h.size(0), H = h.size(1), R = m[1].n;
+    for (int i : {0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11}) {
+      TORCH_CHECK(vecs[i].is_contiguous() && vecs[i].scalar_type() == wst, "zaya fused: vector ", i,
+                  " must be contiguous in the weight dtype");
+    }
+    TORCH_CHECK(vecs[7].scalar_type() == at::kFloat && vecs[7].numel() == num_experts + 1,
+                "zaya fused: balancing biases must be float32, one per class");
+    const void* post_attn[4] = {vecs[0].data_ptr(), vecs[1].data_ptr(), vecs[2].data_ptr(), vecs[3].data_ptr()};
+    const void* post_mlp[4] = {vecs[8].data_ptr(), vecs[9].data_ptr(), vecs[10].data_ptr(), vecs[11].data_ptr()};
+
+    const at::Tensor y = apply(m[0], o.contiguous());
+    std::vector<float> yr(H), h1(B * H), hr(H);
+    at::Tensor x = at::empty({B, H}, h.options().dtype(wst));
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < H; ++i) yr[i] = dt.rd(y.data_ptr<float>()[b * H + i]);
+      residual(dt, yr.data(), h.data_ptr<float>() + b * H, post_attn, H, &h1[b * H]);
+      for (int64_t i = 0; i < H; ++i) hr[i] = dt.rd(h1[b * H + i]);
+      rms_norm_row(dt, hr.data(), H, vecs[4].data_ptr(), static_cast<float>(eps_post), x.data_ptr(), b);
+    }
+    // router
+    const at::Tensor r0 = apply(m[1], x);
+    at::Tensor r = at::empty({B, R}, h.options().dtype(wst));
+    at::Tensor rn = at::empty({B, R}, h.options().dtype(wst));
+    const bool eda = router_state.has_value() && vecs[6].numel() == R;
+    at::Tensor st;
+    if (eda) {
+      st = router_state->contiguous();
+      TORCH_CHECK(st.scalar_type() == wst && st.numel() == B * R, "zaya fused: router state must be (B, R)");
+    }
+    std::vector<float> rrow(R);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t i = 0; i < R; ++i) {
+        float v = dt.rd(r0.data_ptr<float>()[b * R + i]);
+        if (eda) v = dt.rd(v + dt.rd(dt.get(st.data_ptr(), b * R + i) * dt.get(vecs[6].data_ptr(), i)));
+        rrow[i] = v;
+        dt.put(r.data_ptr(), b * R + i, v);
+      }
+      rms_norm_row(dt, rrow.data(), R, vecs[5].data_ptr(), static_cast<float>(eps_router), rn.data_ptr(), b);
+    }
+    auto rounded = [&](const at::Tensor& f) { return f.to(wst); };  // fp32 sums (+ bias) -> the weight dtype
+    auto gelu = [&](const at::Tensor& f) {  // fp32 sums (+ bias) -> rounded -> GELU -> rounded
+      if constexpr (!DT::bf) return at::gelu(f);
+      at::Tensor out = at::empty(f.sizes(), f.options().dtype(wst));
+      const float* src = f.data_ptr<float>();
+      for (int64_t i = 0; i < f.numel(); ++i) dt.put(out.data_ptr(), i, gelu_aten(dt.rd(src[i])));
+      return out;
+    };
+    const at::Tensor g1 = gelu(apply(m[2], rn));
+    const at::Tensor g2 = gelu(apply(m[3], g1));
+    const at::Tensor probs = at::softmax(rounded(apply(m[4], g2)), -1);
+    at::Tensor biased = probs.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);  // never probs itself
+    {
+      float* bp = biased.data_ptr<float>();
+      const float* bb = vecs[7].data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t e = 0; e <= num_experts; ++e) bp[b * (num_experts + 1) + e] += bb[e];
+    }
+    const at::Tensor index = std::get<1>(at::topk(biased, 1, -1)).reshape({B}).contiguous();
+    // the expert: silu(gate) * up, down, times the gate probability; skip rows give zeros
+    at::Tensor expert = index.clone();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    int64_t* ep = expert.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) ep[b] = ip[b] < num_experts ? ip[b] : -1;
+    const at::Tensor gu = rounded(apply(m[5], x, expert));  // (B, 2I)
+    const int64_t I = gu.size(1) / 2;
+    const at::Tensor act = at::silu(gu.narrow(1, 0, I));
+    at::Tensor hidden = at::empty({B, I}, h.options().dtype(wst));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < I; ++i)
+        dt.put(hidden.data_ptr(), b * I + i,
+               dt.get(act.data_ptr(), b * I + i) * dt.get(gu.data_ptr(), b * 2 * I + I + i));
+    const at::Tensor dn = apply(m[6], hidden, expert);  // (B, H) fp32 sums
+    at::Tensor h2 = at::empty({B, H}, h.options());
+    for (int64_t b = 0; b < B; ++b) {
+      const float gate = dt.get(probs.data_ptr(), b * (num_experts + 1) + ip[b]);
+      for (int64_t i = 0; i < H; ++i) yr[i] = dt.rd(dt.rd(dn.data_ptr<float>()[b * H + i]) * gate);
+      residual(dt, yr.data(), &h1[b * H], post_mlp, H, h2.data_ptr<float>() + b * H);
+    }
+    return {h2, r, index};
   };
   return is_bf16(vecs.at(4)) ? run(Dt<true>{}) : run(Dt<false>{});
 }

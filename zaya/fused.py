@@ -27,8 +27,8 @@ one, as decode steps would, so verifying a draft computes what decoding it would
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 from torch import nn
@@ -163,14 +163,12 @@ MODULE_PATHS = tuple(f"self_attn.{m}" for m in ("qkv_proj", *(f"qkv_proj.{n}" fo
     "gate.router_mlp.out_proj", "experts"))
 
 
-def _submodules(layer) -> tuple:
-    out = []
-    for path in MODULE_PATHS:
-        module = layer
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        out.append(module)
-    return tuple(out)
+def _has(layer, path: str) -> bool:
+    try:
+        attrgetter(path)(layer)
+    except AttributeError:
+        return False
+    return True
 
 
 class FusedLayer:
@@ -178,7 +176,9 @@ class FusedLayer:
 
     def __init__(self, layer, qkv: list, moe: list):
         attn, mlp = layer.self_attn, layer.mlp
-        self.modules = _submodules(layer)
+        # one C-level getter for the paths this layer has, called before every fused call
+        self._submodules = attrgetter(*[p for p in MODULE_PATHS if _has(layer, p)])
+        self.modules = self._submodules(layer)
         self.layer_idx, self.layer_type, self.window = attn.layer_idx, attn.layer_type, attn.sliding_window
         proj = attn.qkv_proj
         self.heads = (proj.num_heads, proj.num_kv_heads, proj.head_dim)
@@ -206,7 +206,11 @@ class FusedLayer:
 
     def current(self, layer) -> bool:
         """Whether the layer still has the modules this was built from (a swap makes it stale)."""
-        return all(a is b for a, b in zip(_submodules(layer), self.modules))
+        try:
+            now = self._submodules(layer)
+        except AttributeError:  # a module the step was built from is gone
+            return False
+        return all(a is b for a, b in zip(now, self.modules))
 
     def __call__(self, layer, h: torch.Tensor, router_state, ctx):
         B, S, H = h.shape

@@ -27,11 +27,13 @@ one, as decode steps would, so verifying a draft computes what decoding it would
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from operator import attrgetter
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from zaya import kernels
 from zaya.cpu_attention import CPUDecodeAttention
@@ -156,7 +158,9 @@ def _experts(experts) -> list[kernels.Matmul] | None:
 
 
 # The submodules a FusedLayer takes weights or behaviour from: a swap of any of them (a LoRA
-# adapter applied after load, another attention module) makes it stale, and eager runs.
+# adapter applied after load, another attention module) makes it stale, and eager runs. Swaps are
+# seen where they happen: torch calls a global hook on every child-module assignment, and the
+# layers watching that parent recheck once, so a decode step pays no lookups.
 MODULE_PATHS = tuple(f"self_attn.{m}" for m in ("qkv_proj", *(f"qkv_proj.{n}" for n in QKV_NAMES), "o_proj",
                                                  "attend")) + tuple(f"mlp.{m}" for m in (
     "gate", "gate.down_proj", "gate.router_mlp", "gate.router_mlp.fc1", "gate.router_mlp.fc2",
@@ -171,14 +175,27 @@ def _has(layer, path: str) -> bool:
     return True
 
 
+_WATCHERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parent module -> WeakSet of FusedLayers
+
+
+def _child_assigned(parent, name, module) -> None:
+    for fused in _WATCHERS.get(parent, ()):
+        fused.recheck = True
+
+
+register_module_module_registration_hook(_child_assigned)
+
+
 class FusedLayer:
     """One decoder layer's fused decode step (``__call__`` returns None where eager must run)."""
 
     def __init__(self, layer, qkv: list, moe: list):
         attn, mlp = layer.self_attn, layer.mlp
-        # one C-level getter for the paths this layer has, called before every fused call
-        self._submodules = attrgetter(*[p for p in MODULE_PATHS if _has(layer, p)])
-        self.modules = self._submodules(layer)
+        paths = [p for p in MODULE_PATHS if _has(layer, p)]
+        self._submodules = attrgetter(*paths)
+        self.modules, self.recheck, self.ok = self._submodules(layer), False, True
+        for parent in [layer] + [attrgetter(p.rpartition(".")[0])(layer) for p in paths]:
+            _WATCHERS.setdefault(parent, weakref.WeakSet()).add(self)
         self.layer_idx, self.layer_type, self.window = attn.layer_idx, attn.layer_type, attn.sliding_window
         proj = attn.qkv_proj
         self.heads = (proj.num_heads, proj.num_kv_heads, proj.head_dim)
@@ -206,11 +223,14 @@ class FusedLayer:
 
     def current(self, layer) -> bool:
         """Whether the layer still has the modules this was built from (a swap makes it stale)."""
-        try:
-            now = self._submodules(layer)
-        except AttributeError:  # a module the step was built from is gone
-            return False
-        return all(a is b for a, b in zip(now, self.modules))
+        if self.recheck:
+            self.recheck = False
+            try:
+                now = self._submodules(layer)
+            except AttributeError:  # a module the step was built from is gone
+                now = ()
+            self.ok = len(now) == len(self.modules) and all(a is b for a, b in zip(now, self.modules))
+        return self.ok
 
     def __call__(self, layer, h: torch.Tensor, router_state, ctx):
         B, S, H = h.shape

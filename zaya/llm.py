@@ -127,6 +127,8 @@ class LLM:
             raise ZayaError("no prompts given")
         if seeds is not None and len(seeds) != len(prompts):
             raise ZayaError(f"seed: {len(seeds)} seeds for {len(prompts)} prompts; give one per prompt or one int")
+        for s in seeds or ():
+            dataclasses.replace(params, seed=s).validate()
         out = []
         for i, prompt in enumerate(prompts):
             if isinstance(prompt, str):
@@ -137,8 +139,8 @@ class LLM:
                 ids = [int(t) for t in prompt]
             budget = self._fit(len(ids), requested)
             guide = self.guide(ids, max_new_tokens=budget, **constraint) if constraint else None
-            seeded = params if seeds is None else SamplingParams.from_kwargs(**{**kwargs, "seed": seeds[i]})
-            out.append(Request(ids, dataclasses.replace(seeded, max_new_tokens=budget, constraint=guide), i))
+            seed = params.seed if seeds is None else seeds[i]
+            out.append(Request(ids, dataclasses.replace(params, seed=seed, max_new_tokens=budget, constraint=guide), i))
         return out
 
     def _fit(self, prompt_len: int, requested: int | None) -> int:
